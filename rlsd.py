@@ -1,0 +1,358 @@
+"""
+RLSD: RL with verifiable rewards + self-distillation (arXiv 2604.03128), the objective.
+
+One RLSD step, in pipeline order, and which function does each part:
+
+  1. rollout         sample G responses per prompt from the current policy    (trainer)
+  2. verify          a checker scores each response, R in {0, 1}               (trainer)
+  3. group advantage A = (R - mean_G R) / std_G R, one number per response     group_advantages      Eq. 1
+  4. teacher pass    the same model, with the reference answer r added to the
+                     prompt, scores the *student's* response token by token     token_logprobs        Eq. 13
+  5. token advantage Delta_t = log P_T - log P_S,  w_t = exp(sign(A) Delta_t),
+                     A_hat_t = A (1 - lam + lam clip(w_t))                      evidence_weights,
+                                                                                rlsd_token_advantages Eq. 13-15
+                     with lam ramped from 0.5 to 0 over the first steps         rlsd_lambda
+  6. clipped update  the ordinary PPO/GRPO clipped loss, with A_hat_t in
+                     place of A                                                 policy_loss           Eq. 2
+
+The verifier decides the direction of every update (sign(A_hat_t) == sign(A)),
+and the teacher only decides how the credit is shared among a response's tokens.
+opsd_loss is the OPSD baseline (Eq. 6): plain distillation towards the teacher,
+which ignores the reward. It is here for comparison only; RLSD does not use it.
+
+Shapes: B responses (rows), T response tokens (padded), V vocabulary size.
+Only depends on torch. Every function is pure: no globals, no in-place edits of inputs.
+"""
+
+import math
+
+import torch
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+SCALES = ("group", "batch", "none")
+DIVERGENCES = ("fkl", "rkl", "jsd")
+_MAX_LOG = 20.0  # clamp log-ratios / log-weights here before exp: e^20 ~ 5e8, finite in fp32
+
+
+# -----------------------------------------------------------------------------
+# small private helpers
+
+
+def _check_same_shape(**tensors):
+    """Raise a one-line ValueError unless all named tensors share one shape."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        got = ", ".join(f"{n}={s}" for n, s in shapes.items())
+        raise ValueError(f"shape mismatch: {got}; pass [B, T] tensors for the same responses")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name}={value!r}; use one of {choices}")
+
+
+def _masked_mean(x, mask):
+    """Mean of x [B, T] over mask [B, T] (bool); 0.0 for an empty mask."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+class _RowChunked(torch.autograd.Function):
+    """Apply a row-wise fn to x [N, V] chunk by chunk; out [N, K] float32.
+
+    Rows are independent, so neither pass needs more than one chunk of
+    float32 [chunk, V] at a time:
+      forward:  run fn on each chunk with no graph, keep only its small output.
+      backward: rebuild each chunk's graph, backprop through it, write the
+                chunk's gradient into one [N, V] buffer (gradient checkpointing,
+                by hand). `extras` are per-row tensors that get no gradient
+                (token ids, teacher logits).
+    """
+
+    @staticmethod
+    def forward(ctx, x, fn, chunk_size, *extras):
+        ctx.fn, ctx.chunk_size = fn, chunk_size
+        ctx.save_for_backward(x, *extras)
+        outs = [fn(x[i:i + chunk_size], *(e[i:i + chunk_size] for e in extras))
+                for i in range(0, x.shape[0], chunk_size)]
+        return torch.cat(outs)  # [N, K]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *extras = ctx.saved_tensors
+        c = ctx.chunk_size
+        grad_x = torch.empty_like(x)  # [N, V], x's dtype: the only full-size allocation
+        for i in range(0, x.shape[0], c):
+            xc = x[i:i + c].detach().requires_grad_()
+            with torch.enable_grad():
+                out = ctx.fn(xc, *(e[i:i + c] for e in extras))  # [c, K]
+            grad_x[i:i + c] = torch.autograd.grad(out, xc, grad_out[i:i + c])[0]
+        return (grad_x, None, None) + (None,) * len(extras)
+
+
+def _chunked_rows(x, fn, chunk_size, *extras):
+    """x [N, V] -> fn applied in chunks of rows -> [N, K] float32 (differentiable in x)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1; try 1024")
+    if x.shape[0] == 0:  # no rows: plain autograd on the empty tensor is free
+        return fn(x, *extras)
+    return _RowChunked.apply(x, fn, chunk_size, *extras)
+
+
+# -----------------------------------------------------------------------------
+# step 3: group advantages (Eq. 1)
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-6):
+    """GRPO advantage of each response relative to its group (Eq. 1).
+
+    rewards: [N] with N = num_prompts * group_size; rows i*G .. i*G+G-1 are the
+             G responses to prompt i.
+    scale:   "group" (default, the paper): divide by the group's std (ddof=1);
+             "batch": divide by the std of all N rewards (ddof=1);
+             "none":  do not divide, just centre (Dr. GRPO).
+    returns: A [N] float. A group whose rewards are all equal gets exactly 0: it
+             carries no signal about which response is better (and 0/0 must not
+             become NaN).
+    """
+    _check_choice("scale", scale, SCALES)
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size} must be >= 2: one sample has no group to compare with")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards shape {tuple(rewards.shape)} is not [num_prompts * group_size] "
+                         f"with group_size={group_size}; make the batch a multiple of the group size")
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    g = r.view(-1, group_size)                                    # [P, G]
+    centred = g - g.mean(dim=1, keepdim=True)                     # [P, G]
+    if scale == "group":
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)    # ddof=1, as in Eq. 1
+    elif scale == "batch":
+        centred = centred / (r.std() + eps)
+    constant = (g == g[:, :1]).all(dim=1, keepdim=True)           # [P, 1]
+    return torch.where(constant, torch.zeros_like(centred), centred).view(-1)  # [N]
+
+
+# -----------------------------------------------------------------------------
+# step 4: per-token log-probs of the sampled tokens, chunked
+
+
+def _logp_entropy_rows(x, tokens, temperature, with_entropy):
+    """x [c, V] logits (any dtype), tokens [c] -> [c, 1] logp, or [c, 2] logp | entropy (fp32)."""
+    logp_all = (x.float() / temperature).log_softmax(-1)           # [c, V] fp32, one chunk only
+    logp = logp_all.gather(-1, tokens[:, None]).squeeze(-1)         # [c]
+    if not with_entropy:
+        return logp[:, None]
+    # -sum p log p from the stable log-softmax; lse - E_p[z] would cancel catastrophically
+    entropy = -(logp_all.exp() * logp_all).sum(-1)                  # [c]
+    return torch.stack([logp, entropy], dim=-1)                     # [c, 2]
+
+
+def token_logprobs(logits, tokens, temperature=1.0, chunk_size=1024, return_entropy=False):
+    """log pi(tokens[b, t]) under softmax(logits[b, t] / temperature), in float32.
+
+    logits: [B, T, V], any dtype (bf16 is fine); already aligned so that
+            logits[:, t] predicts tokens[:, t] (shift before calling).
+    tokens: [B, T] long.
+    temperature: the sampling temperature (default 1.0); divide by it in *both*
+            the student and the teacher pass, or Delta (Eq. 13) is skewed.
+    chunk_size: rows of the flattened B*T processed at once (default 1024).
+            A full float32 log-softmax would be [B, T, V]: 8 x 4096 x 151,936
+            x 4 bytes = 20 GB. Chunking caps the extra memory at a few
+            [chunk_size, V] float32 buffers, in forward and in backward.
+    returns: logp [B, T] float32, or (logp, entropy) [B, T] each when
+            return_entropy (entropy of the temperature-scaled distribution).
+            Both are differentiable w.r.t. logits (the training forward needs it).
+    Tip: pass contiguous logits; a sliced logits[:, :-1] is copied by reshape.
+    """
+    if logits.dim() != 3 or tuple(tokens.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"logits {tuple(logits.shape)} / tokens {tuple(tokens.shape)}: "
+                         "expected logits [B, T, V] and tokens [B, T]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
+    B, T, V = logits.shape
+    fn = lambda x, tok: _logp_entropy_rows(x, tok, temperature, return_entropy)
+    out = _chunked_rows(logits.reshape(B * T, V), fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
+    logp = out[:, 0].view(B, T)                                   # [B, T]
+    return (logp, out[:, 1].view(B, T)) if return_entropy else logp
+
+
+# -----------------------------------------------------------------------------
+# step 5: evidence weights and token advantages (Eq. 13-15)
+
+
+def evidence_weights(advantages, teacher_logp, student_logp, eps_w=0.2):
+    """How much the reference answer r changes each sampled token's probability (Eq. 13-14).
+
+    advantages:   A [B], one per response (broadcast over its T tokens).
+    teacher_logp: log P_T(y_t | x, r, y<t) [B, T], the teacher pass (prompt includes r).
+    student_logp: log P_S(y_t | x, y<t) [B, T], the same tokens without r.
+    eps_w:        evidence clip (default 0.2, so clipped w lies in [0.8, 1.2]).
+    returns: (w, w_clipped), both [B, T] float32 and detached:
+        Delta_t = teacher_logp - student_logp                        (Eq. 13)
+        w_t     = exp(sign(A) * Delta_t)                             (Eq. 14)
+    For A > 0, tokens that r makes more likely get w > 1 (more credit); for
+    A < 0, tokens that r makes less likely get w > 1 (more blame). A = 0 gives w = 1.
+    sign(A) * Delta is clamped to +-20 before exp, so w stays finite for any
+    teacher (e.g. -inf log-probs); a NaN Delta (both -inf) counts as 0, i.e. w = 1.
+    """
+    if not 0 <= eps_w < 1:
+        raise ValueError(f"eps_w={eps_w} must be in [0, 1) so that clipped w stays > 0; the paper uses 0.2")
+    _check_same_shape(teacher_logp=teacher_logp, student_logp=student_logp)
+    if advantages.dim() != 1 or advantages.shape[0] != teacher_logp.shape[0]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] for log-probs "
+                         f"{tuple(teacher_logp.shape)}; pass one advantage per response")
+    delta = (teacher_logp.detach().float() - student_logp.detach().float())    # [B, T], Eq. 13
+    s = torch.sign(advantages.detach().float())[:, None] * delta                # [B, T]
+    s = torch.nan_to_num(s, nan=0.0).clamp(-_MAX_LOG, _MAX_LOG)
+    w = s.exp()                                                                 # [B, T], Eq. 14
+    return w, w.clamp(1 - eps_w, 1 + eps_w)
+
+
+def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps_w=0.2):
+    """RLSD token advantage A_hat_t, which simply replaces A in the GRPO loss (Eq. 15).
+
+    advantages: A [B]; teacher_logp, student_logp, mask: [B, T]; lam in [0, 1]
+    (see rlsd_lambda); eps_w: evidence clip (default 0.2).
+        A_hat_t = A * ((1 - lam) + lam * clip(w_t, 1 - eps_w, 1 + eps_w))   (Eq. 15)
+    written as A * (1 + lam * (clip(w_t) - 1)), the same number, but exactly A
+    when lam = 0 or w_t = 1 (teacher == student), with no float round-off.
+    Since clip(w_t) > 0, sign(A_hat_t) == sign(A): the reward picks the direction,
+    the teacher only rescales |A| within [1 - lam*eps_w, 1 + lam*eps_w].
+    returns: A_hat [B, T] float32, detached, exactly 0 outside the mask.
+    (The printed Eq. 16 has no gradient as written; use A_hat as the advantage
+    in policy_loss, as the paper's text and code do.)
+    """
+    if not 0 <= lam <= 1:
+        raise ValueError(f"lam={lam} must be in [0, 1]; get it from rlsd_lambda(step)")
+    _check_same_shape(teacher_logp=teacher_logp, student_logp=student_logp, mask=mask)
+    _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
+    a = advantages.detach().float()[:, None]                                        # [B, 1]
+    a_hat = a * (1 + lam * (w_clipped - 1))                                         # [B, T]
+    return torch.where(mask.bool(), a_hat, torch.zeros_like(a_hat))
+
+
+def rlsd_lambda(step, lam0=0.5, decay_steps=50):
+    """Weight lam of the teacher's evidence at optimizer step `step` (paper: 0.5 -> 0 over 50 steps).
+
+    Linear ramp: lam0 at step 0, 0 at step >= decay_steps. After the ramp RLSD is
+    exactly GRPO. decay_steps <= 0 means no ramp: lam0 at every step.
+    """
+    if decay_steps <= 0:
+        return float(lam0)
+    return float(lam0) * max(0.0, 1.0 - step / decay_steps)
+
+
+# -----------------------------------------------------------------------------
+# step 6: the clipped policy loss (Eq. 2, with clip-higher and dual clip)
+
+
+def _aggregate(per_token, mask, loss_type, num_tokens, max_completion_length, num_sequences):
+    """Reduce per-token losses [B, T] to a scalar. Denominators are *global* (all
+    micro-batches), so that summing micro-batch losses gives the full-batch loss."""
+    B, T = per_token.shape
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":  # Eq. 2: mean over each sequence's own tokens, then over sequences
+        per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)        # [B]
+        return per_seq.sum() / (B if num_sequences is None else num_sequences)
+    if loss_type == "dapo":  # one token, one vote, across the whole batch
+        n = m.sum() if num_tokens is None else num_tokens
+        return (per_token * m).sum() / max(float(n), 1.0)
+    # dr_grpo: a constant denominator, so no length bias
+    n_seq = B if num_sequences is None else num_sequences
+    L = T if max_completion_length is None else max_completion_length
+    return (per_token * m).sum() / (n_seq * L)
+
+
+def policy_loss(logp, old_logp, token_advantages, mask, epsilon=0.2, epsilon_high=0.28,
+                dual_clip=3.0, loss_type="dapo", num_tokens=None, max_completion_length=None,
+                num_sequences=None):
+    """PPO/GRPO clipped surrogate (Eq. 2) with clip-higher and dual clip; RLSD passes A_hat_t.
+
+    logp:             [B, T] log-probs of the sampled tokens under the current policy (has grad).
+    old_logp:         [B, T] the same under the rollout policy (no grad).
+    token_advantages: [B, T] A broadcast over tokens (GRPO) or A_hat_t (RLSD).
+    mask:             [B, T] 1 for response tokens, 0 for padding.
+    epsilon, epsilon_high: ratio rho clipped to [1 - epsilon, 1 + epsilon_high] (0.2, 0.28).
+    dual_clip:        for A < 0 the per-token loss is capped at dual_clip * |A| (3.0; None = off).
+    loss_type:        "grpo" (Eq. 2), "dapo" (default) or "dr_grpo"; with micro-batches pass
+                      the global num_tokens (dapo) / num_sequences (grpo, dr_grpo) /
+                      max_completion_length (dr_grpo, default T).
+    returns: (loss scalar, metrics dict of floats over this micro-batch's mask).
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_same_shape(logp=logp, old_logp=old_logp, token_advantages=token_advantages, mask=mask)
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip={dual_clip} must be > 1 (or None to disable); the authors use 3.0")
+    A = token_advantages.detach()                                            # [B, T]
+    ratio = (logp - old_logp.detach()).clamp(-_MAX_LOG, _MAX_LOG).exp()      # [B, T], rho_t
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)                     # [B, T]
+    per_token = -torch.minimum(ratio * A, clipped * A)                       # [B, T], pessimistic bound
+    if dual_clip is not None:  # a huge ratio on a bad token must not blow up the loss
+        capped = torch.minimum(per_token, dual_clip * A.abs())
+        per_token = torch.where(A < 0, capped, per_token)
+    loss = _aggregate(per_token, mask, loss_type, num_tokens, max_completion_length, num_sequences)
+    with torch.no_grad():
+        mb, r = mask.bool(), ratio.detach()
+        low = (A < 0) & (r < 1 - epsilon)
+        high = (A > 0) & (r > 1 + epsilon_high)
+        dual = (A < 0) & (r > dual_clip) if dual_clip is not None else torch.zeros_like(mb)
+        names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                 "clip_ratio/dual_mean", "ratio_mean"]
+        values = [_masked_mean(x.float(), mb) for x in (low, high, low | high, dual, r)]
+        metrics = dict(zip(names, torch.stack(values).tolist()))              # one device sync
+    return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# baseline: OPSD, full-distribution self-distillation (Eq. 6)
+
+
+def _divergence_rows(s, t, temperature, divergence):
+    """s, t [c, V] student / teacher logits -> [c, 1] per-row divergence D(P_T || P_S) (fp32).
+
+    Teacher terms are guarded with where(p > 0): a -inf teacher logit has p = 0
+    and contributes 0, not 0 * inf = NaN.
+    """
+    ls = (s.float() / temperature).log_softmax(-1)                # [c, V] student log-probs
+    lt = (t.float() / temperature).log_softmax(-1)                # [c, V] teacher log-probs
+    pt, ps = lt.exp(), ls.exp()                                   # [c, V]
+    zero = torch.zeros((), device=s.device)
+    if divergence == "fkl":    # KL(P_T || P_S): cover everything the teacher likes
+        d = torch.where(pt > 0, pt * (lt - ls), zero).sum(-1)
+    elif divergence == "rkl":  # KL(P_S || P_T): seek the teacher's modes
+        d = (ps * (ls - lt)).sum(-1)
+    else:                      # Jensen-Shannon, against the mixture M = (P_T + P_S) / 2
+        lm = torch.logaddexp(lt, ls) - math.log(2.0)              # [c, V]
+        d = 0.5 * torch.where(pt > 0, pt * (lt - lm), zero).sum(-1) + 0.5 * (ps * (ls - lm)).sum(-1)
+    return d[:, None]                                             # [c, 1]
+
+
+def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence="fkl",
+              num_tokens=None, chunk_size=1024):
+    """OPSD baseline (Eq. 6): match the teacher's full next-token distribution at every
+    response position of the student's own rollout. Ignores the reward.
+
+    student_logits, teacher_logits: [B, T, V] (any dtype), aligned on the same response
+                 tokens; teacher_logits is detached (gradient reaches the student only).
+    mask:        [B, T] response-token mask.
+    divergence:  "fkl" KL(P_T || P_S) (default, the spec's D(P_T || P_S)),
+                 "rkl" KL(P_S || P_T), or "jsd" Jensen-Shannon.
+    num_tokens:  global unmasked-token count across micro-batches (default: mask.sum()).
+    chunk_size:  rows of the flattened B*T per chunk (default 1024), as in token_logprobs.
+    returns: (loss = sum of masked per-token divergences / num_tokens,
+              {"opsd/divergence": mean per-token divergence over this mask}).
+    """
+    _check_choice("divergence", divergence, DIVERGENCES)
+    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape \
+            or tuple(mask.shape) != tuple(student_logits.shape[:2]):
+        raise ValueError(f"student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}, "
+                         f"mask {tuple(mask.shape)}: expected [B, T, V], [B, T, V], [B, T]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
+    B, T, V = student_logits.shape
+    fn = lambda s, t: _divergence_rows(s, t, temperature, divergence)
+    d = _chunked_rows(student_logits.reshape(B * T, V), fn, chunk_size,
+                      teacher_logits.detach().reshape(B * T, V)).view(B, T)   # [B, T]
+    m = mask.to(d.dtype)
+    n = m.sum() if num_tokens is None else num_tokens
+    loss = (d * m).sum() / max(float(n), 1.0)
+    return loss, {"opsd/divergence": _masked_mean(d.detach(), mask.bool()).item()}

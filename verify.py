@@ -1,0 +1,647 @@
+r"""verify.py - the binary verifier: is a completion's final answer the gold answer?
+
+Every reinforce-or-penalise decision in RLSD comes from here, so model output is
+treated as hostile input.  It is never run (no eval/exec/sympify): answers go
+through a small hand-written parser and are compared with exact Fractions.
+
+    extract_answer(completion) -> str | None     the final answer text
+    verify(completion, reference) -> 1.0 | 0.0   never raises, a few ms at most
+    python verify.py "COMPLETION" "REFERENCE"     prints both normal forms
+
+Where the final answer is (the first rule that finds something wins):
+  1. the last <answer>...</answer>, 2. the last \boxed{...} / \fbox{...},
+  3. the text after the last "answer is", "answer:" or "####", to the line end.
+All tags (or boxes) of the winning kind are read; if they disagree, the distinct
+answers form one unordered list, so "\boxed{3} or \boxed{4}" only matches "3, 4".
+
+Normalisation, the same for both sides:
+  clean    drop presentation: $, \left, \!, ~, ^\circ, \text{}, \mbox{}, units
+  split    "or", "and", \cup, top-level commas -> unordered list; \{..\} -> set;
+           (a, b] -> tuple or interval, brackets kept; pmatrix -> tuple of rows;
+           lhs = rhs -> equation; \pm -> two answers; A (B) B. -> choice; words
+  parse    each item -> an expression tree of tuples, numbers as Fractions
+  compare  lists as multisets, tuples in order, numbers by value: exactly when
+           both are rational (1/2004! != 1/2006!), within REL_TOL when irrational
+           (sqrt, pi, trig), never a decimal against an irrational; expressions
+           with variables exactly at N_POINTS fixed random rational points.
+
+Final-form rules, so that an answer cannot just restate the question:
+  * If the gold answer is a plain rational literal (integer, decimal, fraction,
+    mixed number, percentage, scientific notation), the answer must be one too:
+    "3+4", "2^{10}", "\sqrt{4}", "5!" do not match 7, 1024, 2, 120.  Unreduced
+    fractions (6/8 for 3/4) are accepted: they are literals, not computations.
+  * Otherwise the answer may not keep arithmetic between plain numbers
+    ("2\cdot3\sqrt2"), an unsimplified radical ("\sqrt{8}") or a function of a
+    constant ("\sin\frac{\pi}{3}"), unless the gold answer does so itself.
+  * With variables, factored and expanded differ: (x+2)(x+5) != x^2+7x+10.
+Also: "x = 5" matches "5"; "25%" matches 25 and 0.25; "1,234" is one number when
+the whole answer looks like one; 2\frac12 is a mixed number; i and e are plain
+symbols; equations match up to swapping sides, not up to scaling.
+"""
+from __future__ import annotations
+
+import cmath
+import math
+import random
+import re
+import sys
+from fractions import Fraction
+from itertools import accumulate
+
+REL_TOL = 1e-9           # relative, irrational values only: float error is ~1e-15, and a
+                         # looser bound lets approximations in (\sqrt{9.8696044} for pi)
+N_POINTS = 3             # random points at which expressions with variables are compared
+MAX_COMPLETION = 50_000  # only the tail of a longer completion is read
+MAX_ANSWER = 1_000       # a longer "final answer" is garbage, not an answer
+MAX_FINALS = 32          # more boxes or answer tags than this is spam: wrong
+MAX_DEPTH, MAX_NODES = 40, 300   # parser nesting and expression size
+MAX_BITS = 24_000        # size of any exact number (2006! has 19,119 bits)
+WORK_BUDGET = 4_000      # big-number work per verify() call, in (kilobit)^2 units
+
+
+class _Reject(Exception):
+    """Not a comparable answer: unparseable, too big, or against the rules."""
+
+
+# ---------------------------------------------------------------- extraction
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
+_BRACE = re.compile(r"\\[\s\S]|[{}]")          # an escaped character is skipped whole
+_LAST_CUE = re.compile(r"(?s:.*)(?:answer\s*(?:is|:)|####)", re.IGNORECASE)
+
+
+def _close_brace(text: str, i: int) -> int:
+    """Index of the '}' matching text[i] == '{', or -1.  Looks at most MAX_ANSWER ahead."""
+    depth = 0
+    for m in _BRACE.finditer(text, i, i + MAX_ANSWER + 2):
+        depth += (m[0] == "{") - (m[0] == "}")
+        if depth == 0:
+            return m.start()
+    return -1
+
+
+def _finals(completion: str) -> list[str]:
+    """Every final answer at the winning precedence level (see the module docstring)."""
+    text = completion[-MAX_COMPLETION:]
+    if text.count("<answer>") > MAX_FINALS or text.count("\\boxed") + text.count("\\fbox") > MAX_FINALS:
+        return []
+    found, pos = [], 0
+    while (end := text.find("</answer>", pos)) >= 0:
+        if (start := text.rfind("<answer>", pos, end)) >= 0:   # the last opener before it
+            found.append(text[start + 8:end])
+        pos = end + 9
+    end = 0
+    for m in [] if found else _BOX.finditer(text):
+        if m.start() < end:                         # a box inside the previous box
+            continue
+        if text.startswith("{", j := m.end()):
+            if (end := _close_brace(text, j)) > 0:  # an unclosed box is not an answer
+                found.append(text[j + 1:end])
+        elif token := re.match(r"[^\s$]{1,100}", text[j:j + 100]):   # \boxed 5
+            found.append(token[0])
+    if found:
+        return [f.strip() for f in found]
+    if not (m := _LAST_CUE.match(text)):
+        return []
+    line = text[m.end():].split("\n", 1)[0].strip(" :\t")
+    line = re.split(r"\.\s", line, maxsplit=1)[0].strip().rstrip(".")   # first sentence
+    return [line] if line else []
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer: last <answer> tag, else last \\boxed{}, else an "answer is" line."""
+    try:
+        return (_finals(completion) or [None])[-1]
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------- cleaning
+
+_UNICODE = str.maketrans({"−": "-", "–": "-", "×": r"\times ", "·": r"\cdot ", "÷": "/",
+                          "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "±": r"\pm ",
+                          "∓": r"\mp ", "∪": r"\cup ", "°": "", "\u00a0": " "})
+_WRAPPER = re.compile(r"\\(?:boxed|fbox|text\w*|math(?:rm|bf|it|sf|tt)|mbox|operatorname)\s*\{")
+_CLEANUP = [(re.compile(p), r) for p, r in [
+    (r"(?<=\d)(?:,\s*\\!|\{,\}|\\,)\s*(?=\d{3})", ""),       # thousands: 10,\!080 10{,}080
+    (r"\\\\|\\[,;:! ]|\\(?:q?quad|displaystyle|left|right|[bB]igg?[lr]?)(?![A-Za-z])|~|\\?\$",
+     lambda m: m[0] if m[0] == "\\\\" else " "),           # spacing (keep \\, the row break)
+    (r"\^\s*\{?\s*\\circ\s*\}?|\\(?:circ|degree)(?![A-Za-z])", ""),  # degrees
+    (r"\\%|\s*\bpercent\b", "%"),
+    (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),
+    (r"(?<![\\A-Za-z])(sqrt|pi)(?![A-Za-z])", r"\\\1"),       # plain-text sqrt(2), pi
+    (r"(?<![\\A-Za-z])inf(?:inity|ty)?(?![A-Za-z])", r"\\infty"),
+    (r"(?<=[\w)}])\s*\*\*\s*(?=[\w({\\.-])", "^"),           # python-style 2**3
+    (r"\s*:\s*", ":"), (r"\s+", " ")]]                          # ratios 3 : 1 == 3:1
+
+
+def _clean(s: str) -> str:
+    """Strip presentation but keep meaning."""
+    s = s.translate(_UNICODE)
+    while m := _WRAPPER.search(s):                # \text{..}, \boxed{..}: keep the content
+        if (k := _close_brace(s, m.end() - 1)) < 0:
+            raise _Reject("unbalanced braces")
+        s = f"{s[:m.start()]} {s[m.end():k]} {s[k + 1:]}"
+    for pattern, repl in _CLEANUP:
+        s = pattern.sub(repl, s)
+    s = s.strip().strip("*").strip().rstrip(".,;").strip()
+    if m := re.fullmatch(r"([+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?)([^\d,]*)", s):   # 1,234 is one number
+        s = m[1].replace(",", "") + m[2]
+    return s
+
+
+# ---------------------------------------------------------------- structure
+
+_CHOICE = re.compile(r"\(([A-J])\)|([A-J])[.):]?")
+_WORDS = re.compile(r"[A-Za-z]+(?:[ '-][A-Za-z]+)*")
+_IN_SET = re.compile(r"^[A-Za-z] ?\\in(?![A-Za-z]) ?")                  # x \in [-2, 7]
+_UNIT = r"(?<![\\A-Za-z])[A-Za-z]{2,}(?: ?\^\{?\d\}?)?(?: ?(?:/|per) ?[A-Za-z]+(?: ?\^\{?\d\}?)?)*"
+_UNITS = re.compile(rf"(?:(?<=[\d}}).])|(?<=\\pi)) (?:{_UNIT} ?)+$")     # 5.4 cents, 2\pi m^2
+_MATRIX = re.compile(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", re.S)
+
+
+def _depths(s: str) -> list[int]:
+    """Bracket depth after each character; interval brackets like [0, 1) count too."""
+    return list(accumulate((ch in "([{") - (ch in ")]}") for ch in s))
+
+
+def _split_top(s: str, seps: str = ",;") -> list[str]:
+    """Split at separators that are outside all brackets."""
+    cuts = [i for i, (ch, d) in enumerate(zip(s, _depths(s))) if d == 0 and ch in seps]
+    return [s[a + 1:b] for a, b in zip([-1] + cuts, cuts + [len(s)])]
+
+
+def _wrapped(s: str) -> bool:
+    """s[0] is a bracket closed by s[-1]: true for (1, 2], false for (a+5)(b+2)."""
+    return len(s) > 1 and s[0] in "([" and s[-1] in ")]" and 0 not in _depths(s)[:-1]
+
+
+def _parse(answer: str):
+    """Answer text -> normal form, a nested tuple such as ("expr", tree, is_percent)."""
+    s = _clean(answer)
+    if not s or len(s) > MAX_ANSWER:
+        raise _Reject("empty or too long")
+    s = re.sub(r" (?:or|and) |\\cup(?![A-Za-z])", ",", _IN_SET.sub("", s))
+    if not (nodes := [n for part in _split_top(s) if part.strip() for n in _parse_item(part)]):
+        raise _Reject("empty")
+    return nodes[0] if len(nodes) == 1 else ("list", tuple(nodes))
+
+
+def _one(s: str):
+    if len(nodes := _parse_item(s)) != 1:
+        raise _Reject("one value expected")
+    return nodes[0]
+
+
+def _parse_item(s: str) -> tuple:
+    """One comma-free item -> a tuple of normal forms (two for a \\pm answer)."""
+    s = s.strip()
+    if m := _CHOICE.fullmatch(s):
+        return (("choice", m[1] or m[2]),)
+    if _WORDS.fullmatch(s) and re.search("[A-Za-z]{2}", s):
+        return (("word", s.lower()),)
+    s = _UNITS.sub("", _IN_SET.sub("", s)).strip()
+    pct, s = s.endswith("%"), s.rstrip("%").strip()
+    if m := _MATRIX.fullmatch(s):                                   # a tuple of rows
+        rows = [("tuple", "[", "]", tuple(map(_one, r.split("&")))) for r in m[2].split("\\\\") if r.strip()]
+        return (("tuple", "[", "]", tuple(rows)),)
+    if s.startswith("\\{") and s.endswith("\\}"):                   # a set
+        items = tuple(n for p in _split_top(s[2:-2]) if p.strip() for n in _parse_item(p))
+        return items if len(items) == 1 else (("list", items),)
+    if _wrapped(s) and len(parts := _split_top(s[1:-1])) > 1:       # tuple or interval
+        return (("tuple", s[0], s[-1], tuple(map(_one, parts))),)
+    if len(sides := _split_top(s, "=")) > 1:
+        if len(sides) > 2:
+            raise _Reject("chained equation")
+        return (("eq", _tree(sides[0]), _tree(sides[1])),)
+    if m := re.fullmatch(r"(-?\d+) (\d+)/(\d+)", s):                 # 1 4/5
+        s = f"{m[1]}\\frac{{{m[2]}}}{{{m[3]}}}"
+    signs = ("+", "-") if "\\pm" in s else ("-", "+") if "\\mp" in s else ("",)
+    return tuple(("expr", _tree(re.sub(r"\\(?:pm|mp)(?![A-Za-z])", lambda _: sign, s, 1)), pct)
+                 for sign in signs)                                  # 1 \pm \sqrt2: two answers
+
+
+# ---------------------------------------------------------------- expressions
+
+_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
+          "vartheta", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "varphi",
+          "chi", "psi", "omega"}
+_FUNCS = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "cot": lambda z: 1 / cmath.tan(z),
+          "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z),
+          "ln": cmath.log, "log": cmath.log, "exp": cmath.exp}
+_ATOM_COMMANDS = _GREEK | set(_FUNCS) | {"frac", "sqrt", "pi", "infty"}
+_TOKEN = re.compile(r"\\(?:[A-Za-z]+|.)|.", re.S)
+_NUM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,3})(?!\d))?")
+_SUBSCRIPT = re.compile(r"_(?:\{(\w{1,10})\}|(\w))")
+
+
+class _Parser:
+    """Recursive descent over LaTeX-ish math.  Trees are tuples: ("add", a, b), ("num", q)."""
+
+    def __init__(self, s: str):
+        self.s, self.i, self.depth, self.count = s, 0, 0, 0
+
+    def peek(self) -> str:
+        """The next token, not consumed: a \\command or one character ("" at the end)."""
+        while self.s.startswith(" ", self.i):
+            self.i += 1
+        return m[0] if (m := _TOKEN.match(self.s, self.i)) else ""
+
+    def eat(self, token: str, required: bool = False) -> bool:
+        if self.peek() == token:
+            self.i += len(token)
+            return True
+        if required:
+            raise _Reject(f"expected {token}")
+        return False
+
+    def node(self, *parts):
+        self.count += 1
+        if self.count > MAX_NODES or self.depth > MAX_DEPTH:
+            raise _Reject("expression too large")
+        return parts
+
+    def expr(self):
+        tree = self.term()
+        while (tok := self.peek()) in ("+", "-"):
+            self.i += 1
+            tree = self.node("add" if tok == "+" else "sub", tree, self.term())
+        return tree
+
+    def term(self):
+        tree = self.unary()
+        while True:
+            tok = self.peek()
+            if tok in ("*", "/", "\\cdot", "\\times", "\\div"):
+                self.i += len(tok)
+                tree = self.node("div" if tok in ("/", "\\div") else "mul", tree, self.unary())
+            elif tok[:1].isalnum() or tok in ("(", "[", "{") or tok[1:] in _ATOM_COMMANDS:
+                right = self.power()                        # an implicit product: 2x, 3\sqrt2
+                sign, whole = (-1, tree[1]) if tree[0] == "neg" else (1, tree)
+                if whole[0] == "num" and right[3:] == ("frac",) and right[1][0] == right[2][0] == "num" \
+                        and whole[1].denominator == right[1][1].denominator == right[2][1].denominator == 1:
+                    # 2\frac{1}{2} is a mixed number, two and a half
+                    tree = self.node("num", sign * (whole[1] + right[1][1] / right[2][1]))
+                else:
+                    tree = self.node("mul", tree, right)
+            else:
+                return tree
+
+    def unary(self):
+        if self.eat("-"):
+            return self.node("neg", self.unary())
+        self.eat("+")
+        return self.power()
+
+    def power(self):
+        tree = self.atom()
+        while self.eat("!"):
+            tree = self.node("fact", tree)
+        if self.eat("^"):                                   # right-associative: 9^9^9 = 9^(9^9)
+            tree = self.node("pow", tree, self.unary())
+        return tree
+
+    def arg(self):
+        """A macro argument: {..}, (..), a command or one character, as in \\frac43 or \\sqrt2."""
+        if self.peek().isdigit():
+            self.i += 1
+            return self.node("num", Fraction(int(self.s[self.i - 1])))
+        return self.atom()
+
+    def atom(self):
+        self.depth += 1
+        tok = self.peek()
+        if tok.isdigit() or tok == ".":
+            if not (m := _NUM.match(self.s, self.i)):
+                raise _Reject("bad number")
+            self.i = m.end()
+            if sub := _SUBSCRIPT.match(self.s, self.i):     # 52_8: a base-8 numeral
+                self.i = sub.end()
+                tree = self.node("base", m[1], sub[1] or sub[2])
+            else:
+                tree = self.node("num", Fraction(m[1]) * Fraction(10) ** int(m[2] or 0))
+        elif tok.isalpha():                                 # one letter, one symbol: xy = x*y
+            self.i += 1
+            if sub := _SUBSCRIPT.match(self.s, self.i):     # a_1, x_{10}
+                self.i = sub.end()
+                tok += "_" + (sub[1] or sub[2])
+            tree = self.node("var", tok)
+        elif tok in ("(", "[", "{", "|"):
+            self.i += 1
+            tree = self.expr()
+            self.eat({"(": ")", "[": "]", "{": "}", "|": "|"}[tok], required=True)
+            tree = self.node("abs", tree) if tok == "|" else tree
+        elif (name := tok[1:]) in _ATOM_COMMANDS:
+            self.i += len(tok)
+            if name == "frac":
+                tree = self.node("div", self.arg(), self.arg(), "frac")
+            elif name == "sqrt":                            # \sqrt[3]{x} has an index
+                index = self.expr() if self.eat("[") else None
+                if index is not None:
+                    self.eat("]", required=True)
+                tree = self.node("sqrt", self.arg(), index)
+            elif name in _FUNCS:                            # \sin 3x is sin(3x)
+                tree = self.arg() if self.peek() in ("{", "(") else self.power()
+                while self.peek()[:1].isalnum():
+                    tree = self.node("mul", tree, self.power())
+                tree = self.node("fn", name, tree)
+            else:
+                tree = self.node(name) if name in ("pi", "infty") else self.node("var", name)
+        else:
+            raise _Reject(f"unexpected {tok!r}")
+        self.depth -= 1
+        return tree
+
+
+def _tree(s: str):
+    """Expression text -> tree, all of it or nothing."""
+    parser = _Parser(s)
+    tree = parser.expr()
+    if parser.peek():
+        raise _Reject(f"unexpected {s[parser.i:parser.i + 10]!r}")
+    return tree
+
+
+# ---------------------------------------------------------------- form rules
+
+def _kids(tree) -> list:
+    return [k for k in tree[1:] if isinstance(k, tuple)]
+
+
+def _vars(tree) -> set:
+    return {tree[1]} if tree[0] == "var" else set().union(*map(_vars, _kids(tree)))
+
+
+def _has(tree, ops) -> bool:
+    return tree[0] in ops or any(_has(k, ops) for k in _kids(tree))
+
+
+def _literal(tree) -> Fraction | None:
+    """The value of a plain rational literal (12, -0.5, 3/4, \\frac{6}{8}, 1.5\\times10^{6}), else None."""
+    op = tree[0]
+    if op == "num":
+        return tree[1]
+    if op == "neg":
+        return None if (v := _literal(tree[1])) is None else -v
+    if op == "div":
+        a, b = _literal(tree[1]), _literal(tree[2])
+        return a / b if a is not None and b and a.denominator == b.denominator == 1 else None
+    if op == "pow" and tree[1] == ("num", 10):
+        k = _literal(tree[2])
+        return Fraction(10) ** int(k) if k is not None and k.denominator == 1 and abs(k) <= 400 else None
+    if op == "mul" and tree[1][0] == "num" and tree[2][0] == "pow" and tree[2][1] == ("num", 10):
+        return None if (p := _literal(tree[2])) is None else tree[1][1] * p
+    return None
+
+
+def _unsimplified(tree) -> bool:
+    """Arithmetic that a final answer should have finished: 3+4, 2\\cdot3, 2^5, 5!, \\sqrt8, \\sin 1."""
+    op, kids = tree[0], _kids(tree)
+    if op in ("add", "sub", "mul", "pow", "fact") and _literal(tree) is None \
+            and all(_literal(k) is not None for k in kids):
+        return True
+    if op == "sqrt" and tree[2] is None and (v := _literal(tree[1])) is not None \
+            and v.denominator == 1 and 0 < v <= 10**6 \
+            and any(v % (p * p) == 0 for p in range(2, math.isqrt(int(v)) + 1)):
+        return True                                         # a square factor left under the root
+    return op == "fn" and not _vars(tree) or any(map(_unsimplified, kids))
+
+
+def _factored(tree) -> bool:
+    """Product form like 2(k+1) or (a+5)(b+2), as opposed to a sum of terms."""
+    while tree[0] == "neg":
+        tree = tree[1]
+    if tree[0] == "mul":
+        return any(k[0] in ("add", "sub") or _factored(k) for k in tree[1:3])
+    if tree[0] == "pow":
+        return tree[1][0] in ("add", "sub")
+    return tree[0] == "div" and _factored(tree[1])
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _bits(q: Fraction) -> int:
+    return max(q.numerator.bit_length(), q.denominator.bit_length())
+
+
+def _inexact(v) -> complex:
+    if isinstance(v, Fraction):
+        if (f := float(v)) == 0 and v != 0:                 # float() raises OverflowError if huge
+            raise _Reject("underflow")                      # 1/2004! must not become 0.0
+        return complex(f)
+    return v
+
+
+def _finite(z: complex) -> complex:
+    if not (math.isfinite(z.real) and math.isfinite(z.imag)):
+        raise _Reject("overflow")
+    return z
+
+
+def _iroot(n: int, k: int) -> int | None:
+    """The exact integer k-th root of n >= 0, or None."""
+    if k > 2 and n.bit_length() > 1000:
+        return None
+    r = math.isqrt(n) if k == 2 else round(math.exp(math.log(n) / k)) if n else 0
+    return next((x for x in (r - 1, r, r + 1) if x >= 0 and x ** k == n), None)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
+        return a == b
+    a, b = _inexact(a), _inexact(b)
+    return abs(a - b) <= REL_TOL * max(abs(a), abs(b))
+
+
+class _Checker:
+    """Compares normal forms; holds the work budget of one verify() call."""
+
+    def __init__(self):
+        self.work = 0
+
+    def charge(self, *values: Fraction):
+        bits = max(map(_bits, values))
+        self.work += 1 + (bits // 1000) ** 2
+        if self.work > WORK_BUDGET or bits > MAX_BITS:
+            raise _Reject("too much work")
+
+    def ev(self, t, env):
+        """The value of tree t: a Fraction when exact, else a complex."""
+        op = t[0]
+        if op in ("num", "var", "pi"):
+            return t[1] if op == "num" else env[t[1]] if op == "var" else complex(math.pi)
+        v = [self.ev(k, env) for k in _kids(t)]
+        exact = all(isinstance(x, Fraction) for x in v)
+        if op == "neg":
+            return -v[0]
+        if op == "abs":
+            return abs(v[0]) if exact else complex(abs(v[0]))
+        if op == "fn":
+            return _finite(_FUNCS[t[1]](_inexact(v[0])))
+        if op == "fact":
+            if not (exact and v[0].denominator == 1 and 0 <= v[0] <= 3000):
+                raise _Reject("bad factorial")
+            self.charge(f := Fraction(math.factorial(int(v[0]))))
+            return f
+        if op == "sqrt":
+            return self.root(v[0], v[1] if len(v) > 1 else Fraction(2))
+        if op == "pow":
+            return self.power(*v)
+        if op not in ("add", "sub", "mul", "div"):
+            raise _Reject(f"cannot evaluate {op}")          # infinity, base-n numerals
+        a, b = v if exact else map(_inexact, v)
+        if exact:
+            self.charge(a, b)
+        r = a + b if op == "add" else a - b if op == "sub" else a * b if op == "mul" else a / b
+        return r if exact else _finite(r)
+
+    def power(self, a, b):
+        if isinstance(a, Fraction) and isinstance(b, Fraction) and b.denominator <= 100:
+            self.charge(a, b)
+            if a not in (0, 1, -1) and abs(b.numerator) * _bits(a) > MAX_BITS:
+                raise _Reject("power too large")            # 9^9^9^9, 10^{10^{10}}
+            p = a ** b.numerator
+            return p if b.denominator == 1 else self.root(p, Fraction(b.denominator))
+        try:
+            return _finite(_inexact(a) ** _inexact(b))
+        except OverflowError:
+            raise _Reject("overflow") from None
+
+    def root(self, v, k):
+        if not (isinstance(k, Fraction) and k.denominator == 1 and 2 <= k <= 100):
+            raise _Reject("bad root")
+        k = int(k)
+        if isinstance(v, Fraction) and (v >= 0 or k % 2):
+            self.charge(v)                                  # exact if a perfect power
+            n, d = _iroot(abs(v.numerator), k), _iroot(v.denominator, k)
+            if n is not None and d is not None:
+                return Fraction(n if v >= 0 else -n, d)
+            if v < 0:                                       # the real odd root of a negative
+                return -_finite(_inexact(-v) ** (1 / k))
+        return _finite(_inexact(v) ** (1 / k))
+
+    def defined(self, t, env):
+        """The value at one point, or None where undefined (division by zero, log 0)."""
+        try:
+            return self.ev(t, env)
+        except (ZeroDivisionError, ValueError):
+            return None
+
+    def expr_same(self, c, r) -> bool:
+        (_, ct, cpct), (_, rt, rpct) = c, r
+        if "base" in (ct[0], rt[0]):                        # 52 answers 52_8: the same digits
+            return ct == rt or {ct[0], rt[0]} == {"base", "num"} and str(ct[1]) == str(rt[1])
+        if _has(ct, ("infty", "base")) or _has(rt, ("infty", "base")):
+            return ct == rt                                 # compared by structure
+        if _literal(rt) is not None and _literal(ct) is None:
+            return False                                    # the gold is 7: "3+4" is not final
+        if _unsimplified(ct) and not _unsimplified(rt):
+            return False
+        names = sorted(_vars(ct) | _vars(rt))
+        if names and _factored(ct) != _factored(rt):
+            return False
+        rng = random.Random(2024)                           # fixed seed: reproducible verdicts
+        points = [{v: Fraction(rng.randint(1, 60), rng.randint(61, 97)) + rng.randint(-3, 3)
+                   for v in names} for _ in range(N_POINTS if names else 1)]
+        defined = 0
+        for env in points:
+            a, b = (self.defined(t, env) for t in (ct, rt))
+            if (a is None) != (b is None):
+                return False
+            if a is None:
+                continue
+            if not names and isinstance(a, Fraction) != isinstance(b, Fraction):
+                return False                                # 1.4142 is not \sqrt2
+            if not any(_close(x, y) for x in (a, a / 100)[:1 + cpct] for y in (b, b / 100)[:1 + rpct]):
+                return False
+            defined += 1
+        return defined > 0
+
+    def same(self, c, r) -> bool:
+        if c[0] == "eq" and r[0] == "expr" and c[1][0] == "var":   # "x = 5" answers "5"
+            c = ("expr", c[2], False)
+        if r[0] == "eq" and c[0] == "expr" and r[1][0] == "var":   # "5" answers "x = 5"
+            r = ("expr", r[2], False)
+        if c[0] != r[0]:
+            return False
+        if c[0] == "expr":
+            return self.expr_same(c, r)
+        if c[0] == "eq":                                    # lhs - rhs agree, up to swapping sides
+            gold = ("expr", ("sub", r[1], r[2]), False)
+            return any(self.expr_same(("expr", ("sub", a, b), False), gold)
+                       for a, b in ((c[1], c[2]), (c[2], c[1])))
+        if c[0] == "list":                                  # order-free: a multiset
+            left = list(r[1])
+            for x in c[1]:
+                if (j := next((j for j, y in enumerate(left) if self.same(x, y)), None)) is None:
+                    return False
+                left.pop(j)
+            return not left
+        if c[0] == "tuple":                                 # ordered, with the same brackets
+            return c[1:3] == r[1:3] and len(c[3]) == len(r[3]) and all(map(self.same, c[3], r[3]))
+        return c == r                                       # choice letters, words
+
+    def matches(self, answer: str, reference: str) -> bool:
+        try:
+            if len(answer) > 4 * MAX_ANSWER or not (a := _clean(answer)):
+                return False
+            return a == _clean(reference) or self.same(_parse(answer), _parse(reference))
+        except Exception:                                   # unparseable, too big, ...: no match
+            return False
+
+
+# ---------------------------------------------------------------- public API
+
+def verify(completion: str, reference: str) -> float:
+    """1.0 if the completion's final answer equals the gold answer, else 0.0.  Never raises."""
+    try:
+        finals = list(dict.fromkeys(_finals(completion)))   # distinct, in order
+        checker = _Checker()
+        if finals and all(checker.matches(f, reference) for f in finals):
+            return 1.0
+        # Disagreeing answers are read together as one list: "\boxed{3} or \boxed{4}" is "3, 4".
+        return float(len(finals) > 1 and checker.matches(", ".join(finals), reference))
+    except Exception:                                       # untrusted input must never stop training
+        return 0.0
+
+
+def _fmt(t) -> str:
+    if (v := _literal(t)) is not None:
+        return str(v)
+    op, kids = t[0], [_fmt(k) for k in _kids(t)]
+    if symbol := {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "^"}.get(op):
+        return f"({kids[0]} {symbol} {kids[1]})"
+    if op in ("neg", "fact"):
+        return f"-{kids[0]}" if op == "neg" else f"{kids[0]}!"
+    if op in ("sqrt", "abs", "fn"):
+        return f"{t[1] if op == 'fn' else op}({', '.join(kids)})"
+    return "_".join(t[1:]) if op == "base" else t[-1]       # var, pi, infty
+
+
+def _show(n) -> str:
+    if n[0] == "list":
+        return "{" + ", ".join(sorted(map(_show, n[1]))) + "}"
+    if n[0] == "tuple":
+        return n[1] + ", ".join(map(_show, n[3])) + n[2]
+    if n[0] == "eq":
+        return f"{_fmt(n[1])} = {_fmt(n[2])}"
+    return _fmt(n[1]) + "%" * n[2] if n[0] == "expr" else f"{n[0]}:{n[1]}"
+
+
+def normalize(answer: str) -> str:
+    """The normal form that verify() compares, as text (for the CLI and for debugging)."""
+    try:
+        return _show(_parse(answer))
+    except Exception as e:
+        return f"<unparsed: {e}>"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit('usage: python verify.py "COMPLETION" "REFERENCE"')
+    completion, reference = sys.argv[1:]
+    answer = extract_answer(completion)
+    print(f"extracted : {answer!r}")
+    print(f"answer    : {normalize(answer) if answer is not None else '-'}")
+    print(f"reference : {normalize(reference)}")
+    print(f"verdict   : {verify(completion, reference)}")
