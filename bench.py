@@ -1,7 +1,10 @@
 """
-Benchmarks for rlsd.py, one subcommand per benchmark:
+Benchmarks, one subcommand each:
 
+    python bench.py              # GRPO vs OPSD vs RLSD on the built-in task -> results/ (curves, table, credit)
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
+
+compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
 
 Memory is measured in a fresh subprocess per variant, so one variant's peak
 cannot hide another's: on CUDA with torch.cuda.max_memory_allocated, on CPU
@@ -11,7 +14,10 @@ relative to the memory in use just before the call, after the logits exist.
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +25,7 @@ import time
 import torch
 
 import rlsd
+import train
 
 GB = 1e9  # decimal gigabytes, as in "8 x 4096 x 151,936 fp32 = 20 GB"
 
@@ -130,11 +137,160 @@ def bench_logprobs(args):
 
 
 # -----------------------------------------------------------------------------
+# compare: the paper's three claims in miniature, on the task `python train.py` uses
+
+ALGOS = ("grpo", "opsd", "rlsd")
+THRESHOLD = 0.75  # "steps to reach" this held-out accuracy
+
+
+def run_one(algo, seed, args):
+    """One training run with train.py's own code; returns its metrics and a leakage probe."""
+    out = os.path.join(args.out, "runs", f"{algo}-seed{seed}")
+    shutil.rmtree(out, ignore_errors=True)
+    lr = train.DEMO["lr"] * (10 if algo == "opsd" else 1)  # the paper gives OPSD a 10x larger lr
+    targs = train.parse_args(["--algo", algo, "--seed", str(seed), "--output-dir", out, "--lr", str(lr),
+                              "--max-steps", str(args.steps), "--save-steps", str(10 ** 9), "--log-samples-steps", "0"])
+    t = time.time()
+    policy, _ = train.train(targs)
+    seconds = time.time() - t
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    curve = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    steps = [r for r in rows if "reward" in r]
+    # leakage probe: greedy completions that give the answer before any working, or talk about a reference
+    evals = train.load_rows(targs, "eval")
+    ids, mask, _, _ = train.generate(policy, [train.student_prompt(policy, r) for r in evals], evals, targs, greedy=True)
+    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    leak = sum("reference" in t or "solution" in t or -1 < t.find("<answer>") < t.find("=") or
+               ("<answer>" in t and "=" not in t) for t in texts) / len(texts)
+    tail = steps[-5:]
+    return dict(curve=curve, leak=leak, entropy=statistics.mean(r["entropy"] for r in tail),
+                length=statistics.mean(r["completions/mean_length"] for r in tail),
+                sec_per_step=statistics.mean(sum(r[k] for k in r if k.startswith("time/") and k != "time/eval")
+                                             for r in steps))
+
+
+def overhead(args, repeats=5):
+    """RLSD's step time / GRPO's on the very same rollout batch: the teacher pass is the only extra work."""
+    targs = train.parse_args(["--algo", "rlsd", "--output-dir", os.path.join(args.out, "runs", "overhead")])
+    policy = train.load_policy(targs)
+    train.prepare_for_training(policy, targs)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=0.0)  # lr 0: time the work, keep the weights
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    teacher = train.Teacher(policy, targs.teacher_sync_steps)
+    rows = train.load_rows(targs, "train")[:targs.prompts_per_step]
+    times = {k: [] for k in ("rollout", "reward", "teacher", "update_grpo", "update_rlsd")}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        policy.model.eval()
+        ro = train.rollout(policy, rows, targs)
+        times["rollout"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        rewards, _ = train.reward(ro)
+        adv = rlsd.group_advantages(rewards, targs.num_generations)
+        times["reward"].append(time.perf_counter() - t)
+        teacher.maybe_sync(0)
+        t = time.perf_counter()
+        teacher_logp = teacher.logprobs(ro, targs)
+        times["teacher"].append(time.perf_counter() - t)
+        for algo in ("grpo", "rlsd"):
+            targs.algo = algo
+            t = time.perf_counter()
+            train.update(policy, opt, sched, ro, adv, teacher_logp, teacher, targs, step=0)
+            times[f"update_{algo}"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    grpo = med["rollout"] + med["reward"] + med["update_grpo"]
+    rlsd_ = med["rollout"] + med["reward"] + med["teacher"] + med["update_rlsd"]
+    return dict(med, grpo=grpo, rlsd=rlsd_, ratio=rlsd_ / grpo)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for algo, runs in results.items():
+        steps = [s for s, _ in runs[0]["curve"]]
+        accs = torch.tensor([[a for _, a in r["curve"]] for r in runs])              # [seeds, evals]
+        mean, lo, hi = accs.mean(0), accs.min(0).values, accs.max(0).values
+        ax.plot(steps, mean, label=f"{algo} (mean of {len(runs)} seeds)")
+        ax.fill_between(steps, lo, hi, alpha=0.2)
+    ax.axhline(THRESHOLD, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="optimizer step", ylabel="held-out accuracy (greedy)", title="Built-in task: min-max band over seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def summary(results, ov, args):
+    def first_reach(curve):
+        return next((s for s, a in curve if a >= THRESHOLD), None)
+
+    lines = [f"# GRPO vs OPSD vs RLSD on the built-in task", "",
+             f"`python bench.py --seeds {args.seeds} --steps {args.steps}`: seeds 0..{args.seeds - 1}, "
+             f"{args.steps} steps each, train.py's demo settings (lr {train.DEMO['lr']}, OPSD lr x10 as in the paper). "
+             "Accuracy is greedy, on 256 held-out prompts; mean +- std over seeds.", "",
+             f"| algo | steps to {THRESHOLD:.0%} | base | final | best (step) | entropy (end) | length (end) | "
+             "leak | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for algo, runs in results.items():
+        reach = [first_reach(r["curve"]) for r in runs]
+        hit = [x for x in reach if x is not None]
+        finals = [r["curve"][-1][1] for r in runs]
+        bests = [max(r["curve"], key=lambda c: c[1]) for r in runs]
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+        lines.append(
+            f"| {algo} | {statistics.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds) | " if hit else f"| {algo} | never | ")
+        lines[-1] += (f"{statistics.mean(r['curve'][0][1] for r in runs):.3f} | "
+                      f"{statistics.mean(finals):.3f} +- {sd(finals):.3f} | "
+                      f"{statistics.mean(b[1] for b in bests):.3f} ({statistics.mean(b[0] for b in bests):.0f}) | "
+                      f"{statistics.mean(r['entropy'] for r in runs):.3f} | {statistics.mean(r['length'] for r in runs):.1f} | "
+                      f"{statistics.mean(r['leak'] for r in runs):.1%} | "
+                      f"{statistics.mean(r['sec_per_step'] for r in runs):.2f} |")
+    lines += ["", "Leak: greedy held-out completions that give `<answer>` before any working or mention a reference/"
+              "solution. Entropy and length: mean of the last 5 steps.", "",
+              "## RLSD's overhead (same rollout batch, median of 5)", "",
+              f"| | rollout | reward | teacher forward | update | step |", "|---|---|---|---|---|---|",
+              f"| GRPO | {ov['rollout']:.3f} s | {ov['reward']:.3f} s | - | {ov['update_grpo']:.3f} s | {ov['grpo']:.3f} s |",
+              f"| RLSD | {ov['rollout']:.3f} s | {ov['reward']:.3f} s | {ov['teacher']:.3f} s | "
+              f"{ov['update_rlsd']:.3f} s | {ov['rlsd']:.3f} s |", "",
+              f"RLSD / GRPO step time: **{ov['ratio']:.3f}** (target <= 1.15). Of the extra "
+              f"{ov['rlsd'] - ov['grpo']:.3f} s, the teacher forward is {ov['teacher']:.3f} s and the rest "
+              f"(token advantages in the update) {ov['update_rlsd'] - ov['update_grpo']:.3f} s.", ""]
+    return "\n".join(lines)
+
+
+def bench_compare(args):
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    results = {algo: [] for algo in ALGOS}
+    for seed in range(args.seeds):
+        for algo in ALGOS:
+            results[algo].append(run_one(algo, seed, args))
+            print(f"[bench] {algo} seed {seed}: final {results[algo][-1]['curve'][-1][1]:.3f} "
+                  f"({time.time() - t0:.0f}s so far)", flush=True)
+    ov = overhead(args)
+    plot(results, os.path.join(args.out, "curves.png"))
+    targs = train.parse_args(["--output-dir", os.path.join(args.out, "runs", "credit")])
+    train.show_credit(train.load_policy(targs), train.load_rows(targs, "eval")[:targs.prompts_per_step], targs, 4,
+                      os.path.join(args.out, "credit.html"))
+    text = summary(results, ov, args) + f"\nTotal wall time: {time.time() - t0:.0f} s on {args.threads} threads.\n"
+    open(os.path.join(args.out, "summary.md"), "w").write(text)
+    json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)
+    print(text)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0].rstrip(":"))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("compare", help="GRPO vs OPSD vs RLSD on the built-in task (the default)")
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--steps", type=int, default=train.DEMO["max_steps"])
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--out", default="results")
+    c.set_defaults(func=bench_compare)
 
     def logprobs_args(p):
         p.add_argument("--batch", type=int, default=8)
@@ -154,7 +310,8 @@ def main(argv=None):
     w.add_argument("--variant", choices=["naive", "chunked"], required=True)
     w.set_defaults(func=_logprobs_worker)
 
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv if argv and not argv[0].startswith("-") or "-h" in argv else ["compare"] + argv)
     args.func(args)
 
 

