@@ -52,9 +52,9 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10, loss_type="dapo", scale_rewards="group",
              max_steps=400, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
              log_samples_steps=10)
-DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=4e-4, lam_decay_steps=60,
-            max_steps=60, micro_batch_size=128, generation_batch_size=128, eval_steps=10, save_steps=30, eval_size=256,
-            log_samples_steps=20)
+DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=100,
+            micro_batch_size=128, generation_batch_size=128, eval_steps=20, save_steps=50, eval_size=256,
+            log_samples_steps=25)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -201,8 +201,11 @@ def load_rows(args, split):
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"cannot load --dataset {src!r} split {split!r} ({type(e).__name__}): pass a local "
-                          f".jsonl/.json/.parquet file, or a hub id with network access") from None
+        if os.path.isfile(src):
+            raise ConfigError(f"cannot parse --dataset {src!r} ({type(e).__name__}: {str(e)[:200]}); "
+                              f"check that it is valid {kind}") from None
+        raise ConfigError(f"cannot load --dataset {src!r} split {split!r} ({type(e).__name__}): no such local file, "
+                          f"and no such hub data set or no network; pass a local .jsonl/.json/.parquet file") from None
     if len(ds) == 0:
         raise ConfigError(f"--dataset {src!r} split {split!r} is empty; point it at data with at least one row")
     for field in (args.prompt_field, args.answer_field, args.image_field):
@@ -950,11 +953,13 @@ def train(args):
     else:  # hold out the last rows of the training split
         n = min(args.eval_size, len(train_rows) // 10)
         train_rows, eval_rows = train_rows[:len(train_rows) - n], train_rows[len(train_rows) - n:]
-    too_long = [r for r in train_rows
-                if len(policy.tokenizer(student_prompt(policy, r)).input_ids) > args.max_prompt_length]
-    if too_long:
-        print(f"dropping {len(too_long)} prompts longer than --max-prompt-length {args.max_prompt_length}")
-        train_rows = [r for r in train_rows if r not in too_long]
+        if not n:
+            print("fewer than 10 rows: no held-out evaluation (pass --eval-split for one)")
+    lengths = [len(x) for x in policy.tokenizer([student_prompt(policy, r) for r in train_rows]).input_ids]
+    if max(lengths) > args.max_prompt_length:
+        print(f"dropping {sum(n > args.max_prompt_length for n in lengths)} prompts longer than "
+              f"--max-prompt-length {args.max_prompt_length}")
+        train_rows = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_length]
     if not train_rows:
         raise ConfigError("no training rows left; check --dataset/--split or raise --max-prompt-length")
 
@@ -981,7 +986,7 @@ def train(args):
     if base_acc is not None:
         print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts (greedy)")
         log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
-    acc = base_acc
+    acc, phases, first = base_acc, dict.fromkeys(("rollout", "reward", "teacher", "update"), 0.0), step
     bar = tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True, file=sys.stdout)
     while step < args.max_steps:
         metrics, t = {}, time.time()
@@ -1016,6 +1021,8 @@ def train(args):
             metrics["time/eval"] = time.time() - t
         log.write(json.dumps(metrics) + "\n")
         log.flush()
+        for k in phases:
+            phases[k] += metrics[f"time/{k}"]
         bar.update(1)
         bar.write(fmt(metrics) + (f" | eval {acc:.3f}" if "eval/accuracy" in metrics else ""))
         if args.log_samples_steps and step % args.log_samples_steps == 0:
@@ -1030,6 +1037,10 @@ def train(args):
     if args.show_credit:
         show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
                     os.path.join(args.output_dir, "credit.html"))
+    if step > first:
+        total = sum(phases.values())
+        print(f"time per step {total / (step - first):.2f}s: " + ", ".join(
+            f"{k} {v / total:.0%}" for k, v in phases.items()))
     if base_acc is not None:
         print(f"held-out accuracy: base {base_acc:.3f} -> final {acc:.3f} "
               f"({args.algo}, {step} steps, {time.time() - t_start:.0f}s)")
