@@ -784,7 +784,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
             loss, lm = rlsd.opsd_loss(logits, t_logits, m, args.temperature, args.opsd_divergence, num_tokens=n_tok)
             lm = {k: v * m.sum().item() for k, v in lm.items()}  # a mean over this micro-batch: token-weight it
         else:
-            if args.algo == "rlsd":  # Eq. 13-15: the teacher reweights, the sign stays A's
+            if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher reweights, the sign stays A's
                 tok_adv = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w)
                 w, w_clip = rlsd.evidence_weights(adv[s], teacher_logp[s], logp.detach(), args.eps_w)
                 live = m.bool() & (adv[s] != 0)[:, None]
@@ -883,7 +883,7 @@ def fmt(metrics):
 
 
 def show_credit(policy, rows, args, n, path):
-    """Render n rollouts (right and wrong ones alternately) with each token coloured by A_t / A (Eq. 15 at
+    """Render n rollouts (a right and a wrong one per prompt) with each token coloured by A_t / A (Eq. 15 at
     lambda = lam0): where the teacher moved credit. Prints ANSI colours and writes a self-contained HTML file.
     Green = reinforced (A > 0), red = penalised (A < 0); the stronger the colour, the more weight the token got."""
     import html
@@ -896,9 +896,12 @@ def show_credit(policy, rows, args, n, path):
     teacher = Teacher(policy, 0).logprobs(ro, args)                                              # [B, C]
     ratio = rlsd.rlsd_token_advantages(adv, teacher, student, ro["mask"], args.lam0, args.eps_w)
     ratio = ratio / adv.masked_fill(adv == 0, 1)[:, None]                                        # [B, C]
-    right = [i for i in range(len(adv)) if adv[i] > 0]
-    wrong = [i for i in range(len(adv)) if adv[i] < 0]
-    picks = [i for pair in zip(right, wrong) for i in pair][:n]
+    G, picks = args.num_generations, []
+    for g in range(0, len(adv), G):  # a right and a wrong answer to the same prompt, then the next prompt
+        a = adv[g:g + G].tolist()
+        if max(a) > 0 > min(a):
+            picks += [g + a.index(max(a)), g + a.index(min(a))]
+    picks = picks[:n]
     span = args.lam0 * args.eps_w or 1.0       # A_t / A lies in [1 - span, 1 + span]
     tok, lines, blocks = policy.tokenizer, [], []
     for i in picks:
@@ -999,8 +1002,8 @@ def train(args):
         metrics["time/reward"], t = time.time() - t, time.time()
         teacher.maybe_sync(step)
         teacher_logp = None
-        if args.algo == "rlsd":                                                          # 4. teacher [B, C]
-            teacher_logp = teacher.logprobs(ro, args)
+        if args.algo == "rlsd" and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps) > 0:  # 4. teacher [B, C]
+            teacher_logp = teacher.logprobs(ro, args)  # (once lambda reaches 0, RLSD is GRPO: no teacher needed)
             check_finite(teacher_logp, "teacher", step)
         metrics["time/teacher"], t = time.time() - t, time.time()
         um = update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step)      # 5-6. credit + update
