@@ -1617,7 +1617,8 @@ def test_vl_lora_with_gradient_checkpointing_trains_only_adapters_and_saves_merg
     assert all(torch.equal(again[n], p) for n, p in params.items() if ".lora_" in n)
 
 
-REAL_VL_CONFIG = [p for p in (os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3-vl-8b-instruct.config.json"),
+REAL_VL_CONFIG = [p for p in (os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                             "qwen3-vl-8b-instruct.config.json"),
                                "/work/shared/qwen3-vl-8b-instruct.config.json") if os.path.isfile(p)]
 
 
