@@ -635,8 +635,8 @@ class SampledLogprobs:
     [b, V] row of log-probs at a time (never [b, C, V]). generate() calls it with the raw logits of step t and
     the ids up to t-1, so the token it scores is the one sampled at the previous call."""
 
-    def __init__(self, prompt_len, temperature):
-        self.P, self.T, self.prev, self.out = prompt_len, temperature, None, []
+    def __init__(self, temperature):
+        self.T, self.prev, self.out = temperature, None, []
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:
@@ -672,7 +672,7 @@ def generate(policy, texts, rows, args, greedy=False):
     bs = args.generation_batch_size
     for i in range(0, len(texts), bs):
         enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
-        rec = SampledLogprobs(enc["input_ids"].shape[1], args.temperature)
+        rec = SampledLogprobs(args.temperature)
         seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]))
         comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
         ids.append(comp)
