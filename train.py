@@ -17,6 +17,7 @@ One training step (the paper's Algorithm 1), one function each below:
 The reward sets the direction of every token's update, the teacher only its size.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -731,17 +732,23 @@ class Teacher:
             for n, p in self.params():
                 p.data, self.weights[n] = self.weights[n], p.data
 
+    @contextlib.contextmanager
+    def active(self):
+        """Within this block the policy's weights are the teacher's; the live ones come back after, even on error."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
     def logprobs(self, ro, args):
         """log P_T(y_t | x, r, y_<t): [B, C], no grad, at the sampling temperature."""
         texts = [teacher_prompt(self.policy, r) for r in ro["rows"]]
         G, mb = args.num_generations, args.micro_batch_size
-        self.swap()
-        try:
+        with self.active():
             if self.policy.vl or mb % G:
                 return score(self.policy, texts, ro["rows"], ro["ids"], ro["mask"], args.temperature, mb)
             return score_grouped(self.policy, texts, ro["rows"], ro["ids"], ro["mask"], args.temperature, mb, G)
-        finally:
-            self.swap()
 
     def state(self):
         return {"weights": self.weights, "synced_at": self.synced_at}
@@ -768,13 +775,9 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
         m = mask[s]
         if args.algo == "opsd":  # the baseline needs the teacher's full distribution at every position
             t0 = time.time()
-            with torch.no_grad():
-                teacher.swap()
-                try:
-                    t_enc = policy.encode([teacher_prompt(policy, r) for r in ro["rows"][s]], ro["rows"][s])
-                    t_logits = completion_logits(policy, t_enc, ids[s], ro["mask"][s])        # [b, C, V]
-                finally:
-                    teacher.swap()
+            with torch.no_grad(), teacher.active():
+                t_enc = policy.encode([teacher_prompt(policy, r) for r in ro["rows"][s]], ro["rows"][s])
+                t_logits = completion_logits(policy, t_enc, ids[s], ro["mask"][s])            # [b, C, V]
             sums["time/teacher"] = sums.get("time/teacher", 0.0) + time.time() - t0
         enc = policy.encode(ro["prompts"][s], ro["rows"][s])
         logits = completion_logits(policy, enc, ids[s], ro["mask"][s])                      # [b, C, V]
