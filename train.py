@@ -940,17 +940,15 @@ def train(args):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # our own messages say what matters; silence library chatter
     t_start = time.time()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
     ckpts = checkpoints(args.output_dir) if args.resume else []
     state = torch.load(os.path.join(ckpts[-1], "trainer_state.pt"), weights_only=False) if ckpts else None
-    if state and state["lora_rank"]:  # the base model again, then the saved adapters on top
-        policy = load_policy(args)
-        args.lora_rank = prepare_for_training(policy, args)
+    lora_resume = bool(state and state["lora_rank"])  # then: the base model again, and the saved adapters on top
+    policy = load_policy(args, ckpts[-1] if ckpts and not lora_resume else None)
+    random.seed(args.seed)  # after any warm start of the demo model, so a cold cache gives the same run as a warm one
+    torch.manual_seed(args.seed)
+    args.lora_rank = prepare_for_training(policy, args)
+    if lora_resume:
         policy.model.load_state_dict(state["adapters"], strict=False)
-    else:
-        policy = load_policy(args, ckpts[-1] if ckpts else None)
-        args.lora_rank = prepare_for_training(policy, args)
     train_rows = load_rows(args, args.split)
     if args.eval_split:
         eval_rows = load_rows(args, args.eval_split)[:args.eval_size]
