@@ -158,7 +158,7 @@ def run_one(algo, seed, args):
     steps = [r for r in rows if "reward" in r]
     # leakage probe: greedy completions that give the answer before any working, or talk about a reference
     evals = train.load_rows(targs, "eval")
-    ids, mask, _, _ = train.generate(policy, [train.student_prompt(policy, r) for r in evals], evals, targs, greedy=True)
+    ids, mask, _, _ = train.generate(policy, [train.student_prompt(policy, r) for r in evals], evals, targs, "greedy")
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
     leak = sum("reference" in t or "solution" in t or -1 < t.find("<answer>") < t.find("=") or
                ("<answer>" in t and "=" not in t) for t in texts) / len(texts)

@@ -207,7 +207,7 @@ def evidence_weights(advantages, teacher_logp, student_logp, eps_w=0.2):
     return w, w.clamp(1 - eps_w, 1 + eps_w)
 
 
-def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps_w=0.2):
+def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps_w=0.2, negative_only=False):
     """RLSD token advantage A_hat_t, which simply replaces A in the GRPO loss (Eq. 15).
 
     advantages: A [B]; teacher_logp, student_logp, mask: [B, T]; lam in [0, 1]
@@ -217,6 +217,8 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     when lam = 0 or w_t = 1 (teacher == student), with no float round-off.
     Since clip(w_t) > 0, sign(A_hat_t) == sign(A): the reward picks the direction,
     the teacher only rescales |A| within [1 - lam*eps_w, 1 + lam*eps_w].
+    negative_only: reweight only responses with A < 0 (those with A > 0 keep A),
+    the authors' released switch against response-length collapse.
     returns: A_hat [B, T] float32, detached, exactly 0 outside the mask.
     (The printed Eq. 16 has no gradient as written; use A_hat as the advantage
     in policy_loss, as the paper's text and code do.)
@@ -226,7 +228,10 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     _check_same_shape(teacher_logp=teacher_logp, student_logp=student_logp, mask=mask)
     _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
     a = advantages.detach().float()[:, None]                                        # [B, 1]
-    a_hat = a * (1 + lam * (w_clipped - 1))                                         # [B, T]
+    scale = 1 + lam * (w_clipped - 1)                                               # [B, T]
+    if negative_only:
+        scale = torch.where(a < 0, scale, torch.ones_like(scale))
+    a_hat = a * scale                                                               # [B, T]
     return torch.where(mask.bool(), a_hat, torch.zeros_like(a_hat))
 
 

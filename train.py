@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -38,6 +39,10 @@ import verify
 FORMAT = "Think step by step, then put the final answer in <answer></answer>."
 TEACHER = ("{question}\nHere is a reference solution: {answer}\nAfter understanding the reference solution, "
            "please try to solve this problem using your own approach below.\n{format}")
+PAPER_DATASET = "iieycx/rlsd-train-MMFineReason-123K"  # fields problem, answer, images; <image> tags mark images
+# The authors evaluate by sampling (their eval script): T 0.7, top-p 0.8, top-k 20, presence penalty 1.5.
+EVAL_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)
+LORA_LR_SCALE = 10  # LoRA wants ~10x the full fine-tuning lr ("LoRA Without Regret", Schulman et al. 2025)
 
 
 class ConfigError(ValueError):
@@ -51,11 +56,11 @@ class ConfigError(ValueError):
 PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, max_completion_length=4096,
              temperature=1.0, top_p=1.0, lr=1e-6, weight_decay=0.01, epsilon=0.2, epsilon_high=0.28, dual_clip=3.0,
              eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10, loss_type="dapo", scale_rewards="group",
-             max_steps=400, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
-             log_samples_steps=10)
+             max_steps=200, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
+             log_samples_steps=10, eval_decoding="sampled", min_pixels=512 * 512, max_pixels=768 * 768)
 DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=100,
             micro_batch_size=128, generation_batch_size=128, eval_steps=20, save_steps=50, eval_size=256,
-            log_samples_steps=25)
+            log_samples_steps=25, eval_decoding="greedy")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -76,16 +81,22 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and data")
     add = g.add_argument
     add("--model", default="builtin", help="hub id, local folder, or 'builtin' (a tiny Qwen3 built and warm-started "
-        "in-process, cached on disk)")
-    add("--dataset", default="builtin", help="hub id, local .jsonl/.json/.parquet file, or 'builtin' (a generated "
-        "multi-step addition task)")
+        "in-process, cached on disk); Qwen/Qwen3-VL-8B means Qwen/Qwen3-VL-8B-Instruct")
+    add("--dataset", default=None, help="hub id, local .jsonl/.json/.parquet file, or 'builtin' (a generated "
+        f"multi-step addition task; the default, except for vision-language models: {PAPER_DATASET})")
     add("--split", default="train", help="dataset split to train on")
     add("--eval-split", default=None, help="split for held-out accuracy (default: hold out --eval-size training rows)")
     add("--prompt-field", default="problem", help="column holding the question")
     add("--answer-field", default="answer", help="column holding the reference answer (the verifier's gold and the "
-        "teacher's privileged context)")
-    add("--image-field", default=None, help="column holding images (PIL, paths or bytes; one or a list per row)")
-    add("--max-pixels", type=int, default=448 * 448, help="cap on pixels per image for vision-language models")
+        "teacher's privileged context); for a worked solution, the gold is its final #### or \\boxed{} answer")
+    add("--privileged-field", default=None, help="column the teacher sees instead of the answer (e.g. a worked "
+        "solution); the verifier still uses --answer-field")
+    add("--image-field", default=None, help="column holding images (PIL, paths or bytes; one or a list per row), "
+        "placed at the <image> tags of the question if it has them, else first")
+    add("--skip-bad-rows", action="store_true", help="skip rows with a missing or unreadable image, or an <image> tag "
+        "count that does not match (counted and reported), instead of stopping with the row's number")
+    knob("--min-pixels", int, "vision-language: images are scaled up to at least this many pixels (32x32 = 1 token)")
+    knob("--max-pixels", int, "vision-language: ...and down to at most this many (the paper: 1,048,576)")
     add("--cache-dir", default=os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")),
         help="where the built-in demo's warm-started base model is cached")
     g = p.add_argument_group("algorithm")
@@ -98,7 +109,7 @@ def parse_args(argv=None):
     knob("--max-completion-length", int, "new tokens per completion; longer ones are truncated and flagged")
     knob("--temperature", float, "sampling temperature; log-probs of both passes use it too")
     knob("--top-p", float, "nucleus sampling (1.0 keeps the sampler equal to the scored distribution)")
-    knob("--lr", float, "AdamW learning rate, constant after a short warm-up")
+    knob("--lr", float, f"AdamW learning rate, constant after a short warm-up; x{LORA_LR_SCALE} under LoRA")
     knob("--weight-decay", float, "AdamW weight decay")
     knob("--epsilon", float, "PPO clip, lower side: ratio >= 1 - epsilon")
     knob("--epsilon-high", float, "PPO clip, upper side (clip-higher): ratio <= 1 + epsilon_high")
@@ -109,13 +120,21 @@ def parse_args(argv=None):
     knob("--teacher-sync-steps", int, "teacher = frozen snapshot of the policy, re-synced every N steps (0 = live)")
     knob("--loss-type", str, "grpo (per-sequence mean, Eq. 2), dapo (global token mean), dr_grpo")
     knob("--scale-rewards", str, "divide advantages by the std of the group, the batch, or none")
+    add("--rlsd-negative-only", action="store_true", help="reweight only responses with A < 0; those with A > 0 keep A "
+        "(the authors' released switch against response-length collapse)")
+    add("--teacher-template", default=TEACHER, help="the teacher's prompt, with {question} and {answer}, and "
+        "{format} for the format instruction (appended if absent)")
+    add("--reward-fn", default=None, help="module:function, your own binary check instead of verify.verify, called as "
+        "fn(completion, reference, row) -> 0.0 or 1.0")
     add("--opsd-divergence", default="fkl", choices=["fkl", "rkl", "jsd"], help="divergence D(P_T || P_S) for --algo opsd")
     g = p.add_argument_group("run")
     add = g.add_argument
     knob("--max-steps", int, "optimizer steps")
     knob("--micro-batch-size", int, "rows per forward/backward; gradients accumulate over the step")
     knob("--generation-batch-size", int, "rows per generate() call")
-    knob("--eval-steps", int, "held-out greedy accuracy every N steps (and at the end)")
+    knob("--eval-steps", int, "held-out accuracy every N steps (and at the end)")
+    knob("--eval-decoding", str, "greedy, or sampled as the authors evaluate: " + ", ".join(
+        f"{k} {v}" for k, v in EVAL_SAMPLING.items()))
     knob("--save-steps", int, "checkpoint every N steps (and at the end)")
     knob("--eval-size", int, "held-out prompts")
     knob("--log-samples-steps", int, "print one right and one wrong completion every N steps")
@@ -127,10 +146,14 @@ def parse_args(argv=None):
         "supports it, else float32")
     add("--seed", type=int, default=0, help="seeds data order, sampling and the built-in task")
     add("--output-dir", default="runs/rlsd", help="metrics.jsonl and checkpoints go here")
-    add("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    add("--resume", action="store_true", help="continue from the last checkpoint in --output-dir (none yet: start "
+        "at step 0 and say so)")
+    add("--overwrite", action="store_true", help="start over in an --output-dir that holds a run: deletes its "
+        "checkpoints and metrics")
     add("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by A_t/A "
         "(terminal + output-dir/credit.html)")
     args = p.parse_args(argv)
+    args.lr_given = args.lr is not None  # else LoRA scales the default lr (prepare_for_training)
     defaults = DEMO if args.model == "builtin" else PAPER
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -139,22 +162,44 @@ def parse_args(argv=None):
     return args
 
 
+# Every numeric option's range. Checked at start-up: a bad value fails in a second, not after an hour of rollouts.
+POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batch_size generation_batch_size "
+            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr").split()
+NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
+                "log_samples_steps show_credit lora_rank lora_alpha").split()
+AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0")
+
+
 def check_args(a):
-    """Fail at start-up, not after an hour of rollouts."""
-    if a.num_generations < 2:
-        raise ConfigError(f"--num-generations must be >= 2 (got {a.num_generations}): a group of one has no baseline")
+    def need(ok, problem):
+        if not ok:
+            raise ConfigError(problem)
+
+    flag = lambda k: "--" + k.replace("_", "-")
+    for k, v in vars(a).items():
+        need(not isinstance(v, float) or math.isfinite(v), f"{flag(k)} must be a finite number (got {v})")
+    for k in POSITIVE:
+        need(getattr(a, k) > 0, f"{flag(k)} must be > 0 (got {getattr(a, k)})")
+    for k in NON_NEGATIVE:
+        need(getattr(a, k) is None or getattr(a, k) >= 0, f"{flag(k)} must be >= 0 (got {getattr(a, k)})")
+    for k in AT_MOST_ONE:
+        need(getattr(a, k) <= 1, f"{flag(k)} must be <= 1 (got {getattr(a, k)})")
+    need(a.num_generations >= 2, f"--num-generations must be >= 2 (got {a.num_generations}): a group of one has no "
+         "baseline")
     rows = a.prompts_per_step * a.num_generations
-    if rows % a.micro_batch_size:
-        raise ConfigError(f"prompts x num_generations = {rows} must divide by --micro-batch-size "
-                          f"{a.micro_batch_size}; pick a micro-batch size that divides {rows}")
-    if a.loss_type not in ("grpo", "dapo", "dr_grpo"):
-        raise ConfigError(f"unknown --loss-type {a.loss_type!r}; use grpo, dapo or dr_grpo")
-    if a.scale_rewards not in ("group", "batch", "none"):
-        raise ConfigError(f"unknown --scale-rewards {a.scale_rewards!r}; use group, batch or none")
-    if not (0 < a.temperature) or not (0 < a.top_p <= 1):
-        raise ConfigError("--temperature must be > 0 and --top-p in (0, 1]")
-    if a.model == "builtin" and a.dataset != "builtin":
-        raise ConfigError("the built-in model only knows the built-in task's words; pass --model with --dataset")
+    need(rows % a.micro_batch_size == 0, f"prompts x num_generations = {rows} must divide by --micro-batch-size "
+         f"{a.micro_batch_size}; pick a micro-batch size that divides {rows}")
+    need(a.loss_type in rlsd.LOSS_TYPES, f"unknown --loss-type {a.loss_type!r}; use grpo, dapo or dr_grpo")
+    need(a.scale_rewards in rlsd.SCALES, f"unknown --scale-rewards {a.scale_rewards!r}; use group, batch or none")
+    need(a.eval_decoding in ("greedy", "sampled"), f"unknown --eval-decoding {a.eval_decoding!r}; use greedy or "
+         "sampled")
+    need(a.min_pixels <= a.max_pixels, f"--min-pixels {a.min_pixels} is above --max-pixels {a.max_pixels}")
+    need("{question}" in a.teacher_template and "{answer}" in a.teacher_template,
+         "--teacher-template must contain both {question} and {answer}")
+    need(a.model != "builtin" or a.dataset in (None, "builtin"), "the built-in model only knows the built-in task's "
+         "words; pass --model with --dataset")
+    need(not (a.resume and a.overwrite), "--resume continues the run in --output-dir and --overwrite deletes it; "
+         "pass one of them")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,51 +226,108 @@ def builtin_solution(problem):
     return " ".join(steps) + f" <answer>{total}</answer>"
 
 
+def load_data(args):
+    """(train rows, held-out rows): --eval-split, or the built-in task's own, or the last rows of the training split."""
+    train_rows = load_rows(args, args.split)
+    if args.eval_split:
+        return train_rows, load_rows(args, args.eval_split)[:args.eval_size]
+    if args.dataset == "builtin":
+        return train_rows, load_rows(args, "eval")
+    n = min(args.eval_size, len(train_rows) // 10)
+    if not n:
+        print("fewer than 10 rows: no held-out evaluation (pass --eval-split for one)")
+    return train_rows[:len(train_rows) - n], train_rows[len(train_rows) - n:]
+
+
 def load_rows(args, split):
-    """Rows as dicts with 'problem', 'answer' and, for images, 'images' (a list). Raises ConfigError on bad data."""
+    """Rows as dicts: 'problem', 'answer' (the verifier's gold), 'privileged' (what the teacher sees) and, with
+    images, 'images' (a list). Every row is checked here, before the model loads. Raises ConfigError on bad data."""
     if args.dataset == "builtin":
         n = 4000 if split == "train" else args.eval_size
         return builtin_task(n, seed=args.seed + (0 if split == "train" else 10_000))
-    import datasets
-    src = args.dataset
-    try:
-        if os.path.isfile(src):
-            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(src)[1])
-            if kind is None:
-                raise ConfigError(f"--dataset {src}: unknown file type; use .jsonl, .json or .parquet")
-            with open(src, "rb") as f:  # the datasets library's own error for this is a bare StopIteration
-                if not f.read(1 << 16).strip():
-                    raise ConfigError(f"--dataset {src!r} is an empty file; point it at data with at least one row")
-            ds = datasets.load_dataset(kind, data_files={split: src}, split=split)
-        else:
-            ds = datasets.load_dataset(src, split=split)
-    except ConfigError:
-        raise
-    except Exception as e:
-        if os.path.isfile(src):
-            raise ConfigError(f"cannot parse --dataset {src!r} ({type(e).__name__}: {str(e)[:200]}); "
-                              f"check that it is valid {kind}") from None
-        raise ConfigError(f"cannot load --dataset {src!r} split {split!r} ({type(e).__name__}): no such local file, "
-                          f"and no such hub data set or no network; pass a local .jsonl/.json/.parquet file") from None
-    if len(ds) == 0:
-        raise ConfigError(f"--dataset {src!r} split {split!r} is empty; point it at data with at least one row")
-    for field in (args.prompt_field, args.answer_field, args.image_field):
+    ds = open_dataset(args.dataset, split)
+    fields = (args.prompt_field, args.answer_field, args.privileged_field, args.image_field)
+    for field in fields:
         if field and field not in ds.column_names:
-            raise ConfigError(f"--dataset {src!r} has no column {field!r} (columns: {', '.join(ds.column_names)}); "
-                              f"pass --prompt-field/--answer-field/--image-field")
+            raise ConfigError(f"--dataset {args.dataset!r} has no column {field!r} (columns: "
+                              f"{', '.join(ds.column_names)}); pass --prompt-field/--answer-field/--image-field")
     if args.image_field and undecoded(ds.features[args.image_field]) != ds.features[args.image_field]:
         # keep images as encoded bytes until their row is used: decoding 123K of them up front fills the RAM
         ds = ds.cast_column(args.image_field, undecoded(ds.features[args.image_field]))
-    rows = []
-    for i, r in enumerate(ds):
-        row = {"row": i, "problem": str(r[args.prompt_field]), "answer": str(r[args.answer_field]).strip()}
+    here = os.path.dirname(os.path.abspath(args.dataset)) if os.path.isfile(args.dataset) else "."
+    rows, bad = [], []
+    for i, r in enumerate(progress(ds, f"checking {split} rows", enabled=bool(args.image_field))):
+        text = str(r[args.answer_field]).strip()
+        # a worked solution (GSM8K's '#### 72', a final \boxed{}) grades by its final answer; the teacher sees it all
+        row = {"row": i, "problem": str(r[args.prompt_field]), "answer": verify.extract_answer(text) or text,
+               "privileged": str(r[args.privileged_field or args.answer_field]).strip()}
         if args.image_field:
             imgs = r[args.image_field]
             imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
-            here = os.path.dirname(os.path.abspath(src)) if os.path.isfile(src) else "."
             row["images"] = [os.path.join(here, im) if isinstance(im, str) else im for im in imgs]  # relative to file
+            try:
+                check_row_images(row, f"row {i} of --dataset {args.dataset!r}")
+            except ConfigError as e:
+                if not args.skip_bad_rows:
+                    raise ConfigError(f"{e}; fix or drop that row, or pass --skip-bad-rows") from None
+                bad.append(i)
+                continue
         rows.append(row)
+    if bad:
+        print(f"skipped {len(bad)} bad rows of {split} (--skip-bad-rows), the first: {bad[:5]}")
+    if not rows:
+        raise ConfigError(f"--dataset {args.dataset!r} split {split!r} is empty; point it at data with at least one row")
     return rows
+
+
+def open_dataset(src, split):
+    """A local .jsonl/.json/.parquet file, or a hub data set: a datasets.Dataset, or a one-line ConfigError."""
+    import datasets
+    if not os.path.isfile(src):
+        if not hub_reachable():
+            datasets.config.HF_HUB_OFFLINE = True  # the local cache, or a quick failure: no retries
+        try:
+            return datasets.load_dataset(src, split=split)
+        except Exception as e:
+            raise ConfigError(f"cannot load --dataset {src!r} split {split!r} ({type(e).__name__}): no such local "
+                              f"file, and no such hub data set or no network; pass a local .jsonl/.json/.parquet "
+                              f"file") from None
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(src)[1])
+    if kind is None:
+        raise ConfigError(f"--dataset {src}: unknown file type; use .jsonl, .json or .parquet")
+    with open(src, "rb") as f:  # the datasets library's own error for this is a bare StopIteration
+        if not f.read(1 << 16).strip():
+            raise ConfigError(f"--dataset {src!r} is an empty file; point it at data with at least one row")
+    try:
+        return datasets.load_dataset(kind, data_files={split: src}, split=split)
+    except Exception as e:
+        where = ""
+        if src.endswith(".jsonl"):  # name the first line that is not JSON
+            for n, line in enumerate(open(src, errors="replace"), 1):
+                try:
+                    json.loads(line) if line.strip() else None
+                except ValueError:
+                    where = f" at line {n}"
+                    break
+        raise ConfigError(f"cannot parse --dataset {src!r}{where} ({type(e).__name__}: {str(e)[:200]}); check that "
+                          f"it is valid {kind}") from None
+
+
+def progress(items, desc, enabled=True):
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, file=sys.stdout, disable=not enabled, dynamic_ncols=True)
+
+
+IMAGE_TAG = "<image>"
+
+
+def check_row_images(row, where):
+    """Cheap: each image exists and its header decodes (no full decode), and <image> tags, if any, match the count."""
+    tags, n = row["problem"].count(IMAGE_TAG), len(row["images"])
+    if tags and tags != n:
+        raise ConfigError(f"{where} has {tags} {IMAGE_TAG} tags but {n} images")
+    for im in row["images"]:
+        open_image(im, where)
 
 
 def undecoded(feature):
@@ -242,10 +344,17 @@ def undecoded(feature):
 
 
 def chat(text, n_images=0, vl=False):
-    """One user turn. Vision-language processors want typed content parts; images come first."""
+    """One user turn. Vision-language processors want typed content parts: each image goes where the text has an
+    <image> tag (as in the paper's data), or all of them first when it has none."""
     if not vl:
         return [{"role": "user", "content": text}]
-    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+    pieces = text.split(IMAGE_TAG)
+    if len(pieces) == 1:
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+    content = []
+    for i, piece in enumerate(pieces):
+        content += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
+    return [{"role": "user", "content": content}]
 
 
 def student_prompt(policy, row):
@@ -253,9 +362,12 @@ def student_prompt(policy, row):
     return policy.template(msgs)
 
 
-def teacher_prompt(policy, row):
-    """Same template, same images; only the text differs: it also carries the reference answer (spec §3)."""
-    text = TEACHER.format(question=row["problem"], answer=row["answer"], format=FORMAT)
+def teacher_prompt(policy, row, template=TEACHER):
+    """Same template, same images; only the text differs: it also carries the reference (spec §3)."""
+    answer = row.get("privileged", row["answer"]).replace(IMAGE_TAG, "")  # the images belong to the question
+    if "{format}" not in template:  # the format instruction ends every prompt
+        template += "\n{format}"
+    text = template.replace("{question}", row["problem"]).replace("{answer}", answer).replace("{format}", FORMAT)
     return policy.template(chat(text, len(row.get("images") or []), policy.vl))
 
 
@@ -285,7 +397,8 @@ class Policy:
     model: torch.nn.Module
     processor: object          # a tokenizer, or a multimodal processor for vision-language models
     vl: bool = False
-    max_pixels: int = 448 * 448
+    max_pixels: int = 768 * 768
+    compute_dtype: torch.dtype = torch.float32  # bf16 on a GPU: the forward runs in it, the weights stay fp32
 
     @property
     def tokenizer(self):
@@ -294,6 +407,17 @@ class Policy:
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @property
+    def banned(self):
+        """Token ids a completion must never hold: the vision markers a sampled answer could otherwise contain, which
+        make the next forward pass look for images that are not there. Sampler and scorer both leave them out."""
+        c = self.model.config
+        return [i for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+                if (i := getattr(c, k, None)) is not None]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
     def template(self, messages):
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -311,11 +435,11 @@ class Policy:
         return {k: v.to(self.device) for k, v in enc.items()}
 
 
-def load_image(image, max_pixels, where="a row"):
-    """A PIL image (or a path, raw bytes, or a datasets {'bytes', 'path'} dict) as RGB, shrunk to at most
-    max_pixels: one big image must not blow up memory before the processor's own resize."""
+def open_image(image, where):
+    """A PIL image from a PIL image, a path, raw bytes or a datasets {'bytes', 'path'} dict. Lazy: this reads the
+    header only, which is enough to tell a missing or non-image file."""
     import io
-    from PIL import Image, ImageOps
+    from PIL import Image
     try:
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
@@ -325,7 +449,17 @@ def load_image(image, max_pixels, where="a row"):
             image = Image.open(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"unsupported image type {type(image).__name__}")
-        image = ImageOps.exif_transpose(image)  # upright, as the datasets library's own decoding would give it
+        return image
+    except Exception as e:
+        raise ConfigError(f"cannot read the image of {where} ({type(e).__name__}: {e})") from None
+
+
+def load_image(image, max_pixels, where="a row"):
+    """The image decoded as upright RGB, shrunk to at most max_pixels: one big image must not blow up memory before
+    the processor's own resize."""
+    from PIL import ImageOps
+    try:
+        image = ImageOps.exif_transpose(open_image(image, where))  # upright, as datasets' own decoding gives it
         image = image.convert("RGB")  # forces a full decode, so a truncated file fails here
     except Exception as e:
         raise ConfigError(f"cannot read the image of {where} ({type(e).__name__}: {e}); fix or drop that row") from None
@@ -342,44 +476,78 @@ def pick_dtype(name):
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def resolve_model(args):
+    """--model as (path, config), read before any weights: the config says vision-language or text, and a bad id
+    fails here in a second. With no network, nothing waits on the hub's retries."""
+    from transformers import AutoConfig
+    if args.model == "builtin":
+        return "builtin", None
+    path = args.model
+    if re.fullmatch(r"Qwen/Qwen3-VL-\d+B", path):  # the design card's name; only -Instruct/-Thinking are published
+        path = args.model = path + "-Instruct"
+        print(f"--model {path[:-9]} is not a published id: using {path}, the paper's model")
+    if os.path.isdir(path):
+        try:
+            return path, AutoConfig.from_pretrained(path)
+        except Exception as e:
+            raise ConfigError(f"--model {path!r} is a folder without a usable config.json ({e})") from None
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
+        raise ConfigError(f"--model {path!r}: no such folder; pass a local model folder or a hub id like "
+                          f"Qwen/Qwen3-VL-8B-Instruct")
+    try:
+        return path, AutoConfig.from_pretrained(path, local_files_only=not hub_reachable())
+    except Exception:
+        raise ConfigError(f"cannot load --model {path!r}: not in the local cache, and the hub is unreachable or has "
+                          f"no such model; where there is network run 'hf download {path} --local-dir DIR', then "
+                          f"pass the local folder as --model DIR") from None
+
+
+def hub_reachable(timeout=3.0):
+    """One TCP connect to the hub, instead of the libraries' own retries (about 30 s offline)."""
+    import socket
+    import urllib.parse
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_policy(args, path=None):
-    """--model as a hub id or a folder. Vision-language or text-only is read off the config."""
+    """Weights for --model (or a checkpoint folder): vision-language or text-only as the config says."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
-    path = path or args.model
+    path, config = resolve_model(args) if path is None else (path, None)
     if path == "builtin":
         return builtin_policy(args)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:
-        if os.path.isdir(path):
-            raise ConfigError(f"--model {path!r} is a folder without a usable config.json ({e})") from None
-        raise ConfigError(f"cannot load --model {path!r}: no such local folder, and the hub is unreachable or has "
-                          f"no such model; download it where there is network (hf download {path}) and pass the "
-                          f"local folder") from None
-    vl = hasattr(config, "vision_config")
+    offline = not os.path.isdir(path) and not hub_reachable()  # then from the local cache only
+    vl = hasattr(config or AutoConfig.from_pretrained(path, local_files_only=offline), "vision_config")
     auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=pick_dtype(args.dtype))
+    model = auto.from_pretrained(path, dtype=pick_dtype(args.dtype), local_files_only=offline)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    processor = load_processor(path, args.max_pixels) if vl else AutoTokenizer.from_pretrained(path)
+    processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
+                 AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise ConfigError(f"{path!r} has no chat template; use an instruct/chat model or add one to its tokenizer")
-    return Policy(model, processor, vl, args.max_pixels)
+    return Policy(model, processor, vl, args.max_pixels, pick_dtype(args.dtype))
 
 
-def load_processor(path, max_pixels):
-    """The model's own processor, with its image size capped at max_pixels. Qwen's stock processor also builds a
-    video processor that needs torchvision; without torchvision we assemble an image-only one from the same parts."""
+def load_processor(path, min_pixels, max_pixels, offline=False):
+    """The model's own processor, resizing each image into [min_pixels, max_pixels]. Qwen's stock processor also
+    builds a video processor that needs torchvision; without torchvision we assemble an image-only one from the
+    same parts."""
     from transformers import AutoProcessor
     try:
-        proc = AutoProcessor.from_pretrained(path)
+        proc = AutoProcessor.from_pretrained(path, local_files_only=offline)
         proc.image_processor  # a folder without a known processor class gives back a bare tokenizer
     except (ImportError, AttributeError, ValueError, OSError):
-        proc = image_only_processor_class().from_pretrained(path)
-    ip = proc.image_processor
-    ip.size = {"shortest_edge": min(ip.size.get("shortest_edge", 0) or 0, max_pixels), "longest_edge": max_pixels}
+        proc = image_only_processor_class().from_pretrained(path, local_files_only=offline)
+    proc.image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}  # Qwen's names for these
     return proc
 
 
@@ -422,16 +590,16 @@ class LoRALinear(torch.nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale = base.requires_grad_(False), alpha / rank
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=torch.float32)  # fp32 adapters on a bf16 base
         self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, **kw))   # [r, in]
         self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # [out, r]
         torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+        return self.base(x) + ((x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(x.dtype)
 
     def merged(self):
-        return self.base.weight + self.scale * (self.lora_B @ self.lora_A)
+        return (self.base.weight + self.scale * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
 
 
 def add_lora(model, rank, alpha):
@@ -456,12 +624,19 @@ def merged_state_dict(model):
 
 
 def prepare_for_training(policy, args):
-    """LoRA or full fine-tuning, and gradient checkpointing. Default LoRA rank: 64 above 3B parameters, where
-    full fine-tuning with AdamW no longer fits one 80 GB card (see README, "Memory")."""
+    """LoRA or full fine-tuning, fp32 master weights, and gradient checkpointing. Default LoRA rank: 64 above 3B
+    parameters, where full fine-tuning with AdamW no longer fits one 80 GB card (see README, "Memory")."""
     n = sum(p.numel() for p in policy.model.parameters())
     rank = args.lora_rank if args.lora_rank is not None else (64 if n > 3e9 else 0)
     if rank > 0:
         add_lora(policy.model, rank, args.lora_alpha or 2.0 * rank)
+        if not args.lr_given:
+            args.lr *= LORA_LR_SCALE
+    # Mixed precision: what trains is kept in fp32, so that AdamW's moments are fp32 and an update of 1e-6 is not
+    # rounded away (bf16 keeps 8 bits of mantissa); the forward runs in bf16 under autocast (Policy.autocast).
+    for p in policy.model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     if args.gradient_checkpointing:
         # use_reentrant=False: the reentrant variant gives adapters no gradient when the layer inputs don't require
         # grad (frozen embeddings); recent transformers add an input hook to avoid it, this does not depend on it
@@ -473,7 +648,8 @@ def prepare_for_training(policy, args):
         policy.model.config.use_cache = False
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     print(f"model: {n / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable"
-          + (f" (LoRA rank {rank})" if rank else " (full fine-tuning)"))
+          + (f" (LoRA rank {rank})" if rank else " (full fine-tuning)") + f", fp32 master weights, "
+          f"{str(policy.compute_dtype)[6:]} compute, lr {args.lr:g}")
     return rank
 
 
@@ -557,7 +733,7 @@ def warm_start(policy, args):
 def sample_accuracy(policy, rows, args):
     """One temperature-1 sample per row, scored: the pass rate RL starts from."""
     prompts = [student_prompt(policy, r) for r in rows]
-    ids, mask, _, _ = generate(policy, prompts, rows, args, greedy=False)
+    ids, mask, _, _ = generate(policy, prompts, rows, args)
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
     return [verify.verify(t, r["answer"]) for t, r in zip(texts, rows)]
 
@@ -579,8 +755,11 @@ def completion_logits(policy, enc, completion_ids, completion_mask):
     if not policy.vl:
         extra["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)                    # [b, P+C]
     C = completion_ids.shape[1]
-    out = policy.model(input_ids=ids, attention_mask=attn, logits_to_keep=C + 1, use_cache=False, **extra)
-    return out.logits[:, :-1]                     # position P-1+t predicts completion token t: [b, C, V]
+    with policy.autocast():
+        out = policy.model(input_ids=ids, attention_mask=attn, logits_to_keep=C + 1, use_cache=False, **extra)
+    logits = out.logits[:, :-1]                   # position P-1+t predicts completion token t: [b, C, V]
+    logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
+    return logits
 
 
 def score(policy, texts, rows, completion_ids, completion_mask, temperature, micro_batch):
@@ -606,15 +785,17 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
             ids, mask = completion_ids[s], completion_mask[s]                           # [b, C]
             enc = policy.encode(texts[s][::G], rows[s][::G])                            # [b/G, P]
             pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)                  # [b/G, P]
-            pre = policy.model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
+            with policy.autocast():
+                pre = policy.model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
             logits = pre.logits.repeat_interleave(G, 0)                                 # [b, 1, V]: predicts y_0
             if ids.shape[1] > 1:
-                cache = pre.past_key_values
+                cache = pre.cache
                 cache.batch_repeat_interleave(G)
                 attn = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask.to(pos)], 1)  # [b, P+C]
                 cpos = (attn.cumsum(-1) - 1).clamp(min=0)[:, pos.shape[1]:]                          # [b, C]
-                rest = policy.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=cpos[:, :-1],
-                                    past_key_values=cache, use_cache=True)
+                with policy.autocast():
+                    rest = policy.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
+                                        position_ids=cpos[:, :-1], cache=cache, use_cache=True)
                 logits = torch.cat([logits, rest.logits], 1)                            # [b, C, V]
             out.append(rlsd.token_logprobs(logits, ids, temperature))
     return torch.cat(out)
@@ -632,16 +813,22 @@ def check_finite(x, what, step):
 # 5. Rollout: sample G completions per prompt
 # ---------------------------------------------------------------------------------------------------------------------
 class SampledLogprobs:
-    """A logits processor that records log pi(y_t) of each sampled token at the sampling temperature, holding one
-    [b, V] row of log-probs at a time (never [b, C, V]). generate() calls it with the raw logits of step t and
-    the ids up to t-1, so the token it scores is the one sampled at the previous call."""
+    """A logits processor that shapes and records the sampler's distribution. generate() calls it with the raw logits
+    of step t (before its own temperature / top-k / top-p) and the ids up to t-1. It bans the policy's banned ids,
+    applies an optional presence penalty (evaluation only), and records log pi(y_t) of each sampled token at the
+    sampling temperature, holding one [b, V] row of log-probs at a time (never [b, C, V])."""
 
-    def __init__(self, temperature):
-        self.T, self.prev, self.out = temperature, None, []
+    def __init__(self, temperature, banned=(), prompt_length=0, presence_penalty=0.0):
+        self.T, self.banned, self.P, self.penalty = temperature, list(banned), prompt_length, presence_penalty
+        self.prev, self.out = None, []
 
     def __call__(self, input_ids, scores):
-        if self.prev is not None:
+        if self.prev is not None:  # the token sampled at the previous call is input_ids' last one
             self.out.append(self.prev.gather(1, input_ids[:, -1:]))                     # [b, 1]
+        scores[:, self.banned] = float("-inf")
+        if self.penalty and input_ids.shape[1] > self.P:  # minus penalty for every token the answer already holds
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, self.P:], True)
+            scores = scores - self.penalty * seen
         self.prev = torch.log_softmax(scores.float() / self.T, dim=-1)                 # [b, V]
         return scores
 
@@ -660,21 +847,25 @@ def stop_ids(policy):
 
 
 @torch.no_grad()
-def generate(policy, texts, rows, args, greedy=False):
+def generate(policy, texts, rows, args, decoding="rollout"):
     """Completions for prompts `texts`: ids [B, C], mask [B, C] (1 up to and including EOS), truncated [B] and the
-    sampler's log-probs [B, C]. Pure temperature / top-p sampling: no top-k, no repetition penalty, so the sampler
-    is the distribution the loss scores."""
+    sampler's log-probs [B, C]. decoding 'rollout' is pure temperature / top-p sampling: no top-k, no penalties,
+    so the sampler is the distribution the loss scores. 'greedy' and 'sampled' (the authors' EVAL_SAMPLING) are
+    for evaluation."""
     from transformers import GenerationConfig, LogitsProcessorList
     tok = policy.tokenizer
-    gc = GenerationConfig(do_sample=not greedy, temperature=args.temperature if not greedy else None, top_k=0,
-                          top_p=args.top_p if not greedy else None, max_new_tokens=args.max_completion_length,
-                          eos_token_id=stop_ids(policy), pad_token_id=tok.pad_token_id)
+    knobs = EVAL_SAMPLING if decoding == "sampled" else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
+    gc = GenerationConfig(do_sample=decoding != "greedy", max_new_tokens=args.max_completion_length,
+                          eos_token_id=stop_ids(policy), pad_token_id=tok.pad_token_id,
+                          **({} if decoding == "greedy" else dict(temperature=knobs["temperature"],
+                                                                 top_p=knobs["top_p"], top_k=knobs["top_k"])))
     ids, logps = [], []
     bs = args.generation_batch_size
     for i in range(0, len(texts), bs):
         enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
-        rec = SampledLogprobs(args.temperature)
-        seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]))
+        rec = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], knobs.get("presence_penalty"))
+        with policy.autocast():
+            seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]))
         comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
         ids.append(comp)
         logps.append(rec.finish(seq))
@@ -702,10 +893,38 @@ def rollout(policy, rows, args):
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. Reward: the verifier alone decides right or wrong
 # ---------------------------------------------------------------------------------------------------------------------
-def reward(ro):
-    rewards = torch.tensor([verify.verify(t, r["answer"]) for t, r in zip(ro["texts"], ro["rows"])])  # [B]
-    unparseable = sum(verify.extract_answer(t) is None for t in ro["texts"]) / len(ro["texts"])
-    return rewards, unparseable
+def reward(args, texts, rows):
+    """R [B] in {0, 1} from --reward-fn (verify.verify by default), and the share of answers with no final answer
+    found. A user's check that raises on one completion scores it 0 and is counted, so one odd sample does not end a
+    run; one that returns anything but 0 or 1 is a bug, and stops it."""
+    fn = reward_fn(args.reward_fn) if args.reward_fn else lambda text, gold, row: verify.verify(text, gold)
+    out, failed = [], 0
+    for text, row in zip(texts, rows):
+        try:
+            r = fn(text, row["answer"], row)
+        except Exception:
+            r, failed = 0.0, failed + 1
+        if r not in (0, 1) or isinstance(r, str):
+            raise ConfigError(f"--reward-fn {args.reward_fn} returned {r!r}; it must return 0.0 or 1.0")
+        out.append(float(r))
+    if failed:
+        print(f"warning: --reward-fn {args.reward_fn} raised on {failed} of {len(texts)} completions; scored 0")
+    unparseable = sum(verify.extract_answer(t) is None for t in texts) / max(len(texts), 1)
+    return torch.tensor(out), unparseable                                                            # [B]
+
+
+def reward_fn(spec):
+    """'module:function' -> the function."""
+    module, _, name = spec.partition(":")
+    try:
+        import importlib
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
+                          f"module:function with the module on the Python path") from None
+    if not callable(fn):
+        raise ConfigError(f"--reward-fn {spec!r} is not a function")
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -743,7 +962,7 @@ class Teacher:
 
     def logprobs(self, ro, args):
         """log P_T(y_t | x, r, y_<t): [B, C], no grad, at the sampling temperature."""
-        texts = [teacher_prompt(self.policy, r) for r in ro["rows"]]
+        texts = [teacher_prompt(self.policy, r, args.teacher_template) for r in ro["rows"]]
         G, mb = args.num_generations, args.micro_batch_size
         with self.active():
             if self.policy.vl or mb % G:
@@ -776,7 +995,8 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
         if args.algo == "opsd":  # the baseline needs the teacher's full distribution at every position
             t0 = time.time()
             with torch.no_grad(), teacher.active():
-                t_enc = policy.encode([teacher_prompt(policy, r) for r in ro["rows"][s]], ro["rows"][s])
+                t_enc = policy.encode([teacher_prompt(policy, r, args.teacher_template) for r in ro["rows"][s]],
+                                      ro["rows"][s])
                 t_logits = completion_logits(policy, t_enc, ids[s], ro["mask"][s])            # [b, C, V]
             sums["time/teacher"] = sums.get("time/teacher", 0.0) + time.time() - t0
         enc = policy.encode(ro["prompts"][s], ro["rows"][s])
@@ -788,13 +1008,14 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
             lm = {k: v * m.sum().item() for k, v in lm.items()}  # a mean over this micro-batch: token-weight it
         else:
             if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher reweights, the sign stays A's
-                tok_adv = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w)
+                tok_adv = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
+                                                     args.rlsd_negative_only)
                 w, w_clip = rlsd.evidence_weights(adv[s], teacher_logp[s], logp.detach(), args.eps_w)
-                live = m.bool() & (adv[s] != 0)[:, None]
+                live = m.bool() & (adv[s] != 0)[:, None]  # tokens whose credit the teacher can move
                 lm = {"rlsd/mean_abs_delta": (teacher_logp[s] - logp.detach()).abs()[live].sum().item(),
-                      "rlsd/weight_mean": w_clip[live].sum().item(),
-                      "rlsd/weight_clipped_frac": (w != w_clip)[live].float().sum().item(),
-                      "rlsd/_live": live.sum().item()}
+                      "rlsd/weight_mean": w_clip[live].sum().item(), "rlsd/_live": live.sum().item(),
+                      # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
+                      "rlsd/weight_clipped_frac": (w != w_clip)[m.bool()].float().sum().item()}
             else:                    # GRPO: every token gets its sequence's advantage (Eq. 2)
                 tok_adv, lm = adv[s, None] * m, {}
             loss, pm = rlsd.policy_loss(logp, logp.detach(), tok_adv, m, args.epsilon, args.epsilon_high,
@@ -811,10 +1032,12 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    ntok, live = n_tok.item(), max(sums.pop("rlsd/_live", 0.0), 1.0)
+    ntok, live = n_tok.item(), sums.pop("rlsd/_live", 0.0)
     out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
     for k, v in sums.items():
-        out[k] = v if k.startswith("time/") else v / (live if k.startswith("rlsd/") else ntok)
+        per_live = k in ("rlsd/mean_abs_delta", "rlsd/weight_mean")  # means over tokens with A != 0: none, no mean
+        if not (per_live and live == 0):
+            out[k] = v if k.startswith("time/") else v / (live if per_live else ntok)
     return out
 
 
@@ -822,12 +1045,12 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
 # 9. Evaluation, checkpoints, logging
 # ---------------------------------------------------------------------------------------------------------------------
 def evaluate(policy, rows, args):
-    """Held-out accuracy with greedy decoding."""
+    """Held-out accuracy, decoded as --eval-decoding says, scored by the same reward function as training."""
     policy.model.eval()
     prompts = [student_prompt(policy, r) for r in rows]
-    ids, mask, _, _ = generate(policy, prompts, rows, args, greedy=True)
+    ids, mask, _, _ = generate(policy, prompts, rows, args, args.eval_decoding)
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
-    return sum(verify.verify(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows)
+    return reward(args, texts, rows)[0].mean().item()
 
 
 def save_atomic(folder, write):
@@ -860,19 +1083,69 @@ def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank)
                    os.path.join(tmp, "trainer_state.pt"))
 
     save_atomic(folder, write)
-    for old in checkpoints(args.output_dir)[:-2]:  # keep the last two
+    older = [c for c in checkpoints(args.output_dir) if checkpoint_step(c) < step]
+    for old in older[:-1]:  # keep this one and the one before it
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
 def checkpoints(output_dir):
     """Finished checkpoint folders, oldest first (a '.tmp' folder is an interrupted write and never counts)."""
-    found = []
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        m = re.fullmatch(r"checkpoint-(\d+)", name)
-        if m and os.path.isfile(os.path.join(output_dir, name, "trainer_state.pt")):
-            found.append((int(m.group(1)), os.path.join(output_dir, name)))
-    return [f for _, f in sorted(found)]
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    found = [os.path.join(output_dir, n) for n in names if re.fullmatch(r"checkpoint-\d+", n)]
+    return sorted((f for f in found if os.path.isfile(os.path.join(f, "trainer_state.pt"))), key=checkpoint_step)
+
+
+def checkpoint_step(folder):
+    return int(folder.rsplit("-", 1)[1])
+
+
+def check_output_dir(args):
+    """--output-dir is usable: a writable folder that holds no other run, unless --resume (continue it) or
+    --overwrite (start over). Changes nothing. Returns the checkpoint to resume from, or None."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output-dir {out!r} is a file; pass a folder")
+    if run_files(out) and not (args.resume or args.overwrite):
+        raise ConfigError(f"--output-dir {out!r} already holds a run ({len(checkpoints(out))} checkpoints, "
+                          f"metrics.jsonl); pass --resume to continue it, --overwrite to start over, or another folder")
+    made = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to --output-dir {out!r} ({e.strerror}); pass a writable folder") from None
+    if made:
+        os.rmdir(out)  # made again at the first write, once every other check has passed
+    return checkpoints(out)[-1] if args.resume and checkpoints(out) else None
+
+
+def run_files(out):
+    """What a run writes into its folder (and all that --overwrite deletes)."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return [os.path.join(out, n) for n in names
+            if re.fullmatch(r"checkpoint-\d+(\.tmp|\.old)?|metrics\.jsonl|credit\.html", n)]
+
+
+def reset_output_dir(args, start):
+    """--overwrite clears the folder's run; otherwise metrics.jsonl keeps only the steps up to the checkpoint a
+    resume restarts from (none: no step), so that no step is ever logged twice. A torn last line is dropped."""
+    out, log = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
+    for path in run_files(out) if args.overwrite else []:
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if args.resume and not start:
+        print(f"--resume: no checkpoint in {out!r} yet, so starting at step 0")
+    os.makedirs(out, exist_ok=True)
+    keep, lines = checkpoint_step(start) if start else -1, []
+    for n, line in enumerate(open(log) if os.path.isfile(log) else [], 1):
+        try:
+            if json.loads(line)["step"] <= keep:
+                lines.append(line)
+        except (ValueError, KeyError):  # a line torn by a kill mid-write
+            print(f"{log}: dropping unreadable line {n}")
+    with open(log, "w") as f:
+        f.writelines(lines)
 
 
 def fmt(metrics):
@@ -892,7 +1165,7 @@ def show_credit(policy, rows, args, n, path):
     import html
     policy.model.eval()
     ro = rollout(policy, rows, args)
-    rewards, _ = reward(ro)
+    rewards, _ = reward(args, ro["texts"], ro["rows"])
     adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)               # [B]
     student = score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature,
                     args.micro_batch_size)                                                      # [B, C]
@@ -940,25 +1213,25 @@ def train(args):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # our own messages say what matters; silence library chatter
     t_start = time.time()
-    ckpts = checkpoints(args.output_dir) if args.resume else []
-    state = torch.load(os.path.join(ckpts[-1], "trainer_state.pt"), weights_only=False) if ckpts else None
+    # Everything that can be wrong with the command is checked before the minutes it takes to load the weights.
+    start = check_output_dir(args)                  # the checkpoint to resume from, or None
+    path, config = resolve_model(args)
+    if args.dataset is None:  # the paper's data for a vision-language model, else the built-in task
+        args.dataset = PAPER_DATASET if hasattr(config, "vision_config") else "builtin"
+        if args.dataset == PAPER_DATASET:
+            args.image_field = args.image_field or "images"
+            print(f"--dataset {PAPER_DATASET}: the paper's training data (fields problem, answer, images)")
+    if args.reward_fn:
+        reward_fn(args.reward_fn)
+    train_rows, eval_rows = load_data(args)
+    state = torch.load(os.path.join(start, "trainer_state.pt"), weights_only=False) if start else None
     lora_resume = bool(state and state["lora_rank"])  # then: the base model again, and the saved adapters on top
-    policy = load_policy(args, ckpts[-1] if ckpts and not lora_resume else None)
+    policy = load_policy(args, start if start and not lora_resume else None)
     random.seed(args.seed)  # after any warm start of the demo model, so a cold cache gives the same run as a warm one
     torch.manual_seed(args.seed)
     args.lora_rank = prepare_for_training(policy, args)
     if lora_resume:
         policy.model.load_state_dict(state["adapters"], strict=False)
-    train_rows = load_rows(args, args.split)
-    if args.eval_split:
-        eval_rows = load_rows(args, args.eval_split)[:args.eval_size]
-    elif args.dataset == "builtin":
-        eval_rows = load_rows(args, "eval")
-    else:  # hold out the last rows of the training split
-        n = min(args.eval_size, len(train_rows) // 10)
-        train_rows, eval_rows = train_rows[:len(train_rows) - n], train_rows[len(train_rows) - n:]
-        if not n:
-            print("fewer than 10 rows: no held-out evaluation (pass --eval-split for one)")
     lengths = [len(x) for x in policy.tokenizer([student_prompt(policy, r) for r in train_rows]).input_ids]
     if max(lengths) > args.max_prompt_length:
         print(f"dropping {sum(n > args.max_prompt_length for n in lengths)} prompts longer than "
@@ -966,6 +1239,7 @@ def train(args):
         train_rows = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_length]
     if not train_rows:
         raise ConfigError("no training rows left; check --dataset/--split or raise --max-prompt-length")
+    reset_output_dir(args, start)
 
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -979,18 +1253,13 @@ def train(args):
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         step = state["step"]
-        print(f"resumed from {ckpts[-1]} at step {step}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    log_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if state and os.path.isfile(log_path):  # steps logged after the checkpoint will be run again: drop them
-        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
-        open(log_path, "w").writelines(kept)
-    log = open(log_path, "a")
+        print(f"resumed from {start} at step {step}")
+    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
     base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
     if base_acc is not None:
-        print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts (greedy)")
+        print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
         log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
-    acc, phases, first = base_acc, dict.fromkeys(("rollout", "reward", "teacher", "update"), 0.0), step
+    acc, phases, first, seen = base_acc, dict.fromkeys(("rollout", "reward", "teacher", "update"), 0.0), step, set()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True, file=sys.stdout)
     while step < args.max_steps:
         metrics, t = {}, time.time()
@@ -998,7 +1267,7 @@ def train(args):
         policy.model.eval()
         ro = rollout(policy, rows, args)                                                 # 1. rollout
         metrics["time/rollout"], t = time.time() - t, time.time()
-        rewards, unparseable = reward(ro)                                                # 2. reward [B]
+        rewards, unparseable = reward(args, ro["texts"], ro["rows"])                     # 2. reward [B]
         adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)   # 3. Eq. 1 [B]
         metrics["time/reward"], t = time.time() - t, time.time()
         teacher.maybe_sync(step)
@@ -1011,6 +1280,10 @@ def train(args):
         metrics["time/update"] = time.time() - t - um.get("time/teacher", 0.0)
         metrics["time/teacher"] += um.pop("time/teacher", 0.0)
         step += 1
+        seen |= set(rewards.tolist()) if step <= first + 5 else set()
+        if step == first + 5 and len(seen) == 1:
+            bar.write(f"warning: every reward of the first 5 steps was {seen.pop()}, so every advantage is 0 and "
+                      f"nothing trains; check --answer-field (a gold answer reads {train_rows[0]['answer'][:60]!r})")
         groups = rewards.view(-1, args.num_generations)
         lengths = ro["mask"].sum(1).float()
         metrics.update(um, step=step, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
