@@ -3,6 +3,7 @@ Benchmarks, one subcommand each:
 
     python bench.py              # GRPO vs OPSD vs RLSD on the built-in task -> results/ (curves, table, credit)
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
+    python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
 
 compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
 
@@ -280,6 +281,145 @@ def bench_compare(args):
 
 
 # -----------------------------------------------------------------------------
+# gpu: RLSD steps at a realistic size on Qwen3-VL-8B-Instruct's real architecture, random weights
+
+VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+# Qwen3-VL-Instruct's chat template, reduced to what train.chat() produces: text and image parts in order.
+VL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+               "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+               "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+               "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_qwen3_vl_processor(folder):
+    """A Qwen3-VL processor built offline: a byte-level tokenizer (256 byte ids + Qwen's special tokens) and
+    Qwen3-VL's image preprocessing (patch 16, merge 2). The files name Qwen3VLProcessor and the torchvision-backed
+    fast image processor, as the hub's do. Returns the special token ids a model config must use with it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in VL_SPECIALS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  chat_template=VL_TEMPLATE)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256}, patch_size=16, merge_size=2,
+                             temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    for name, new_name, kv in (
+            ("tokenizer_config.json", None, dict(processor_class="Qwen3VLProcessor")),
+            ("preprocessor_config.json", None, dict(processor_class="Qwen3VLProcessor",
+                                                    image_processor_type="Qwen2VLImageProcessorFast")),
+            ("preprocessor_config.json", "video_preprocessor_config.json",
+             dict(video_processor_type="Qwen3VLVideoProcessor"))):
+        with open(os.path.join(folder, name)) as f:
+            d = json.load(f)
+        with open(os.path.join(folder, new_name or name), "w") as f:
+            json.dump({**d, **kv}, f)
+    ids = {k: tok.convert_tokens_to_ids(f"<|{t}|>") for k, t in [
+        ("image_token_id", "image_pad"), ("video_token_id", "video_pad"), ("vision_start_token_id", "vision_start"),
+        ("vision_end_token_id", "vision_end")]}
+    return dict(ids, vocab=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def tiny_qwen3_vl_config(config):
+    """The same architecture, shrunk to test size: 2 + 2 layers, width 64. The vocabulary stays the real one."""
+    text = dict(config["text_config"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                rope_scaling=dict(config["text_config"].get("rope_scaling") or {}, mrope_section=[4, 2, 2]))
+    vision = dict(config["vision_config"], depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=64, deepstack_visual_indexes=[0, 1])
+    return dict(config, text_config=text, vision_config=vision)
+
+
+def alternating_reward(completion, reference, row, _n=[0]):
+    """1, 0, 1, 0 ...: random weights never answer right, and a constant reward gives A = 0 and no update."""
+    _n[0] += 1
+    return float(_n[0] % 2)
+
+
+def bench_gpu(args):
+    """3 RLSD steps (the paper's defaults otherwise) on the real Qwen3-VL-8B-Instruct architecture with random
+    weights: peak memory, rollout tokens/s, and where a step's time goes. --tiny runs the same code on CPU."""
+    import tempfile
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    config = json.load(open(args.config))
+    config = tiny_qwen3_vl_config(config) if args.tiny else config
+    folder = tempfile.mkdtemp(prefix="bench-gpu-")
+    ids = write_qwen3_vl_processor(folder)
+    config.update({k: v for k, v in ids.items() if k.endswith("_token_id") and "eos" not in k and "pad" not in k})
+    config["text_config"].update(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    cfg = AutoConfig.for_model(**config)
+    targs = train.parse_args([
+        "--model", folder, "--dataset", "bench", "--output-dir", os.path.join(folder, "out"),
+        "--num-generations", str(args.generations), "--prompts-per-step", str(args.prompts),
+        "--max-completion-length", str(args.completion), "--micro-batch-size", str(args.micro_batch),
+        "--generation-batch-size", str(args.prompts * args.generations), "--dtype", args.dtype,
+        "--min-pixels", str(min(args.image_size ** 2, train.PAPER["min_pixels"])),
+        "--max-pixels", str(args.image_size ** 2), "--reward-fn", "bench:alternating_reward",
+        "--lora-rank", str(args.lora_rank)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else []))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = train.pick_dtype(args.dtype)
+    t = time.time()
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    model.generation_config.update(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    policy = train.Policy(model, train.load_processor(folder, targs.min_pixels, targs.max_pixels), True,
+                          targs.max_pixels, dtype)
+    targs.lora_rank = train.prepare_for_training(policy, targs)
+    print(f"built in {time.time() - t:.0f} s on {device}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
+          f"parameters, {dtype}; {args.prompts} prompts x {args.generations} generations, {args.completion}-token "
+          f"completions, one {args.image_size}x{args.image_size} image each")
+    rng = torch.Generator().manual_seed(0)
+    rows = [{"row": i, "problem": "<image>\nWhat is shown? Count the objects.", "answer": str(i),
+             "images": [Image.fromarray(torch.randint(0, 256, (args.image_size, args.image_size, 3), generator=rng,
+                                                      dtype=torch.uint8).numpy())]} for i in range(args.prompts)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=targs.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    teacher = train.Teacher(policy, targs.teacher_sync_steps)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+    for step in range(args.steps):
+        times = {}
+        sync()
+        t = time.perf_counter()
+        policy.model.eval()
+        ro = train.rollout(policy, rows, targs)
+        sync()
+        times["rollout"], t = time.perf_counter() - t, time.perf_counter()
+        rewards, _ = train.reward(targs, ro["texts"], ro["rows"])
+        adv = rlsd.group_advantages(rewards, targs.num_generations)
+        teacher.maybe_sync(step)
+        teacher_logp = teacher.logprobs(ro, targs)
+        sync()
+        times["teacher"], t = time.perf_counter() - t, time.perf_counter()
+        train.update(policy, opt, sched, ro, adv, teacher_logp, teacher, targs, step)
+        sync()
+        times["update"] = time.perf_counter() - t
+        tokens = int(ro["mask"].sum())
+        steps.append(dict(times, tokens=tokens, total=sum(times.values())))
+        print(f"step {step + 1}: rollout {times['rollout']:.1f} s ({tokens / times['rollout']:,.0f} tokens/s, "
+              f"{tokens:,} tokens), teacher {times['teacher']:.1f} s, update {times['update']:.1f} s")
+    last = steps[1:] or steps  # the first step also warms up kernels and allocator
+    mean = {k: statistics.mean(s[k] for s in last) for k in ("rollout", "teacher", "update", "tokens", "total")}
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else _peak_rss_bytes() / 2 ** 30
+    print(f"peak memory: {peak:.1f} GiB ({'torch.cuda.max_memory_allocated' if device == 'cuda' else 'peak RSS'})")
+    print(f"rollout: {mean['tokens'] / mean['rollout']:,.0f} tokens/s (mean of steps {len(steps) - len(last) + 1}-"
+          f"{len(steps)})")
+    print("step time split: " + ", ".join(f"{k} {mean[k] / mean['total']:.0%}" for k in ("rollout", "teacher",
+                                                                                          "update")))
+    print(f"teacher pass: {mean['teacher']:.2f} s of a {mean['total']:.2f} s step ({mean['teacher'] / mean['total']:.1%})")
+    shutil.rmtree(folder, ignore_errors=True)
+    return dict(mean, peak_gib=peak)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -305,13 +445,30 @@ def main(argv=None):
     p.add_argument("--naive-full", action="store_true", help="also measure naive at full size (needs ~50 GB)")
     p.set_defaults(func=bench_logprobs)
 
+    g = sub.add_parser("gpu", help="3 RLSD steps on Qwen3-VL-8B-Instruct's architecture (random weights): memory, "
+                       "tokens/s, time split")
+    g.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                                    "qwen3-vl-8b-instruct.config.json"))
+    g.add_argument("--tiny", action="store_true", help="the same architecture at test size (runs on CPU)")
+    g.add_argument("--steps", type=int, default=3)
+    g.add_argument("--prompts", type=int, default=8)
+    g.add_argument("--generations", type=int, default=8)
+    g.add_argument("--completion", type=int, default=1024, help="completion tokens (random weights rarely stop)")
+    g.add_argument("--micro-batch", type=int, default=8)
+    g.add_argument("--image-size", type=int, default=512)
+    g.add_argument("--lora-rank", type=int, default=64, help="0 = full fine-tuning (needs ~150 GB for 8B)")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.set_defaults(func=bench_gpu)
+
     w = sub.add_parser("_logprobs_worker")  # internal, unlisted: one variant in one process
     logprobs_args(w)
     w.add_argument("--variant", choices=["naive", "chunked"], required=True)
     w.set_defaults(func=_logprobs_worker)
 
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv if argv and not argv[0].startswith("-") or "-h" in argv else ["compare"] + argv)
+    help_ = {"-h", "--help"} & set(argv)
+    args = parser.parse_args(argv if argv and not argv[0].startswith("-") or help_ else ["compare"] + argv)
     args.func(args)
 
 

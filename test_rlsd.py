@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import bench
 import rlsd
 import train
 import verify
@@ -983,6 +985,297 @@ def test_short_run_of_each_algo_updates_the_weights_logs_metrics_and_saves_a_loa
     assert all(torch.equal(saved[k], after[k]) for k in after)
 
 
+# -- mixed precision, LoRA learning rate, paper knobs (issue: the paper's setting on a real GPU) --------------------
+
+
+def _spy_update(monkeypatch):
+    """Record (policy, optimizer) of each update() call."""
+    seen, real = [], train.update
+
+    def spy(policy, opt, *a, **kw):
+        seen.append((policy, opt))
+        return real(policy, opt, *a, **kw)
+
+    monkeypatch.setattr(train, "update", spy)
+    return seen
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_step_at_lr_1e6_moves_every_fp32_master_weight_and_keeps_fp32_adam_moments(
+        lora, tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch):
+    seen = _spy_update(monkeypatch)
+    extra = ["--lora-rank", "4"] if lora else []
+    policy, _ = train.train(tiny_args(tiny_model, tmp_path / "run", "--dtype", "bfloat16", "--lr", "1e-6",
+                                      "--max-steps", "1", *extra))
+    opt = seen[0][1]
+    base = {k: v.to(torch.bfloat16).float() for k, v in state_dict_of(tiny_model).items()}  # as loaded in bf16
+    trainable = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())          # master weights
+    assert all(s[k].dtype == torch.float32 for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    assert policy.compute_dtype == torch.bfloat16
+    if lora:  # frozen base stays bf16; B starts at 0 and is the only factor with a gradient at step 1
+        assert all(p.dtype == torch.bfloat16 for n, p in policy.model.named_parameters() if not p.requires_grad)
+        moved = torch.cat([(p != 0).flatten() for n, p in trainable.items() if n.endswith("lora_B")])
+    else:
+        moved = torch.cat([(p.detach() != base[n]).flatten() for n, p in trainable.items()])
+    assert moved.float().mean() > 0.95, moved.float().mean()
+    # what a bf16 weight would have kept of the same step: almost nothing
+    if not lora:
+        kept = torch.cat([(p.detach().to(torch.bfloat16).float() != base[n]).flatten() for n, p in trainable.items()])
+        assert kept.float().mean() < 0.2
+
+
+def test_lora_without_lr_trains_at_ten_times_the_default_and_an_explicit_lr_is_kept(tiny_model, tmp_path):
+    for extra, lr in (([], train.PAPER["lr"] * train.LORA_LR_SCALE), (["--lr", "3e-6"], 3e-6)):
+        args = train.parse_args(["--model", tiny_model, "--dataset", "builtin", "--lora-rank", "4", *extra])
+        policy = train.load_policy(args)
+        train.prepare_for_training(policy, args)
+        assert args.lr == pytest.approx(lr)
+
+
+def test_images_sit_at_their_image_tags_in_student_and_teacher_inputs(vl):
+    args = vl_args(vl, vl["root"] / "unused")
+    policy = train.load_policy(args)
+    row = dict(vl_rows(vl)[1], problem="Left: <image> right: <image>. How many squares?", privileged="5")
+    tok = policy.tokenizer
+
+    def shown(text):  # the input ids as text, each run of image pads shown once
+        ids = policy.encode([text], [row])["input_ids"][0]
+        return re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", tok.decode(ids))
+
+    img = "<|vision_start|><|image_pad|><|vision_end|>"
+    student, teacher = shown(train.student_prompt(policy, row)), shown(train.teacher_prompt(policy, row))
+    assert f"user\nLeft: {img} right: {img}. How many squares?\n{train.FORMAT}" in student
+    assert f"user\nLeft: {img} right: {img}. How many squares?\nHere is a reference solution: 5" in teacher
+    assert "<image>" not in student + teacher and student.count(img) == teacher.count(img) == 2
+    plain = dict(row, problem="How many squares?")  # no tags: images first, as before
+    assert f"user\n{img}{img}How many squares?" in shown(train.student_prompt(policy, plain))
+
+
+@pytest.mark.parametrize("model,words,absent", [
+    ("Qwen/Qwen3-VL-8B", ["'Qwen/Qwen3-VL-8B-Instruct'", "the published id for Qwen/Qwen3-VL-8B",
+                          "hf download Qwen/Qwen3-VL-8B-Instruct"], []),
+    ("/nonexistent/folder", ["'/nonexistent/folder': no such folder"], ["hf download"]),
+])
+def test_card_command_with_no_network_answers_in_seconds_with_one_line(model, words, absent):
+    here = os.path.dirname(os.path.abspath(train.__file__))
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a hub that refuses connections: no network, without waiting for DNS
+    t = time.time()
+    r = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--model", model], cwd=here,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and time.time() - t < 30
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), lines
+    assert all(w in lines[0] for w in words) and not any(w in lines[0] for w in absent), lines[0]
+
+
+def test_vision_language_model_without_dataset_uses_the_papers_data(vl, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # offline: the hub data set cannot load, and the error names it
+        train.main(["--model", vl["model"], "--output-dir", str(tmp_path / "out")])
+    assert train.PAPER_DATASET in e.value.code and "the paper's training data" in capsys.readouterr().out
+
+
+def test_worked_solutions_grade_by_their_final_answer_and_the_teacher_sees_the_whole_text(tiny_model, tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"problem": p, "answer": a, "hint": h}) + "\n" for p, a, h in [
+        ("p1", "3 + 4 = 7 apples.\n#### 7", "add them"), ("p2", "So \\boxed{\\frac{1}{2}}.", "halve"),
+        ("p3", "42", "six sevens")]))
+    args = train.parse_args(["--model", tiny_model, "--dataset", str(data)])
+    rows = train.load_rows(args, "train")
+    assert [r["answer"] for r in rows] == ["7", "\\frac{1}{2}", "42"]
+    policy = train.load_policy(args)
+    assert "Here is a reference solution: 3 + 4 = 7 apples.\n#### 7" in train.teacher_prompt(policy, rows[0])
+    args = train.parse_args(["--model", tiny_model, "--dataset", str(data), "--privileged-field", "hint"])
+    rows = train.load_rows(args, "train")
+    assert "reference solution: add them" in train.teacher_prompt(policy, rows[0]) and rows[0]["answer"] == "7"
+
+
+def test_teacher_template_replaces_the_wording_and_must_name_question_and_answer(tiny_model):
+    policy, args = tiny_policy(tiny_model, "--teacher-template", "Q: {question}\nKnown answer: {answer}")
+    row = {"problem": "What is 2+2?", "answer": "4"}
+    assert f"Q: What is 2+2?\nKnown answer: 4\n{train.FORMAT}" in train.teacher_prompt(policy, row,
+                                                                                       args.teacher_template)
+    with pytest.raises(train.ConfigError, match=r"must contain both \{question\} and \{answer\}"):
+        tiny_policy(tiny_model, "--teacher-template", "{question} only")
+
+
+def test_rewards_that_stay_all_zero_warn_and_name_answer_field(tiny_model, one_thread, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.verify, "verify", lambda completion, reference: 0.0)
+    train.train(tiny_args(tiny_model, tmp_path / "run", "--max-steps", "5", "--log-samples-steps", "0"))
+    out = capsys.readouterr().out
+    assert "every reward of the first 5 steps was 0.0" in out and "--answer-field" in out
+
+
+def _synthetic_rollout(policy, args, adv_signs):
+    rows = train.builtin_task(len(adv_signs), seed=1)
+    torch.manual_seed(0)
+    ids = torch.randint(4, len(policy.tokenizer), (len(rows), 5))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    return dict(rows=rows, prompts=[train.student_prompt(policy, r) for r in rows], ids=ids, mask=mask,
+                sample_logp=torch.zeros(ids.shape)), torch.tensor(adv_signs, dtype=torch.float)
+
+
+def test_clipped_weight_share_counts_all_response_tokens_and_no_live_token_means_no_weight_mean(tiny_model):
+    policy, args = tiny_policy(tiny_model, "--num-generations", "2", "--prompts-per-step", "2",
+                               "--micro-batch-size", "2")
+    train.prepare_for_training(policy, args)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    teacher = train.Teacher(policy, 0)
+    ro, adv = _synthetic_rollout(policy, args, [1.0, -1.0, 0.0, 0.0])
+    far = torch.full(ro["ids"].shape, 50.0)  # the teacher is far from the student: every w_t with A != 0 is clipped
+    m = train.update(policy, opt, sched, ro, adv, far, teacher, args, 0)
+    live, total = 5 + 3, 5 + 3 + 5 + 5
+    assert m["rlsd/weight_clipped_frac"] == pytest.approx(live / total)      # the paper's share: over all tokens
+    assert m["rlsd/weight_mean"] == pytest.approx((5 * 1.2 + 3 * 0.8) / live)
+    m = train.update(policy, opt, sched, ro, torch.zeros(4), far, teacher, args, 0)
+    assert "rlsd/weight_mean" not in m and m["rlsd/weight_clipped_frac"] == 0.0
+
+
+def test_sampler_bans_vision_tokens_applies_presence_penalty_to_the_answer_only_and_records_the_result():
+    rec = train.SampledLogprobs(temperature=1.0, banned=[3], prompt_length=2, presence_penalty=1.5)
+    ids = torch.tensor([[1, 4, 2, 2]])            # prompt [1, 4], answer so far [2, 2]
+    scores = rec(ids, torch.zeros(1, 5))
+    assert scores[0, 3] == float("-inf") and scores[0, 2] == -1.5 and scores[0, 4] == 0 and scores[0, 1] == 0
+    torch.testing.assert_close(rec.prev, torch.log_softmax(scores, -1))
+
+
+def test_vl_sampled_vision_token_is_banned_so_scoring_never_crashes_and_matches_the_sampler(vl):
+    """Regression: a completion holding <|image_pad|> made the next pass look for an image that is not there."""
+    args = vl_args(vl, vl["root"] / "unused", "--max-completion-length", "4")
+    policy = train.load_policy(args)
+    pad = policy.model.config.image_token_id
+    with torch.no_grad():  # make the vision tokens by far the likeliest next tokens
+        head = policy.model.lm_head.weight
+        head[policy.banned] = head.abs().max() * 50 * torch.sign(head[0])
+    rows = vl_rows(vl)
+    torch.manual_seed(0)
+    policy.model.eval()
+    ro = train.rollout(policy, rows, args)
+    m = ro["mask"].bool()
+    assert not torch.isin(ro["ids"][m], torch.tensor(policy.banned)).any() and pad in policy.banned
+    rescored = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], 1.0, micro_batch=2)
+    assert (rescored - ro["sample_logp"])[m].abs().max() < 1e-4
+
+
+def test_negative_only_keeps_plain_A_for_positive_responses_and_reweights_negative_ones():
+    torch.manual_seed(0)
+    A = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    t, s, mask = torch.randn(4, 6), torch.randn(4, 6), torch.ones(4, 6)
+    both = rlsd.rlsd_token_advantages(A, t, s, mask, 0.5)
+    neg = rlsd.rlsd_token_advantages(A, t, s, mask, 0.5, negative_only=True)
+    assert torch.equal(neg[A > 0], A[A > 0, None].expand(2, 6)) and torch.equal(neg[A < 0], both[A < 0])
+    assert not torch.equal(both[A > 0], neg[A > 0])
+
+
+# -- --reward-fn: your own binary check --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def exact(completion, reference, row):\n    return 1.0 if reference in completion else 0.0\n"
+        "def flaky(completion, reference, row):\n    if row['row'] % 2:\n        raise KeyError('boom')\n    return 1.0\n"
+        "def half(completion, reference, row):\n    return 0.5\n"
+        "NOT_A_FUNCTION = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+def test_reward_fn_scores_with_the_users_check_and_a_raise_scores_zero_with_a_count(reward_module, capsys):
+    args = argparse_ns(reward_fn=f"{reward_module}:exact")
+    rows = [{"row": i, "answer": a} for i, a in enumerate(["7", "8", "9"])]
+    r, _ = train.reward(args, ["it is 7", "it is 7", "9!"], rows)
+    assert r.tolist() == [1.0, 0.0, 1.0]
+    r, _ = train.reward(argparse_ns(reward_fn=f"{reward_module}:flaky"), ["a", "b", "c"], rows)
+    assert r.tolist() == [1.0, 0.0, 1.0] and "raised on 1 of 3 completions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn,words", [("half", "returned 0.5; it must return 0.0 or 1.0"),
+                                      ("missing", "cannot import it (AttributeError"),
+                                      ("NOT_A_FUNCTION", "is not a function")])
+def test_reward_fn_mistakes_stop_with_one_line_naming_the_spec(reward_module, fn, words):
+    with pytest.raises(train.ConfigError, match=re.escape(words)):
+        train.reward(argparse_ns(reward_fn=f"{reward_module}:{fn}"), ["x"], [{"row": 0, "answer": "1"}])
+    with pytest.raises(train.ConfigError, match="'no_such_module:f': cannot import it"):
+        train.reward_fn("no_such_module:f")
+
+
+def argparse_ns(**kw):
+    import argparse
+    return argparse.Namespace(**kw)
+
+
+# -- output folders, resume, early validation (issue: no run lost, no bad input unanswered) --------------------------
+
+
+def test_second_run_into_a_used_folder_is_refused_then_overwrite_starts_over_and_resume_continues(
+        tiny_model, mixed_verify, one_thread, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(tiny_args(tiny_model, out, "--max-steps", "2", "--save-steps", "1"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", tiny_model, "--output-dir", str(out), *TINY_RUN, "--max-steps", "2"])
+    assert "already holds a run (2 checkpoints" in e.value.code and "--resume" in e.value.code
+    assert "--overwrite" in e.value.code and [m["step"] for m in read_metrics(out)] == [0, 1, 2]
+    train.train(tiny_args(tiny_model, out, "--max-steps", "1", "--overwrite"))
+    assert ckpt_names(out) == ["checkpoint-1"] and [m["step"] for m in read_metrics(out)] == [0, 1]
+    train.train(tiny_args(tiny_model, out, "--max-steps", "3", "--save-steps", "1", "--resume"))
+    assert ckpt_names(out) == ["checkpoint-2", "checkpoint-3"] and [m["step"] for m in read_metrics(out)] == [0, 1, 2, 3]
+
+
+def test_resume_before_the_first_checkpoint_starts_at_step_zero_logs_each_step_once_and_drops_a_torn_line(
+        tiny_model, mixed_verify, one_thread, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(tiny_args(tiny_model, out, "--max-steps", "2"))
+    for name in ckpt_names(out):  # killed before any checkpoint was written, and mid-way through a log line
+        shutil.rmtree(out / name)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    train.train(tiny_args(tiny_model, out, "--max-steps", "2", "--resume"))
+    said = capsys.readouterr().out
+    assert "--resume: no checkpoint in" in said and "starting at step 0" in said and "dropping unreadable line 4" in said
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]
+    train.train(tiny_args(tiny_model, tmp_path / "typo", "--max-steps", "1", "--resume"))  # nothing at all there
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_checkpoint_rotation_keeps_the_newest_and_the_one_before_and_never_a_later_step(tmp_path):
+    for step in (1, 2, 3, 50):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.pt").write_bytes(b"x")
+    train.rotate_checkpoints(str(tmp_path), 3)
+    assert ckpt_names(tmp_path) == ["checkpoint-2", "checkpoint-3", "checkpoint-50"]
+
+
+def test_the_same_command_gives_the_same_run_with_a_cold_or_a_cached_demo_model(one_thread, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "WARM", dict(train.WARM, max_steps=2, check_every=1))
+    argv = ["--cache-dir", str(tmp_path / "cache"), "--prompts-per-step", "2", "--num-generations", "2",
+            "--micro-batch-size", "4", "--generation-batch-size", "4", "--eval-size", "4", "--max-steps", "2",
+            "--max-completion-length", "8"]
+    train.train(train.parse_args(argv + ["--output-dir", str(tmp_path / "cold")]))   # warm-starts, then caches
+    train.train(train.parse_args(argv + ["--output-dir", str(tmp_path / "cached")]))
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in ms]
+    assert strip(read_metrics(tmp_path / "cold")) == strip(read_metrics(tmp_path / "cached"))
+
+
+def test_bench_gpu_runs_rlsd_steps_on_the_real_architecture_shrunk_to_cpu_size(one_thread, capsys):
+    out = bench.bench_gpu(bench.main.__globals__["argparse"].Namespace(
+        config=REAL_VL_CONFIG, tiny=True, steps=2, prompts=2, generations=2, completion=6, micro_batch=4,
+        image_size=64, lora_rank=4, dtype="bfloat16", gradient_checkpointing=True))
+    said = capsys.readouterr().out
+    for words in ("peak memory:", "tokens/s", "step time split: rollout", "teacher pass:"):
+        assert words in said
+    assert out["peak_gib"] > 0 and out["tokens"] == 2 * 2 * 6 and 0 < out["teacher"] < out["total"]
+
+
+def test_bench_help_is_the_same_for_dash_h_and_double_dash_help():
+    runs = [subprocess.run([sys.executable, "bench.py", flag], cwd=os.path.dirname(os.path.abspath(bench.__file__)),
+                           capture_output=True, text=True, timeout=60) for flag in ("-h", "--help")]
+    assert runs[0].returncode == runs[1].returncode == 0 and runs[0].stdout == runs[1].stdout
+
+
 # -- teacher / student alignment of completion positions -----------------------------------------------------------
 
 
@@ -1189,20 +1482,36 @@ BAD_INPUT = [  # (argv builder, words the message must contain)
     (lambda m, d: ["--dataset", _write(d / "ok.jsonl", '{"problem": "1+1?", "answer": "2"}\n')],
      ["the built-in model only knows the built-in task", "pass --model"]),
     (lambda m, d: ["--model", m, "--max-prompt-length", "4"], ["no training rows left", "--max-prompt-length"]),
+    (lambda m, d: ["--lr", "nan"], ["--lr must be a finite number (got nan)"]),
+    (lambda m, d: ["--lr", "-1"], ["--lr must be > 0 (got -1.0)"]),
+    (lambda m, d: ["--save-steps", "0"], ["--save-steps must be > 0 (got 0)"]),
+    (lambda m, d: ["--eval-steps", "0"], ["--eval-steps must be > 0 (got 0)"]),
+    (lambda m, d: ["--micro-batch-size", "0"], ["--micro-batch-size must be > 0 (got 0)"]),
+    (lambda m, d: ["--prompts-per-step", "0"], ["--prompts-per-step must be > 0 (got 0)"]),
+    (lambda m, d: ["--eval-size", "-5"], ["--eval-size must be >= 0 (got -5)"]),
+    (lambda m, d: ["--top-p", "1.5"], ["--top-p must be <= 1 (got 1.5)"]),
+    (lambda m, d: ["--min-pixels", "5000", "--max-pixels", "4000"], ["--min-pixels 5000 is above --max-pixels 4000"]),
+    (lambda m, d: ["--resume", "--overwrite"], ["pass one of them"]),
+    (lambda m, d: ["--teacher-template", "{question}"], ["must contain both {question} and {answer}"]),
+    (lambda m, d: ["--output-dir", _write(d / "a-file", "x")], ["--output-dir", "is a file; pass a folder"]),
+    (lambda m, d: ["--output-dir", "/proc/rlsd-run"], ["cannot write to --output-dir '/proc/rlsd-run'"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "torn.jsonl", '{"problem": "1+1?", "answer": "2"}\n{"pro\n')],
+     ["cannot parse --dataset", "at line 2"]),
+    (lambda m, d: ["--model", m, "--reward-fn", "no_such_module:check"], ["--reward-fn 'no_such_module:check'"]),
 ]
 
 
 @pytest.mark.parametrize("make_argv,words", BAD_INPUT)
 def test_bad_input_exits_with_one_line_naming_the_problem_and_the_fix(make_argv, words, tiny_model, tmp_path,
                                                                       one_thread):
-    argv = make_argv(tiny_model, tmp_path) + ["--output-dir", str(tmp_path / "out"), "--eval-size", "2"]
+    argv = ["--output-dir", str(tmp_path / "out"), "--eval-size", "2"] + make_argv(tiny_model, tmp_path)
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith("train.py: error: ") and "\n" not in msg, msg
     for w in words:
         assert w in msg, (w, msg)
-    assert not (tmp_path / "out").exists()  # nothing half-made is left behind
+    assert not (tmp_path / "out").exists()  # nothing half-made is left behind, and no step ran
 
 
 def test_command_line_error_goes_to_stderr_with_nonzero_exit():
@@ -1314,60 +1623,30 @@ def test_one_rlsd_step_on_pretrained_smollm2_with_gsm8k_gives_finite_metrics_and
 # Qwen3-VL-8B-Instruct, so that train.load_policy goes through the Auto classes exactly as for the real model.
 # The task is counting squares in generated images: answers are known by construction.
 
-VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|image_pad|>", "<|video_pad|>"]
-# Qwen3-VL-Instruct's template, reduced to what train.chat() produces: images first, then the text.
-VL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
-               "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-               "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-               "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def save_tiny_vl(folder):
-    """Byte-level tokenizer (256 byte ids + Qwen's special tokens), Qwen3-VL's image preprocessing (patch 16,
-    merge 2, mean/std 0.5) and a random model. The processor files name Qwen3VLProcessor and the torchvision-backed
-    fast image processor, as the hub's do: without torchvision AutoProcessor fails and load_policy must fall back."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in VL_SPECIALS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  chat_template=VL_TEMPLATE)
-    ids = {n: tok.convert_tokens_to_ids(f"<|{t}|>") for n, t in [
-        ("image_token_id", "image_pad"), ("video_token_id", "video_pad"), ("vision_start_token_id", "vision_start"),
-        ("vision_end_token_id", "vision_end")]}
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    """bench.write_qwen3_vl_processor's offline processor (byte-level tokenizer, Qwen3-VL's image preprocessing,
+    files naming the torchvision-backed classes as the hub's do: without torchvision AutoProcessor fails and
+    load_policy must fall back) and a random model."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    ids = bench.write_qwen3_vl_processor(folder)
+    text = dict(vocab_size=ids["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=ids["pad_token_id"],
+                eos_token_id=ids["eos_token_id"],
                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
                                  "mrope_interleaved": True})  # sum(mrope_section) = head_dim / 2, as [24, 20, 20]
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
                   deepstack_visual_indexes=[0, 1])
     torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision,
-                                                          tie_word_embeddings=False, **ids))
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=False,
+        **{k: v for k, v in ids.items() if k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                  "vision_end_token_id")}))
     # the hub's sampling defaults for Qwen3-VL-8B-Instruct: train.py must not let them leak into its sampler
     model.generation_config.update(do_sample=True, top_k=20, top_p=0.8, temperature=0.7, repetition_penalty=1.0,
-                                   eos_token_id=[tok.eos_token_id, tok.pad_token_id], pad_token_id=tok.pad_token_id,
-                                   bos_token_id=tok.pad_token_id)
+                                   eos_token_id=[ids["eos_token_id"], ids["pad_token_id"]],
+                                   pad_token_id=ids["pad_token_id"], bos_token_id=ids["pad_token_id"])
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256}, patch_size=16, merge_size=2,
-                             temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
-    def edit(name, new_name=None, **kv):
-        with open(f"{folder}/{name}") as f:
-            d = json.load(f)
-        with open(f"{folder}/{new_name or name}", "w") as f:
-            json.dump({**d, **kv}, f)
-
-    edit("tokenizer_config.json", processor_class="Qwen3VLProcessor")
-    edit("preprocessor_config.json", processor_class="Qwen3VLProcessor",
-         image_processor_type="Qwen2VLImageProcessorFast")
-    edit("preprocessor_config.json", "video_preprocessor_config.json", video_processor_type="Qwen3VLVideoProcessor")
     return folder
 
 

@@ -19,6 +19,7 @@ The reward sets the direction of every token's update, the teacher only its size
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -109,7 +110,9 @@ def parse_args(argv=None):
     knob("--max-completion-length", int, "new tokens per completion; longer ones are truncated and flagged")
     knob("--temperature", float, "sampling temperature; log-probs of both passes use it too")
     knob("--top-p", float, "nucleus sampling (1.0 keeps the sampler equal to the scored distribution)")
-    knob("--lr", float, f"AdamW learning rate, constant after a short warm-up; x{LORA_LR_SCALE} under LoRA")
+    knob("--lr", float, "AdamW learning rate, constant after a short warm-up; when not given, LoRA trains at "
+         f"{LORA_LR_SCALE}x this ('LoRA Without Regret', Schulman et al. 2025: LoRA's best lr is ~10x full fine-tuning's, "
+         "in RL too)")
     knob("--weight-decay", float, "AdamW weight decay")
     knob("--epsilon", float, "PPO clip, lower side: ratio >= 1 - epsilon")
     knob("--epsilon-high", float, "PPO clip, upper side (clip-higher): ratio <= 1 + epsilon_high")
@@ -482,10 +485,10 @@ def resolve_model(args):
     from transformers import AutoConfig
     if args.model == "builtin":
         return "builtin", None
-    path = args.model
+    path, alias = args.model, ""
     if re.fullmatch(r"Qwen/Qwen3-VL-\d+B", path):  # the design card's name; only -Instruct/-Thinking are published
         path = args.model = path + "-Instruct"
-        print(f"--model {path[:-9]} is not a published id: using {path}, the paper's model")
+        alias = f" (the published id for {path[:-9]}: the paper's model)"
     if os.path.isdir(path):
         try:
             return path, AutoConfig.from_pretrained(path)
@@ -495,22 +498,26 @@ def resolve_model(args):
         raise ConfigError(f"--model {path!r}: no such folder; pass a local model folder or a hub id like "
                           f"Qwen/Qwen3-VL-8B-Instruct")
     try:
-        return path, AutoConfig.from_pretrained(path, local_files_only=not hub_reachable())
+        config = AutoConfig.from_pretrained(path, local_files_only=not hub_reachable())
     except Exception:
-        raise ConfigError(f"cannot load --model {path!r}: not in the local cache, and the hub is unreachable or has "
-                          f"no such model; where there is network run 'hf download {path} --local-dir DIR', then "
-                          f"pass the local folder as --model DIR") from None
+        raise ConfigError(f"cannot load --model {path!r}{alias}: not in the local cache, and the hub is unreachable "
+                          f"or has no such model; where there is network run 'hf download {path} --local-dir DIR', "
+                          f"then pass the local folder as --model DIR") from None
+    if alias:
+        print(f"--model {path}{alias}")
+    return path, config
 
 
+@functools.lru_cache(maxsize=None)
 def hub_reachable(timeout=3.0):
     """One TCP connect to the hub, instead of the libraries' own retries (about 30 s offline)."""
     import socket
     import urllib.parse
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -1083,10 +1090,15 @@ def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank)
                    os.path.join(tmp, "trainer_state.pt"))
 
     save_atomic(folder, write)
-    older = [c for c in checkpoints(args.output_dir) if checkpoint_step(c) < step]
-    for old in older[:-1]:  # keep this one and the one before it
-        shutil.rmtree(old, ignore_errors=True)
+    rotate_checkpoints(args.output_dir, step)
     return folder
+
+
+def rotate_checkpoints(output_dir, step):
+    """Keep checkpoint-{step} and the one before it; never touch a later step's."""
+    older = [c for c in checkpoints(output_dir) if checkpoint_step(c) < step]
+    for old in older[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoints(output_dir):
