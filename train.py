@@ -3,12 +3,11 @@
 train.py: RLSD end to end, in one file that reads top to bottom.
 
     python train.py                                    # offline built-in demo, a few minutes on 2 CPU cores
-    python train.py --model Qwen/Qwen3-VL-8B-Instruct --dataset iieycx/rlsd-train-MMFineReason-123K \
-        --prompt-field problem --answer-field answer --image-field images
+    python train.py --model Qwen/Qwen3-VL-8B                # the paper's model and data, on a GPU
 
 One training step (the paper's Algorithm 1), one function each below:
     1. rollout    sample G completions per prompt from the policy
-    2. reward     verify.verify(): 1.0 if the final answer is right, else 0.0
+    2. reward     verify.verify() (or --reward-fn): 1.0 if the final answer is right, else 0.0
     3. advantage  group-relative A = (R - mean_G R) / std_G R                         (Eq. 1)
     4. teacher    the same model, with the reference answer in its prompt, scores
                   the very same completion tokens, without gradient                    (Sec. 3)
