@@ -1921,6 +1921,110 @@ def test_vl_real_qwen3_vl_8b_config_builds_on_meta_with_published_sizes_and_defa
     assert len(trainable) == 2 * 7 * cfg.text_config.num_hidden_layers
 
 
+# ---- train.py: more than one process (torchrun, gloo on CPU) ----
+#
+# The same code as on 8 GPUs, with 2 CPU processes and the gloo backend: one update on a fixed batch must give the
+# single-process weights (DDP for LoRA, FSDP2 for full fine-tuning), and a 2-rank run must log, save and resume.
+
+ONE_UPDATE = '''
+"""One update() on a fixed batch of 4 rollouts; under torchrun each of N ranks takes 4 / N of them."""
+import sys
+import torch
+sys.path.insert(0, sys.argv[4])
+import train
+mode, model, out = sys.argv[1:4]
+rank, world = train.init_distributed()
+args = train.parse_args(["--model", model, "--dataset", "builtin", "--num-generations", "2", "--prompts-per-step",
+                         "2", "--micro-batch-size", "1", "--lr", "1e-2"] + (["--lora-rank", "4"] if mode == "ddp" else []))
+policy = train.load_policy(args)
+torch.manual_seed(0)
+args.lora_rank = train.prepare_for_training(policy, args)
+train.distribute(policy, args.lora_rank)
+rows = train.builtin_task(4, seed=1)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(4, len(policy.tokenizer), (4, 6), generator=g)
+mask = torch.ones_like(ids)
+mask[1, 4:], mask[2, 2:] = 0, 0
+adv, teacher_logp = torch.tensor([1.0, -1.0, 0.5, -0.5]), -torch.rand(4, 6, generator=g)
+mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
+ro = dict(rows=rows[mine], prompts=[train.student_prompt(policy, r) for r in rows[mine]], ids=ids[mine],
+          mask=mask[mine], sample_logp=torch.zeros(4, 6)[mine])
+opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+metrics = train.update(policy, opt, sched, ro, adv[mine], teacher_logp[mine], train.Teacher(policy, 0), args, 0)
+weights = train.full_state_dict(policy, args.lora_rank)
+weights = policy.model.state_dict() if weights is None else weights
+if rank == 0:
+    torch.save({"weights": {k: v.detach().cpu() for k, v in weights.items()}, "metrics": metrics}, out)
+train.end_distributed()
+'''
+
+
+def torchrun(n, *argv, cwd=None):
+    here = os.path.dirname(os.path.abspath(train.__file__))
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] if n else [])
+    r = subprocess.run(cmd + [str(a) for a in argv], cwd=cwd or here, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_model_2_layers(tmp_path_factory):
+    """Two decoder layers, so that FSDP2 has more than one shard unit."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    tok = train.builtin_tokenizer()
+    config = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-qwen3-2l")
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_one_update_with_two_ranks_gives_the_single_process_weights(mode, tiny_model_2_layers, tmp_path):
+    script = tmp_path / "one_update.py"
+    script.write_text(ONE_UPDATE)
+    here = os.path.dirname(os.path.abspath(train.__file__))
+    torchrun(0, script, mode, tiny_model_2_layers, tmp_path / "one.pt", here)
+    torchrun(2, script, mode, tiny_model_2_layers, tmp_path / "two.pt", here)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["weights"].keys() == two["weights"].keys()
+    diff = max((one["weights"][k] - two["weights"][k]).abs().max().item() for k in one["weights"])
+    moved = max((one["weights"][k] - v).abs().max().item() for k, v in state_dict_of(tiny_model_2_layers).items())
+    print(f"{mode}: max weight difference, 2 ranks vs 1 process: {diff:.2e} (the update moved weights by {moved:.2e})")
+    assert diff < 1e-6 and moved > 1e-3
+    for k in ("loss", "grad_norm", "entropy", "rlsd/weight_mean", "rlsd/weight_clipped_frac"):
+        assert two["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4"]], ids=["fsdp", "ddp"])
+def test_two_rank_torchrun_run_logs_each_step_once_saves_a_loadable_checkpoint_and_resumes(
+        extra, tiny_model_2_layers, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    argv = ["train.py", "--model", tiny_model_2_layers, "--dataset", "builtin", "--num-generations", "2",
+            "--prompts-per-step", "4", "--micro-batch-size", "2", "--generation-batch-size", "4",
+            "--max-completion-length", "8", "--eval-size", "5", "--eval-steps", "2", "--log-samples-steps", "0",
+            "--save-steps", "1", "--lr", "1e-3", "--reward-fn", "bench:alternating_reward", "--output-dir", out,
+            *extra]
+    r = torchrun(2, *argv, "--max-steps", "2")
+    assert r.stdout.count("step    2 |") == 1  # rank 0 alone prints
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2] and 0 < read_metrics(out)[1]["grad_norm"]
+    assert os.path.isfile(out / "checkpoint-2" / "trainer_state.rank1.pt")
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")   # one ordinary folder, gathered on rank 0
+    assert not torch.equal(model.model.layers[1].mlp.up_proj.weight,
+                           state_dict_of(tiny_model_2_layers)["model.layers.1.mlp.up_proj.weight"])
+    r = torchrun(2, *argv, "--max-steps", "3", "--resume")
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in r.stdout
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2, 3] and ckpt_names(out) == ["checkpoint-2",
+                                                                                           "checkpoint-3"]
+
+
 # ---- train.py: the built-in task, the grouped teacher pass, the credit picture ----
 
 

@@ -401,6 +401,7 @@ class Policy:
     vl: bool = False
     max_pixels: int = 768 * 768
     compute_dtype: torch.dtype = torch.float32  # bf16 on a GPU: the forward runs in it, the weights stay fp32
+    train_model: torch.nn.Module = None          # the model wrapped for the update under torchrun + DDP
 
     @property
     def tokenizer(self):
@@ -747,7 +748,7 @@ def sample_accuracy(policy, rows, args):
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. Forward passes: log-probs of completion tokens given a prompt
 # ---------------------------------------------------------------------------------------------------------------------
-def completion_logits(policy, enc, completion_ids, completion_mask):
+def completion_logits(policy, enc, completion_ids, completion_mask, model=None):
     """Logits that predict each completion token: [b, C, V] for completion_ids [b, C].
 
     The input is [left-padded prompt ‖ right-padded completion]. Position ids come from the attention mask, so a
@@ -762,7 +763,8 @@ def completion_logits(policy, enc, completion_ids, completion_mask):
         extra["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)                    # [b, P+C]
     C = completion_ids.shape[1]
     with policy.autocast():
-        out = policy.model(input_ids=ids, attention_mask=attn, logits_to_keep=C + 1, use_cache=False, **extra)
+        out = (model or policy.model)(input_ids=ids, attention_mask=attn, logits_to_keep=C + 1, use_cache=False,
+                                      **extra)
     logits = out.logits[:, :-1]                   # position P-1+t predicts completion token t: [b, C, V]
     logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
     return logits
@@ -871,7 +873,8 @@ def generate(policy, texts, rows, args, decoding="rollout"):
         enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
         rec = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], knobs.get("presence_penalty"))
         with policy.autocast():
-            seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]))
+            seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]),
+                                        synced_gpus=dist_world() > 1)  # FSDP2: every rank runs each forward
         comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
         ids.append(comp)
         logps.append(rec.finish(seq))
@@ -952,10 +955,12 @@ class Teacher:
             self.weights = {n: p.detach().clone() for n, p in self.params()}
             self.synced_at = step
 
-    def swap(self):  # swapping tensor storage is free: no copy, no second model in memory
+    def swap(self):  # in place, one tensor at a time: FSDP2 reads its shards from the parameters' own storage
         if self.weights is not None:
             for n, p in self.params():
-                p.data, self.weights[n] = self.weights[n], p.data
+                live = p.detach().clone()
+                p.detach().copy_(self.weights[n])
+                self.weights[n].copy_(live)
 
     @contextlib.contextmanager
     def active(self):
@@ -993,7 +998,8 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
     ids, mask = ro["ids"], ro["mask"].float()                                     # [B, C], [B, C]
     B, mb = ids.shape[0], args.micro_batch_size
     lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps)
-    sums, n_tok = {}, mask.sum()
+    sums, n_tok, world = {}, all_sum(mask.sum()), dist_world()  # n_tok: all ranks' tokens
+
     policy.model.train()
     for i in range(0, B, mb):
         s = slice(i, i + mb)
@@ -1006,7 +1012,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
                 t_logits = completion_logits(policy, t_enc, ids[s], ro["mask"][s])            # [b, C, V]
             sums["time/teacher"] = sums.get("time/teacher", 0.0) + time.time() - t0
         enc = policy.encode(ro["prompts"][s], ro["rows"][s])
-        logits = completion_logits(policy, enc, ids[s], ro["mask"][s])                      # [b, C, V]
+        logits = completion_logits(policy, enc, ids[s], ro["mask"][s], policy.train_model)  # [b, C, V]
         logp, ent = rlsd.token_logprobs(logits, ids[s], args.temperature, return_entropy=True)  # [b, C] each
         check_finite(logp, "student", step)
         if args.algo == "opsd":
@@ -1026,18 +1032,22 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
                 tok_adv, lm = adv[s, None] * m, {}
             loss, pm = rlsd.policy_loss(logp, logp.detach(), tok_adv, m, args.epsilon, args.epsilon_high,
                                         args.dual_clip or None, args.loss_type, num_tokens=n_tok,
-                                        max_completion_length=args.max_completion_length, num_sequences=B)
+                                        max_completion_length=args.max_completion_length, num_sequences=B * world)
             lm.update({k: v * m.sum().item() for k, v in pm.items()})  # token-weighted, averaged below
-        loss.backward()
+        (loss * world).backward()  # DDP and FSDP2 average the ranks' gradients; the normalisers are already global
         lm["loss"], lm["entropy"] = loss.item(), (ent * m).sum().item()
         lm["rollout/logp_mismatch"] = ((logp.detach() - ro["sample_logp"][s]).abs() * m).sum().item()
         for k, v in lm.items():
             sums[k] = sums.get(k, 0.0) + v
     params = [p for p in policy.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    times = {k: sums.pop(k) for k in list(sums) if k.startswith("time/")}
+    sums = dict(zip(sums, all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))  # over ranks
+    sums.update(times)
     ntok, live = n_tok.item(), sums.pop("rlsd/_live", 0.0)
     out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
     for k, v in sums.items():
@@ -1053,10 +1063,11 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
 def evaluate(policy, rows, args):
     """Held-out accuracy, decoded as --eval-decoding says, scored by the same reward function as training."""
     policy.model.eval()
-    prompts = [student_prompt(policy, r) for r in rows]
-    ids, mask, _, _ = generate(policy, prompts, rows, args, args.eval_decoding)
+    mine = rows[dist_rank()::dist_world()]  # each rank its share (as many rows each: see train)
+    prompts = [student_prompt(policy, r) for r in mine]
+    ids, mask, _, _ = generate(policy, prompts, mine, args, args.eval_decoding)
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
-    return reward(args, texts, rows)[0].mean().item()
+    return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)
 
 
 def save_atomic(folder, write):
@@ -1074,23 +1085,35 @@ def save_atomic(folder, write):
 
 def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank):
     """A Hugging Face folder (from_pretrained loads it; LoRA adapters merged in) plus trainer_state.pt with all
-    that --resume needs: optimizer, scheduler, data position, teacher snapshot, RNG, and the raw adapters."""
-    folder = os.path.join(args.output_dir, f"checkpoint-{step}")
+    that --resume needs: optimizer, scheduler, data position, teacher snapshot, RNG, and the raw adapters.
+    Under torchrun every rank calls this: rank 0 writes the folder, each rank its own resume state."""
+    folder, rank = os.path.join(args.output_dir, f"checkpoint-{step}"), dist_rank()
+    weights = full_state_dict(policy, lora_rank)  # a collective under FSDP2: the full weights, on rank 0
+    adapters = {n: p.detach() for n, p in policy.model.named_parameters() if ".lora_" in n}
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "lora_rank": lora_rank,
+             "adapters": adapters, "sampler": (sampler.epoch, sampler.pos), "teacher": teacher.state(),
+             "args": vars(args), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                                         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    if rank:
+        torch.save(state, f"{folder}.{state_file(rank)}")
+    barrier()
 
     def write(tmp):
-        policy.model.save_pretrained(tmp, state_dict=merged_state_dict(policy.model) if lora_rank else None)
+        policy.model.save_pretrained(tmp, state_dict=weights)
         policy.processor.save_pretrained(tmp)
-        adapters = {n: p.detach() for n, p in policy.model.named_parameters() if ".lora_" in n}
-        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "lora_rank": lora_rank, "adapters": adapters,
-                    "sampler": (sampler.epoch, sampler.pos), "teacher": teacher.state(), "args": vars(args),
-                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-                   os.path.join(tmp, "trainer_state.pt"))
+        torch.save(state, os.path.join(tmp, state_file(0)))
+        for r in range(1, dist_world()):
+            os.replace(f"{folder}.{state_file(r)}", os.path.join(tmp, state_file(r)))
 
-    save_atomic(folder, write)
-    rotate_checkpoints(args.output_dir, step)
+    if not rank:
+        save_atomic(folder, write)
+        rotate_checkpoints(args.output_dir, step)
+    barrier()
     return folder
+
+
+def state_file(rank):
+    return "trainer_state.pt" if rank == 0 else f"trainer_state.rank{rank}.pt"
 
 
 def rotate_checkpoints(output_dir, step):
@@ -1127,7 +1150,8 @@ def check_output_dir(args):
             pass
     except OSError as e:
         raise ConfigError(f"cannot write to --output-dir {out!r} ({e.strerror}); pass a writable folder") from None
-    if made:
+    barrier()  # every rank has looked before rank 0 tidies up
+    if made and dist_rank() == 0:
         os.rmdir(out)  # made again at the first write, once every other check has passed
     return checkpoints(out)[-1] if args.resume and checkpoints(out) else None
 
@@ -1224,6 +1248,9 @@ def train(args):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # our own messages say what matters; silence library chatter
     t_start = time.time()
+    rank, world = init_distributed()  # (0, 1) without torchrun
+    if args.prompts_per_step % world:
+        raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
     # Everything that can be wrong with the command is checked before the minutes it takes to load the weights.
     start = check_output_dir(args)                  # the checkpoint to resume from, or None
     path, config = resolve_model(args)
@@ -1235,7 +1262,7 @@ def train(args):
     if args.reward_fn:
         reward_fn(args.reward_fn)
     train_rows, eval_rows = load_data(args)
-    state = torch.load(os.path.join(start, "trainer_state.pt"), weights_only=False) if start else None
+    state = torch.load(os.path.join(start, state_file(rank)), weights_only=False) if start else None
     lora_resume = bool(state and state["lora_rank"])  # then: the base model again, and the saved adapters on top
     policy = load_policy(args, start if start and not lora_resume else None)
     random.seed(args.seed)  # after any warm start of the demo model, so a cold cache gives the same run as a warm one
@@ -1243,6 +1270,11 @@ def train(args):
     args.lora_rank = prepare_for_training(policy, args)
     if lora_resume:
         policy.model.load_state_dict(state["adapters"], strict=False)
+    distribute(policy, args.lora_rank)
+    torch.manual_seed(args.seed + rank)  # each rank samples its own answers
+    if world > 1 and len(eval_rows) % world:
+        eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % world]  # as many rows per rank: in lockstep
+
     lengths = [len(x) for x in policy.tokenizer([student_prompt(policy, r) for r in train_rows]).input_ids]
     if max(lengths) > args.max_prompt_length:
         print(f"dropping {sum(n > args.max_prompt_length for n in lengths)} prompts longer than "
@@ -1250,7 +1282,9 @@ def train(args):
         train_rows = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_length]
     if not train_rows:
         raise ConfigError("no training rows left; check --dataset/--split or raise --max-prompt-length")
-    reset_output_dir(args, start)
+    if rank == 0:
+        reset_output_dir(args, start)
+    barrier()
 
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -1263,9 +1297,11 @@ def train(args):
         teacher.load(state["teacher"])
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():  # GPU sampling draws from this one
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
         step = state["step"]
         print(f"resumed from {start} at step {step}")
-    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    log = open(os.path.join(args.output_dir, "metrics.jsonl") if rank == 0 else os.devnull, "a")
     base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
     if base_acc is not None:
         print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
@@ -1274,12 +1310,15 @@ def train(args):
     bar = tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True, file=sys.stdout)
     while step < args.max_steps:
         metrics, t = {}, time.time()
-        rows = [train_rows[i] for i in sampler.next(args.prompts_per_step)]
+        share = args.prompts_per_step // world                                         # whole groups per rank
+        rows = [train_rows[i] for i in sampler.next(args.prompts_per_step)[rank * share:(rank + 1) * share]]
         policy.model.eval()
         ro = rollout(policy, rows, args)                                                 # 1. rollout
         metrics["time/rollout"], t = time.time() - t, time.time()
         rewards, unparseable = reward(args, ro["texts"], ro["rows"])                     # 2. reward [B]
-        adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)   # 3. Eq. 1 [B]
+        rewards = all_gather(rewards)                                                    # all ranks' [world * B]
+        adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)   # 3. Eq. 1 [world * B]
+        adv = adv.view(world, -1)[rank]                                                  # this rank's [B]
         metrics["time/reward"], t = time.time() - t, time.time()
         teacher.maybe_sync(step)
         teacher_logp = None
@@ -1296,13 +1335,13 @@ def train(args):
             bar.write(f"warning: every reward of the first 5 steps was {seen.pop()}, so every advantage is 0 and "
                       f"nothing trains; check --answer-field (a gold answer reads {train_rows[0]['answer'][:60]!r})")
         groups = rewards.view(-1, args.num_generations)
-        lengths = ro["mask"].sum(1).float()
+        lengths, cut = all_gather(ro["mask"].sum(1).float()), all_gather(ro["truncated"].float())    # [world * B]
         metrics.update(um, step=step, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
                        reward_std=groups.std(1).mean().item(),
                        frac_reward_zero_std=(groups.std(1) == 0).float().mean().item(),
                        **{"completions/mean_length": lengths.mean().item(),
-                          "completions/clipped_ratio": ro["truncated"].float().mean().item(),
-                          "completions/unparseable": unparseable})
+                          "completions/clipped_ratio": cut.mean().item(),
+                          "completions/unparseable": all_sum(torch.tensor(unparseable)).item() / world})
         if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
             t = time.time()
             acc = metrics["eval/accuracy"] = evaluate(policy, eval_rows, args)
@@ -1315,7 +1354,7 @@ def train(args):
         bar.write(fmt(metrics) + (f" | eval {acc:.3f}" if "eval/accuracy" in metrics else ""))
         if args.log_samples_steps and step % args.log_samples_steps == 0:
             for want, name in ((1.0, "right"), (0.0, "wrong")):
-                i = next((i for i, r in enumerate(rewards.tolist()) if r == want), None)
+                i = next((i for i, r in enumerate(rewards.view(world, -1)[rank].tolist()) if r == want), None)
                 if i is not None:
                     bar.write(f"  [{name}, reward {want}] {ro['rows'][i]['problem']!r} -> {ro['texts'][i]!r}")
         if step % args.save_steps == 0 or step == args.max_steps:
@@ -1335,12 +1374,96 @@ def train(args):
     return policy, {"base": base_acc, "final": acc}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. More than one GPU: torchrun --nproc_per_node N train.py ... (skip this on a first read)
+# ---------------------------------------------------------------------------------------------------------------------
+# Each rank samples its own share of the step's prompts, whole groups, so A is local; the rewards are gathered so
+# that every metric and a batch-scaled A are the single-process ones. The loss normalisers (tokens, sequences)
+# are global, so the ranks' gradients sum to the single-process gradient. LoRA trains under DDP (the adapters are
+# replicated); full fine-tuning under FSDP2, which shards fp32 weights, gradients, AdamW state and the teacher's
+# snapshot across ranks. Plain `python train.py` is one process, and every function here is then a no-op.
+def init_distributed():
+    """Join torchrun's process group. Only rank 0 prints (the others' stdout goes nowhere)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist_rank():
+            sys.stdout = open(os.devnull, "w")
+    return dist_rank(), dist_world()
+
+
+def end_distributed():
+    """Leave the process group together: a rank that exits while gloo or NCCL threads still run aborts."""
+    if torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()
+
+
+def dist_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def dist_world():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier():
+    if dist_world() > 1:
+        torch.distributed.barrier()
+
+
+def all_sum(x):
+    """Sum of a tensor over ranks."""
+    if dist_world() > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def all_gather(x):
+    """[n] from each rank -> [world * n], rank 0's first."""
+    if dist_world() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist_world())]
+    torch.distributed.all_gather(out, x)
+    return torch.cat(out)
+
+
+def distribute(policy, lora_rank):
+    """DDP for LoRA (policy.train_model wraps the model for the update), FSDP2 for full fine-tuning (each decoder
+    and vision block is one shard unit, gathered for its forward and freed after)."""
+    if dist_world() == 1:
+        return
+    if lora_rank:
+        policy.train_model = torch.nn.parallel.DistributedDataParallel(policy.model)
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=policy.compute_dtype, reduce_dtype=torch.float32)
+    units = set(getattr(policy.model, "_no_split_modules", None) or [])
+    for module in list(policy.model.modules()):
+        if type(module).__name__ in units:
+            fully_shard(module, mp_policy=mp)
+    fully_shard(policy.model, mp_policy=mp)
+
+
+def full_state_dict(policy, lora_rank):
+    """The weights for a Hugging Face folder: adapters merged in, FSDP2 shards gathered onto rank 0."""
+    if lora_rank:
+        return merged_state_dict(policy.model)
+    if dist_world() == 1:
+        return None  # save_pretrained takes the model's own
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
         train(args)
     except ConfigError as e:
         sys.exit(f"train.py: error: {e}")
+    end_distributed()
 
 
 if __name__ == "__main__":
