@@ -52,7 +52,7 @@ REL_TOL = 1e-9           # relative, irrational values only: float error is ~1e-
                          # looser bound lets approximations in (\sqrt{9.8696044} for pi)
 N_POINTS = 3             # random points at which expressions with variables are compared
 MAX_COMPLETION = 50_000  # only the tail of a longer completion is read
-MAX_ANSWER = 1_000       # a longer "final answer" is garbage, not an answer
+MAX_ANSWER = 1_000       # a longer "final answer" (or gold answer) is garbage, not an answer
 MAX_FINALS = 32          # more boxes or answer tags than this is spam: wrong
 MAX_DEPTH, MAX_NODES = 40, 300   # parser nesting and expression size
 MAX_BITS = 24_000        # size of any exact number (2006! has 19,119 bits)
@@ -119,29 +119,32 @@ def extract_answer(completion: str) -> str | None:
 # ---------------------------------------------------------------- cleaning
 
 _UNICODE = str.maketrans({"−": "-", "–": "-", "×": r"\times ", "·": r"\cdot ", "÷": "/",
-                          "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "±": r"\pm ",
-                          "∓": r"\mp ", "∪": r"\cup ", "°": "", "\u00a0": " "})
+                          "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ",
+                          "∪": r"\cup ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "°": ""})
 _WRAPPER = re.compile(r"\\(?:boxed|fbox|text\w*|math(?:rm|bf|it|sf|tt)|mbox|operatorname)\s*\{")
+# Whitespace is collapsed first, so that no pattern below has a run of spaces to scan more than once.
 _CLEANUP = [(re.compile(p), r) for p, r in [
-    (r"(?<=\d)(?:,\s*\\!|\{,\}|\\,)\s*(?=\d{3})", ""),       # thousands: 10,\!080 10{,}080
-    (r"\\\\|\\[,;:! ]|\\(?:q?quad|displaystyle|left|right|[bB]igg?[lr]?)(?![A-Za-z])|~|\\?\$",
-     lambda m: m[0] if m[0] == "\\\\" else " "),           # spacing (keep \\, the row break)
-    (r"\^\s*\{?\s*\\circ\s*\}?|\\(?:circ|degree)(?![A-Za-z])", ""),  # degrees
-    (r"\\%|\s*\bpercent\b", "%"),
+    (r"\s+", " "),
+    (r"(?<=\d)(?:, ?\\!|\{,\}|\\,) ?(?=\d{3})", ""),             # thousands: 10,\!080 10{,}080
+    (r"\\\\|\\[,;:! ()[\]]|\\(?:q?quad|displaystyle|left|right|[bB]igg?[lr]?)(?![A-Za-z])|~|\\?\$",
+     lambda m: m[0] if m[0] == "\\\\" else " "),           # spacing, \( \) \[ \] (keep \\, the row break)
+    (r"\\([{}])", r"\1"),                                      # \{1, 2\} and {1, 2} are both sets
+    (r"\^ ?\{? ?\\circ ?\}?|\\(?:circ|degree)(?![A-Za-z])", ""),   # degrees
+    (r"\\%| ?\b(?:percent(?:age)?|pct)\b", "%"),
     (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),
     (r"(?<![\\A-Za-z])(sqrt|pi)(?![A-Za-z])", r"\\\1"),       # plain-text sqrt(2), pi
     (r"(?<![\\A-Za-z])inf(?:inity|ty)?(?![A-Za-z])", r"\\infty"),
-    (r"(?<=[\w)}])\s*\*\*\s*(?=[\w({\\.-])", "^"),           # python-style 2**3
-    (r"\s*:\s*", ":"), (r"\s+", " ")]]                          # ratios 3 : 1 == 3:1
+    (r"(?<=[\w)}]) ?\*\* ?(?=[\w({\\.-])", "^"),               # python-style 2**3
+    (r" ?: ?", ":"), (r" +", " ")]]                             # ratios 3 : 1 == 3:1
 
 
 def _clean(s: str) -> str:
     """Strip presentation but keep meaning."""
-    s = s.translate(_UNICODE)
-    while m := _WRAPPER.search(s):                # \text{..}, \boxed{..}: keep the content
+    s, pos = s.translate(_UNICODE), 0
+    while m := _WRAPPER.search(s, pos):           # \text{..}, \boxed{..}: keep the content
         if (k := _close_brace(s, m.end() - 1)) < 0:
             raise _Reject("unbalanced braces")
-        s = f"{s[:m.start()]} {s[m.end():k]} {s[k + 1:]}"
+        s, pos = f"{s[:m.start()]} {s[m.end():k]} {s[k + 1:]}", m.start()
     for pattern, repl in _CLEANUP:
         s = pattern.sub(repl, s)
     s = s.strip().strip("*").strip().rstrip(".,;").strip()
@@ -154,10 +157,15 @@ def _clean(s: str) -> str:
 
 _CHOICE = re.compile(r"\(([A-J])\)|([A-J])[.):]?")
 _WORDS = re.compile(r"[A-Za-z]+(?:[ '-][A-Za-z]+)*")
-_IN_SET = re.compile(r"^[A-Za-z] ?\\in(?![A-Za-z]) ?")                  # x \in [-2, 7]
-_UNIT = r"(?<![\\A-Za-z])[A-Za-z]{2,}(?: ?\^\{?\d\}?)?(?: ?(?:/|per) ?[A-Za-z]+(?: ?\^\{?\d\}?)?)*"
-_UNITS = re.compile(rf"(?:(?<=[\d}}).])|(?<=\\pi)) (?:{_UNIT} ?)+$")     # 5.4 cents, 2\pi m^2
-_MATRIX = re.compile(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", re.S)
+_IN_SET = re.compile(r"[A-Za-z] ?\\in(?![A-Za-z]) ?")                   # x \in [-2, 7]
+_MATRIX = re.compile(r"[\[(]? ?\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\} ?[\])]?", re.S)
+_RELATION = re.compile(r"[<>!]=|\\(?:[lg]eq?|[lg]t|neq?)(?![A-Za-z])|[<>=]")
+_OPS = {"\\lt": "<", "\\le": "<=", "\\leq": "<=", "\\gt": ">", "\\ge": ">=", "\\geq": ">=", "\\ne": "!=", "\\neq": "!="}
+_UNITS = set("""cm mm km inch inches ft foot feet yd yard yards mile miles mph kg gram grams lb lbs pound pounds
+    oz ounce ounces sec second seconds min minute minutes hr hrs hour hours day days week weeks month months year
+    years dollar dollars cent cents degree degrees unit units sq square cubic meter meters metre metres liter liters
+    litre litres ml gallon gallons per""".split()) | {""}   # one letter (m, g, s) reads as a variable instead
+_INFINITY = ("expr", ("infty",), False), ("expr", ("neg", ("infty",)), False)
 
 
 def _depths(s: str) -> list[int]:
@@ -173,7 +181,12 @@ def _split_top(s: str, seps: str = ",;") -> list[str]:
 
 def _wrapped(s: str) -> bool:
     """s[0] is a bracket closed by s[-1]: true for (1, 2], false for (a+5)(b+2)."""
-    return len(s) > 1 and s[0] in "([" and s[-1] in ")]" and 0 not in _depths(s)[:-1]
+    return len(s) > 1 and s[0] in "([{" and s[-1] in ")]}" and 0 not in _depths(s)[:-1]
+
+
+def _is_unit(word: str) -> bool:
+    """cm, inches^2, km/h, per: a word from the explicit list, never any other word."""
+    return all(w in _UNITS for w in re.sub(r"\^\{?[23]\}?$", "", word).lower().split("/"))
 
 
 def _parse(answer: str):
@@ -181,7 +194,7 @@ def _parse(answer: str):
     s = _clean(answer)
     if not s or len(s) > MAX_ANSWER:
         raise _Reject("empty or too long")
-    s = re.sub(r" (?:or|and) |\\cup(?![A-Za-z])", ",", _IN_SET.sub("", s))
+    s = re.sub(r" (?:or|and) |\\cup(?![A-Za-z])", ",", s)
     if not (nodes := [n for part in _split_top(s) if part.strip() for n in _parse_item(part)]):
         raise _Reject("empty")
     return nodes[0] if len(nodes) == 1 else ("list", tuple(nodes))
@@ -200,20 +213,34 @@ def _parse_item(s: str) -> tuple:
         return (("choice", m[1] or m[2]),)
     if _WORDS.fullmatch(s) and re.search("[A-Za-z]{2}", s):
         return (("word", s.lower()),)
-    s = _UNITS.sub("", _IN_SET.sub("", s)).strip()
+    words = s.removeprefix(m[0] if (m := _IN_SET.match(s)) else "").split(" ")
+    while len(words) > 1 and _is_unit(words[-1]):                      # 5 cm, 42 dollars per hour
+        words.pop()
+    s = " ".join(words).strip()
     pct, s = s.endswith("%"), s.rstrip("%").strip()
     if m := _MATRIX.fullmatch(s):                                   # a tuple of rows
         rows = [("tuple", "[", "]", tuple(map(_one, r.split("&")))) for r in m[2].split("\\\\") if r.strip()]
         return (("tuple", "[", "]", tuple(rows)),)
-    if s.startswith("\\{") and s.endswith("\\}"):                   # a set
-        items = tuple(n for p in _split_top(s[2:-2]) if p.strip() for n in _parse_item(p))
-        return items if len(items) == 1 else (("list", items),)
-    if _wrapped(s) and len(parts := _split_top(s[1:-1])) > 1:       # tuple or interval
-        return (("tuple", s[0], s[-1], tuple(map(_one, parts))),)
-    if len(sides := _split_top(s, "=")) > 1:
-        if len(sides) > 2:
-            raise _Reject("chained equation")
-        return (("eq", _tree(sides[0]), _tree(sides[1])),)
+    if _wrapped(s) and len(parts := _split_top(s[1:-1])) > 1:       # tuple, interval, or {set}
+        items = tuple(n for p in parts for n in (_parse_item(p) if s[0] == "{" else (_one(p),)))
+        return (("list", items),) if s[0] == "{" else (("tuple", s[0], s[-1], items),)
+    depth = _depths(s)
+    if cuts := [m for m in _RELATION.finditer(s) if depth[m.start()] == 0]:
+        sides = [s[a:b] for a, b in zip([0] + [m.end() for m in cuts], [m.start() for m in cuts] + [len(s)])]
+        ops = tuple(_OPS.get(m[0], m[0]) for m in cuts)
+        if ">" in "".join(ops):                                     # 5 \ge x is x \le 5
+            if "<" in "".join(ops):
+                raise _Reject("mixed directions")
+            sides, ops = sides[::-1], tuple(op.replace(">", "<") for op in ops[::-1])
+        nodes = tuple(map(_one, sides))
+        bare = [n[0] == "expr" and n[1][0] == "var" for n in nodes]
+        if ops in (("<",), ("<=",)) and any(bare):                 # x < 3 is -oo < x < 3; 3 < x is 3 < x < oo
+            nodes, ops = ((_INFINITY[1],) + nodes, ("<",) + ops) if bare[0] else (nodes + _INFINITY[:1], ops + ("<",))
+        if set(ops) <= {"<", "<="} and len(nodes) == 3:            # a solved inequality is an interval
+            return (("tuple", "(["[ops[0] == "<="], ")]"[ops[1] == "<="], (nodes[0], nodes[2])),)
+        return (("rel", ops, nodes),)
+    if len(parts := _split_top(s, ":")) > 1:                        # a ratio 3:1
+        return (("tuple", "ratio(", ")", tuple(map(_one, parts))),)
     if m := re.fullmatch(r"(-?\d+) (\d+)/(\d+)", s):                 # 1 4/5
         s = f"{m[1]}\\frac{{{m[2]}}}{{{m[3]}}}"
     signs = ("+", "-") if "\\pm" in s else ("-", "+") if "\\mp" in s else ("",)
@@ -319,7 +346,8 @@ class _Parser:
                 self.i = sub.end()
                 tree = self.node("base", m[1], sub[1] or sub[2])
             else:
-                tree = self.node("num", Fraction(m[1]) * Fraction(10) ** int(m[2] or 0))
+                value = Fraction(m[1]) * Fraction(10) ** int(m[2] or 0)
+                tree = self.node("num", value, "dec") if "." in m[1] else self.node("num", value)
         elif tok.isalpha():                                 # one letter, one symbol: xy = x*y
             self.i += 1
             if sub := _SUBSCRIPT.match(self.s, self.i):     # a_1, x_{10}
@@ -340,11 +368,13 @@ class _Parser:
                 if index is not None:
                     self.eat("]", required=True)
                 tree = self.node("sqrt", self.arg(), index)
-            elif name in _FUNCS:                            # \sin 3x is sin(3x)
+            elif name in _FUNCS:                            # \sin 3x is sin(3x); \sin^2 x is (sin x)^2
+                exponent = self.arg() if self.eat("^") else None
                 tree = self.arg() if self.peek() in ("{", "(") else self.power()
                 while self.peek()[:1].isalnum():
                     tree = self.node("mul", tree, self.power())
                 tree = self.node("fn", name, tree)
+                tree = self.node("pow", tree, exponent) if exponent else tree
             else:
                 tree = self.node(name) if name in ("pi", "infty") else self.node("var", name)
         else:
@@ -373,7 +403,14 @@ def _vars(tree) -> set:
 
 
 def _has(tree, ops) -> bool:
-    return tree[0] in ops or any(_has(k, ops) for k in _kids(tree))
+    """An operator (or a tag: "dec" marks a decimal number) anywhere in the tree."""
+    return tree[0] in ops or tree[-1] in ops or any(_has(k, ops) for k in _kids(tree))
+
+
+def _label(n) -> bool:
+    """Names only, no numbers or sums, as left of "=": x, f(x), |AB|, (p, q), V_1:V_2, \\frac{NO}{BO}."""
+    kids = n[3] if n[0] == "tuple" else n[1:2] if n[0] == "expr" else _kids(n)
+    return n[0] in ("tuple", "expr", "var", "mul", "div", "abs") and all(map(_label, kids))
 
 
 def _literal(tree) -> Fraction | None:
@@ -543,33 +580,31 @@ class _Checker:
         rng = random.Random(2024)                           # fixed seed: reproducible verdicts
         points = [{v: Fraction(rng.randint(1, 60), rng.randint(61, 97)) + rng.randint(-3, 3)
                    for v in names} for _ in range(N_POINTS if names else 1)]
-        defined = 0
+        defined, decimal = 0, _has(ct, ("dec",)) or _has(rt, ("dec",))
         for env in points:
             a, b = (self.defined(t, env) for t in (ct, rt))
             if (a is None) != (b is None):
                 return False
             if a is None:
                 continue
-            if not names and isinstance(a, Fraction) != isinstance(b, Fraction):
-                return False                                # 1.4142 is not \sqrt2
+            if not (isinstance(a, Fraction) and isinstance(b, Fraction)) and decimal or \
+                    not names and isinstance(a, Fraction) != isinstance(b, Fraction):
+                return False                                # 1.4142, 0.5\sqrt2, \sqrt{0.5}: never irrational
             if not any(_close(x, y) for x in (a, a / 100)[:1 + cpct] for y in (b, b / 100)[:1 + rpct]):
                 return False
             defined += 1
         return defined > 0
 
     def same(self, c, r) -> bool:
-        if c[0] == "eq" and r[0] == "expr" and c[1][0] == "var":   # "x = 5" answers "5"
-            c = ("expr", c[2], False)
-        if r[0] == "eq" and c[0] == "expr" and r[1][0] == "var":   # "5" answers "x = 5"
-            r = ("expr", r[2], False)
+        if c[0] != r[0]:        # a label on one side only is dropped: "x = 5", "f(x) = 5", "(p, q) = (3, 2)"
+            c, r = (n[2][1] if n[:2] == ("rel", ("=",)) and _label(n[2][0]) else n for n in (c, r))
         if c[0] != r[0]:
             return False
         if c[0] == "expr":
             return self.expr_same(c, r)
-        if c[0] == "eq":                                    # lhs - rhs agree, up to swapping sides
-            gold = ("expr", ("sub", r[1], r[2]), False)
-            return any(self.expr_same(("expr", ("sub", a, b), False), gold)
-                       for a, b in ((c[1], c[2]), (c[2], c[1])))
+        if c[0] == "rel":       # the same relations; a single = or != also with its sides swapped
+            swaps = (c[2], c[2][::-1]) if c[1] in (("=",), ("!=",)) else (c[2],)
+            return c[1] == r[1] and any(self.sides_same(s, r[2]) for s in swaps)
         if c[0] == "list":                                  # order-free: a multiset
             left = list(r[1])
             for x in c[1]:
@@ -581,9 +616,15 @@ class _Checker:
             return c[1:3] == r[1:3] and len(c[3]) == len(r[3]) and all(map(self.same, c[3], r[3]))
         return c == r                                       # choice letters, words
 
+    def sides_same(self, c, r) -> bool:
+        """Sides in order; two expressions as their difference, so that y = 2x + 3 matches y - 3 = 2x."""
+        if len(c) == len(r) == 2 and all(n[0] == "expr" for n in c + r):
+            return self.expr_same(*[("expr", ("sub", s[1][1], s[0][1]), False) for s in (c, r)])
+        return len(c) == len(r) and all(map(self.same, c, r))
+
     def matches(self, answer: str, reference: str) -> bool:
         try:
-            if len(answer) > 4 * MAX_ANSWER or not (a := _clean(answer)):
+            if max(len(answer), len(reference)) > 4 * MAX_ANSWER or not (a := _clean(answer)):
                 return False
             return a == _clean(reference) or self.same(_parse(answer), _parse(reference))
         except Exception:                                   # unparseable, too big, ...: no match
