@@ -378,7 +378,7 @@ def _has(tree, ops) -> bool:
 def _label(n) -> bool:
     """Names only, no numbers or sums, as left of "=": x, f(x), |AB|, (p, q), V_1:V_2, \\frac{NO}{BO}."""
     kids = n[3] if n[0] == "tuple" else n[1:2] if n[0] == "expr" else _kids(n)
-    return n[0] in ("tuple", "expr", "var", "mul", "div", "abs") and all(map(_label, kids))
+    return n[0] in ("tuple", "expr", "word", "var", "mul", "div", "abs") and all(map(_label, kids))
 
 
 def _literal(tree) -> Fraction | None:
@@ -582,9 +582,8 @@ class _Checker:
 
     def matches(self, answer: str, reference: str) -> bool:
         try:
-            if max(len(answer), len(reference)) > 4 * MAX_ANSWER or not (a := _clean(answer)):
-                return False
-            return a == _clean(reference) or self.same(_parse(answer), _parse(reference))
+            a = _clean(answer) if max(len(answer), len(reference)) <= 4 * MAX_ANSWER else ""   # both sides capped
+            return bool(a) and (a == _clean(reference) or self.same(_parse(answer), _parse(reference)))
         except Exception:                                   # unparseable, too big, ...: no match
             return False
 
@@ -636,9 +635,10 @@ def normalize(answer: str) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print('usage: python verify.py "COMPLETION" "REFERENCE"   (prints the normal forms and the verdict)')
-        sys.exit(sys.argv[1:] not in (["-h"], ["--help"]))
+    if len(sys.argv) != 3:                          # --help: usage on stdout, exit 0; misuse: stderr, exit 1
+        asked = sys.argv[1:] in (["-h"], ["--help"])
+        print('usage: python verify.py "COMPLETION" "REFERENCE"', file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 1)
     completion, reference = sys.argv[1:]
     answer = extract_answer(completion)
     print(f"extracted : {answer!r}")
