@@ -363,10 +363,12 @@ def bench_verifier(args):
     for suite, rows in suites:
         n = ok = 0
         for test, gold, pred, want in rows:
-            got = int(verify.verify(_as_completion(pred), _as_reference(gold)))
+            completion, reference = _as_completion(pred), _as_reference(gold)
+            got = int(verify.verify(completion, reference))
             n, ok = n + 1, ok + (got == want)
             if got != want:
-                print(f"  DIFF {suite}::{test}  ours {got}, theirs {want}  gold={gold!r}  pred={pred!r}")
+                print(f"  DIFF {suite}::{test}  ours {got}, theirs {want}  we read {verify.extract_answer(completion)!r}"
+                      f" against {reference!r}  (gold={gold!r}  pred={pred!r})")
         print(f"{suite}: {ok}/{n} agree")
         total, agree = total + n, agree + ok
     if suites:

@@ -378,7 +378,7 @@ def _has(tree, ops) -> bool:
 def _label(n) -> bool:
     """Names only, no numbers or sums, as left of "=": x, f(x), |AB|, (p, q), V_1:V_2, \\frac{NO}{BO}."""
     kids = n[3] if n[0] == "tuple" else n[1:2] if n[0] == "expr" else _kids(n)
-    return n[0] in ("tuple", "expr", "word", "var", "mul", "div", "abs") and all(map(_label, kids))
+    return n[0] in ("tuple", "expr", "word", "choice", "var", "mul", "div", "abs") and all(map(_label, kids))
 
 
 def _literal(tree) -> Fraction | None:
