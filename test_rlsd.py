@@ -854,7 +854,7 @@ def test_extract_answer_precedence(completion, expected):
     assert extract_answer(completion) == expected
 
 
-def test_command_line_help_exits_0_with_a_usage_line():
+def test_verify_command_line_help_exits_0_with_a_usage_line():
     out = subprocess.run([sys.executable, verify.__file__, "--help"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("usage: python verify.py")
 
@@ -955,7 +955,7 @@ nested = st.builds(lambda pair, n: pair[0] * n + "1" + pair[1] * n,
 @settings(max_examples=150, deadline=None)
 @given(st.one_of(repeated, runs, nested), st.sampled_from(["\\boxed{5 BODY}", "<answer>BODY</answer>",
                                                            "The answer is BODY", "BODY", "\\boxed{BODY}"]))
-def test_repeats_runs_and_nesting_finish_in_50ms_on_either_side(body, wrapper):
+def test_pathological_repeats_runs_and_nesting_finish_in_50ms_on_either_side(body, wrapper):
     completion = wrapper.replace("BODY", body)
     assert _fast(completion, "5") in (0.0, 1.0)
     assert _fast(r"\boxed{5}", body) in (0.0, 1.0)
