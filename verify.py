@@ -111,7 +111,7 @@ _WRAPPER = re.compile(r"\\(?:boxed|fbox|text\w*|math(?:rm|bf|it|sf|tt)|mbox|oper
 # Whitespace is collapsed first, so that no pattern below has a run of spaces to scan more than once.
 _CLEANUP = [(re.compile(p), r) for p, r in [
     (r"\s+", " "),
-    (r"(?<=\d)(?:, ?\\!|\{,\}|\\,) ?(?=\d{3})", ""),             # thousands: 10,\!080 10{,}080
+    (r"(?<=\d) ?(?:, ?\\!|\{, ?\}|\\,) ?(?=\d{3})", ""),          # thousands: 10,\!080 10{,}080
     (r"\\\\|\\[,;:! ()[\]]|\\(?:q?quad|displaystyle|left|right|[bB]igg?[lr]?)(?![A-Za-z])|~|\\?\$",
      lambda m: m[0] if m[0] == "\\\\" else " "),           # spacing, \( \) \[ \] (keep \\, the row break)
     (r"\\([{}])", r"\1"),                                      # \{1, 2\} and {1, 2} are both sets
