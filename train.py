@@ -527,8 +527,13 @@ def load_policy(args, path=None):
     """Weights for --model (or a checkpoint folder): vision-language or text-only as the config says."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     path, config = resolve_model(args) if path is None else (path, None)
-    if path == "builtin":
-        return builtin_policy(args)
+    if path == "builtin":  # under torchrun, rank 0 warm-starts and caches it first; the others then load it
+        if dist_rank():
+            barrier()
+        policy = builtin_policy(args)
+        if not dist_rank():
+            barrier()
+        return policy
     offline = not os.path.isdir(path) and not hub_reachable()  # then from the local cache only
     vl = hasattr(config or AutoConfig.from_pretrained(path, local_files_only=offline), "vision_config")
     auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
@@ -874,7 +879,7 @@ def generate(policy, texts, rows, args, decoding="rollout"):
         rec = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], knobs.get("presence_penalty"))
         with policy.autocast():
             seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]),
-                                        synced_gpus=dist_world() > 1)  # FSDP2: every rank runs each forward
+                                        synced_gpus=dist_world() > 1 and policy.train_model is None)  # FSDP2
         comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
         ids.append(comp)
         logps.append(rec.finish(seq))
