@@ -2163,6 +2163,7 @@ def test_builtin_worked_solutions_verify_as_correct_and_a_wrong_final_sum_does_n
     assert verify.verify(train.builtin_solution(rows[0]["problem"]), str(int(rows[0]["answer"]) + 1)) == 0.0
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # e.g. a deprecated past_key_values= argument
 def test_grouped_teacher_pass_with_a_shared_prompt_cache_equals_the_plain_pass(tiny_model, one_thread):
     policy, args = tiny_policy(tiny_model, "--num-generations", "4", "--prompts-per-step", "3",
                                "--micro-batch-size", "12", "--max-completion-length", "10")

@@ -248,8 +248,7 @@ def load_rows(args, split):
         n = 4000 if split == "train" else args.eval_size
         return builtin_task(n, seed=args.seed + (0 if split == "train" else 10_000))
     ds = open_dataset(args.dataset, split)
-    fields = (args.prompt_field, args.answer_field, args.privileged_field, args.image_field)
-    for field in fields:
+    for field in (args.prompt_field, args.answer_field, args.privileged_field, args.image_field):
         if field and field not in ds.column_names:
             raise ConfigError(f"--dataset {args.dataset!r} has no column {field!r} (columns: "
                               f"{', '.join(ds.column_names)}); pass --prompt-field/--answer-field/--image-field")
@@ -258,7 +257,8 @@ def load_rows(args, split):
         ds = ds.cast_column(args.image_field, undecoded(ds.features[args.image_field]))
     here = os.path.dirname(os.path.abspath(args.dataset)) if os.path.isfile(args.dataset) else "."
     rows, bad = [], []
-    for i, r in enumerate(progress(ds, f"checking {split} rows", enabled=bool(args.image_field))):
+    from tqdm import tqdm
+    for i, r in enumerate(tqdm(ds, f"checking {split} rows", disable=not args.image_field, file=sys.stdout)):
         text = str(r[args.answer_field]).strip()
         # a worked solution (GSM8K's '#### 72', a final \boxed{}) grades by its final answer; the teacher sees it all
         row = {"row": i, "problem": str(r[args.prompt_field]), "answer": verify.extract_answer(text) or text,
@@ -315,11 +315,6 @@ def open_dataset(src, split):
                           f"it is valid {kind}") from None
 
 
-def progress(items, desc, enabled=True):
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, file=sys.stdout, disable=not enabled, dynamic_ncols=True)
-
-
 IMAGE_TAG = "<image>"
 
 
@@ -329,7 +324,9 @@ def check_row_images(row, where):
     if tags and tags != n:
         raise ConfigError(f"{where} has {tags} {IMAGE_TAG} tags but {n} images")
     for im in row["images"]:
-        open_image(im, where)
+        header = open_image(im, where)
+        if header is not im:
+            header.close()  # 123K rows: no file is left open
 
 
 def undecoded(feature):
@@ -461,8 +458,9 @@ def load_image(image, max_pixels, where="a row"):
     """The image decoded as upright RGB, shrunk to at most max_pixels: one big image must not blow up memory before
     the processor's own resize."""
     from PIL import ImageOps
+    image = open_image(image, where)
     try:
-        image = ImageOps.exif_transpose(open_image(image, where))  # upright, as datasets' own decoding gives it
+        image = ImageOps.exif_transpose(image)  # upright, as datasets' own decoding gives it
         image = image.convert("RGB")  # forces a full decode, so a truncated file fails here
     except Exception as e:
         raise ConfigError(f"cannot read the image of {where} ({type(e).__name__}: {e}); fix or drop that row") from None
