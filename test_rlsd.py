@@ -2070,11 +2070,16 @@ ro = dict(rows=rows[mine], prompts=[train.student_prompt(policy, r) for r in row
           mask=mask[mine], sample_logp=torch.zeros(4, 6)[mine])
 opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-metrics = train.update(policy, opt, sched, ro, adv[mine], teacher_logp[mine], train.Teacher(policy, 0), args, 0)
+teacher = train.Teacher(policy, sync_steps=1)
+teacher.maybe_sync(0)  # the snapshot: this rank's shards of the weights before the update
+metrics = train.update(policy, opt, sched, ro, adv[mine], teacher_logp[mine], teacher, args, 0)
+snapshot = train.all_gather(teacher.logprobs(ro, args).flatten()).view(4, 6)        # swapped in, then back
+live = train.all_gather(train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], 1.0, 1).flatten())
 weights = train.full_state_dict(policy, args.lora_rank)
 weights = policy.model.state_dict() if weights is None else weights
 if rank == 0:
-    torch.save({"weights": {k: v.detach().cpu() for k, v in weights.items()}, "metrics": metrics}, out)
+    torch.save({"weights": {k: v.detach().cpu() for k, v in weights.items()}, "metrics": metrics,
+                "teacher": snapshot, "live": live.view(4, 6)}, out)
 train.end_distributed()
 '''
 
@@ -2119,6 +2124,9 @@ def test_one_update_with_two_ranks_gives_the_single_process_weights(mode, tiny_m
     assert diff < 1e-6 and moved > 1e-3
     for k in ("loss", "grad_norm", "entropy", "rlsd/weight_mean", "rlsd/weight_clipped_frac"):
         assert two["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-5, abs=1e-7), k
+    # the teacher's snapshot (sharded under FSDP2) scores with the weights from before the update, in both runs
+    assert (one["teacher"] - two["teacher"]).abs().max() < 1e-5 and (one["live"] - two["live"]).abs().max() < 1e-5
+    assert (one["teacher"] - one["live"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora-rank", "4"]], ids=["fsdp", "ddp"])

@@ -951,6 +951,7 @@ class Teacher:
         self.policy, self.sync_steps, self.weights, self.synced_at = policy, sync_steps, None, None
 
     def params(self):
+        reshard(self.policy.model)  # under FSDP2: this rank's shards, as the snapshot holds them
         return [(n, p) for n, p in self.policy.model.named_parameters() if p.requires_grad]
 
     def maybe_sync(self, step):
@@ -1448,6 +1449,16 @@ def distribute(policy, lora_rank):
         if type(module).__name__ in units:
             fully_shard(module, mp_policy=mp)
     fully_shard(policy.model, mp_policy=mp)
+
+
+def reshard(model):
+    """FSDP2 leaves the root's weights gathered after a forward: shard them again, so that every parameter is this
+    rank's shard (a DTensor), as the teacher's snapshot is."""
+    if dist_world() > 1:
+        from torch.distributed.fsdp import FSDPModule
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def full_state_dict(policy, lora_rank):
