@@ -1236,7 +1236,7 @@ def show_credit(policy, rows, args, n, path):
     print("\n\n".join(lines))
     legend = (f"Each token's background is A_t/A (Eq. 15, lambda = {args.lam0}): pale = {1 - span:.2f}, "
               f"full = {1 + span:.2f}. Green: reinforced (A > 0); red: penalised (A < 0). Hover for the value.")
-    with open(path, "w") as f:
+    with open(path if dist_rank() == 0 else os.devnull, "w") as f:
         f.write(f"<!doctype html><meta charset=utf-8><title>RLSD token credit</title>"
                 f"<body style='font-family:sans-serif;max-width:60em'><h2>RLSD token credit</h2><p>{legend}</p>"
                 + "".join(blocks) + "</body>")
