@@ -255,7 +255,7 @@ def student_prompt(policy, row):
 
 def teacher_prompt(policy, row):
     """Same template, same images; only the text differs: it also carries the reference answer (spec §3)."""
-    text = TEACHER.format(question=row["problem"], answer=row["answer"], format=FORMAT)
+    text = TEACHER.format(question=row["problem"], answer=row.get("reference", row["answer"]), format=FORMAT)
     return policy.template(chat(text, len(row.get("images") or []), policy.vl))
 
 
