@@ -1,7 +1,10 @@
 """
 Benchmarks, one subcommand each:
 
-    python bench.py              # GRPO vs OPSD vs RLSD on the built-in task -> results/ (curves, table, credit)
+    python bench.py              # GRPO vs RLSD (+ shuffled-reference control) vs OPSD on the built-in task, paired
+                                 # by seed, with credit localisation -> results/ (summary.md, curves.png, credit.html)
+    python bench.py --seeds 2 --steps 20      # a quick look; runs already in results/runs are reused
+    python bench.py --only-finished           # summarise the finished runs only (an interrupted bench)
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
 
 compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
@@ -378,13 +381,14 @@ def steps_to(curve, cap):
 
 
 def paired(runs_a, runs_b, cap):
-    """Per evaluation step (and for steps-to-threshold), the seed-by-seed differences a - b: {label: [diffs]}."""
-    n = min(len(runs_a), len(runs_b))
+    """Per evaluation step (and for steps-to-threshold), the seed-by-seed differences a - b over the seeds both
+    have: {label: [diffs]}."""
+    b_of = {r["seed"]: r for r in runs_b}
+    pairs = [(a, b_of[a["seed"]]) for a in runs_a if a["seed"] in b_of]
     out = {}
     for k, (step, _) in enumerate(runs_a[0]["curve"]):
-        out[f"step {step}"] = [runs_a[s]["curve"][k][1] - runs_b[s]["curve"][k][1] for s in range(n)]
-    out[f"steps to {THRESHOLD:.0%}"] = [steps_to(runs_a[s]["curve"], cap) - steps_to(runs_b[s]["curve"], cap)
-                                        for s in range(n)]
+        out[f"step {step}"] = [a["curve"][k][1] - b["curve"][k][1] for a, b in pairs]
+    out[f"steps to {THRESHOLD:.0%}"] = [steps_to(a["curve"], cap) - steps_to(b["curve"], cap) for a, b in pairs]
     return out
 
 
@@ -517,9 +521,10 @@ def bench_compare(args):
     for seed in range(args.seeds):
         for setting in args.settings:
             for variant in (args.variants if setting == "answer" else args.change_variants):
-                if variant == "opsd" and seed >= args.opsd_seeds:
+                done = os.path.isfile(os.path.join(args.out, "runs", setting, f"{variant}-seed{seed}", "result.json"))
+                if variant == "opsd" and seed >= args.opsd_seeds or args.only_finished and not done:
                     continue
-                r = run_one(variant, seed, setting, args)
+                r = dict(run_one(variant, seed, setting, args), seed=seed)
                 results.setdefault((setting, variant), []).append(r)
                 print(f"[bench] {setting} {variant} seed {seed}: final {r['curve'][-1][1]:.3f} "
                       f"({time.time() - t0:.0f}s so far)", flush=True)
@@ -544,7 +549,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("compare", help="GRPO vs RLSD vs OPSD on the built-in task, paired by seed (the default)")
     c.add_argument("--seeds", type=int, default=8)
-    c.add_argument("--steps", type=int, default=train.DEMO["max_steps"])
+    c.add_argument("--steps", type=int, default=50, help="steps per run; 50 = the paper's lambda ramp, after which "
+                   "RLSD is GRPO")
     c.add_argument("--settings", type=lambda s: s.split(","), default=list(SETTINGS),
                    help="the teacher's reference: answer (the paper's), worked (the principled change), or both")
     c.add_argument("--variants", type=lambda s: s.split(","), default=["grpo", "rlsd", "rlsd-shuffled", "opsd"],
@@ -554,6 +560,7 @@ def main(argv=None):
     c.add_argument("--opsd-seeds", type=int, default=2, help="OPSD runs on the first N seeds only")
     c.add_argument("--overhead", type=int, default=1, help="1: time RLSD's overhead on one batch")
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--only-finished", action="store_true", help="run nothing: summarise the runs already in --out")
     c.add_argument("--out", default="results")
     cache = os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd"))
     c.add_argument("--cache-dir", default=os.path.join(cache, "bench"), help="warm-started base models, one per seed "
