@@ -432,14 +432,15 @@ def plot(results, args, path):
 
 def summary(results, ov, args):
     cap = args.steps + train.DEMO["eval_steps"]
-    lines = ["# GRPO vs RLSD vs OPSD on the built-in task, paired by seed", "",
-             f"`{args.command_line}`: {args.steps} steps per run, train.py's demo settings (lr {train.DEMO['lr']}, "
-             "OPSD lr x10 as in the paper). Seed s gives every variant the same base model, data order and 256 "
-             "held-out prompts; accuracy is greedy. `rlsd-shuffled` is RLSD whose teacher sees another prompt's "
-             "reference. Settings: `answer` = the teacher's reference is the final number (the paper's); `worked` "
-             "= it is the worked solution (the principled change; README, \"Does it work?\").", "",
-             f"| setting | variant | seeds | steps to {THRESHOLD:.0%} | base | final | best (step) | entropy (end) | "
-             "length (end) | leak | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# GRPO vs RLSD vs OPSD on the built-in task, paired by seed", ""]
+    lines += [args.note, ""] if args.note else []
+    lines += [f"`{args.command_line}`: {args.steps} steps per run, train.py's demo settings (lr {train.DEMO['lr']}, "
+              "OPSD lr x10 as in the paper). Seed s gives every variant the same base model, data order and 256 "
+              "held-out prompts; accuracy is greedy. `rlsd-shuffled` is RLSD whose teacher sees another prompt's "
+              "reference. Settings: `answer` = the teacher's reference is the final number (the paper's); `worked` "
+              "= it is the worked solution (the principled change; README, \"Does it work?\").", "",
+              f"| setting | variant | seeds | steps to {THRESHOLD:.0%} | base | final | best (step) | entropy (end) | "
+              "length (end) | leak | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
     for (setting, variant), runs in results.items():
         reach = [steps_to(r["curve"], None) for r in runs]
@@ -561,6 +562,7 @@ def main(argv=None):
     c.add_argument("--overhead", type=int, default=1, help="1: time RLSD's overhead on one batch")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--only-finished", action="store_true", help="run nothing: summarise the runs already in --out")
+    c.add_argument("--note", default="", help="a paragraph for the top of summary.md (e.g. how a reduced run was made)")
     c.add_argument("--out", default="results")
     cache = os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd"))
     c.add_argument("--cache-dir", default=os.path.join(cache, "bench"), help="warm-started base models, one per seed "
