@@ -1,7 +1,10 @@
 """
 Benchmarks, one subcommand each:
 
-    python bench.py              # GRPO vs OPSD vs RLSD on the built-in task -> results/ (curves, table, credit)
+    python bench.py              # GRPO vs RLSD (+ shuffled-reference control) vs OPSD on the built-in task, paired
+                                 # by seed, with credit localisation -> results/ (summary.md, curves.png, credit.html)
+    python bench.py --seeds 2 --steps 20      # a quick look; runs already in results/runs are reused
+    python bench.py --only-finished           # summarise the finished runs only (an interrupted bench)
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
     python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
     python bench.py verifier --math-verify PATH [--trl PATH] [--gold]
@@ -17,8 +20,10 @@ relative to the memory in use just before the call, after the logits exist.
 
 import argparse
 import ast
+import contextlib
 import json
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -141,41 +146,198 @@ def bench_logprobs(args):
 
 
 # -----------------------------------------------------------------------------
-# compare: the paper's three claims in miniature, on the task `python train.py` uses
+# credit localisation: does the teacher's per-token weight land on the token where the arithmetic went wrong?
+#
+# The built-in task has the ground truth of credit: its worked solution is unique, so the first character at which a
+# completion leaves train.builtin_solution() is its first error (a wrongly copied term, a wrong partial sum, or a
+# skipped step), and everything before it is right. For each such completion we ask how well the teacher's weight
+# w_t = exp(sign(A) * Delta_t) (Eq. 14, before the clip) ranks that token among the completion's tokens: for a wrong
+# answer (A < 0, blame) it should be the most blamed, for a right answer reached through a wrong step (A > 0,
+# credit) the least credited. The figure is the AUC of that ranking: 1.0 = always the extreme, 0.5 = chance.
 
-ALGOS = ("grpo", "opsd", "rlsd")
+
+def first_error(problem, pieces):
+    """Index of the first token of `pieces` (decoded completion tokens) that leaves the worked solution, and
+    what it got wrong ('term', 'sum', 'running total', 'answer' or 'format'); None if the completion is the worked
+    solution or a truncated prefix of it."""
+    gold, text = train.builtin_solution(problem), "".join(pieces)
+    i = next((k for k, (a, b) in enumerate(zip(text, gold)) if a != b), min(len(text), len(gold)))
+    if i >= len(text):  # the worked solution itself, or a prefix of it (truncated): no wrong token
+        return None
+    end = 0
+    for t, piece in enumerate(pieces):
+        end += len(piece)
+        if end > i:
+            break
+    before = gold[:i].rstrip("0123456789")
+    kind = ("format" if not (text[i].isdigit() and gold[i:i + 1].isdigit()) else "term" if before.endswith("+")
+            else "sum" if before.endswith("=") else "answer" if before.endswith("<answer>") else "running total")
+    return t, kind
+
+
+def rank_auc(scores, target):
+    """AUC with which scores[target] ranks above the other entries (ties count half): 1.0 = strictly the
+    largest, 0.5 = chance or a flat vector, 0.0 = strictly the smallest."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    others = torch.cat([s[:target], s[target + 1:]])
+    if len(others) == 0:
+        return float("nan")
+    return ((s[target] > others).double().sum() + 0.5 * (s[target] == others).double().sum()).item() / len(others)
+
+
+def shuffled_rows(rows, G):
+    """The shuffled-reference control: each group's rows carry the reference of the next group (cyclically) whose
+    answer differs, so the teacher sees another prompt's answer; the problem stays the row's own."""
+    groups = [rows[g] for g in range(0, len(rows), G)]
+    out = []
+    for k, r in enumerate(groups):
+        other = next((o for o in groups[k + 1:] + groups[:k] if o["answer"] != r["answer"]), r)
+        out += [dict(other, problem=r["problem"])] * G
+    return out
+
+
+def no_reference_rows(rows, G):
+    """The no-reference control: the teacher's prompt with an empty reference."""
+    return [dict(r, answer="", **({"privileged": ""} if "privileged" in r else {})) for r in rows]
+
+
+CONTROLS = {"teacher": lambda rows, G: rows, "shuffled": shuffled_rows, "no reference": no_reference_rows}
+
+
+@contextlib.contextmanager
+def teacher_sees(transform):
+    """Within this block, train.py's Teacher scores every rollout with the rows transform(rows, G) gives
+    (e.g. shuffled_rows): the RLSD update is untouched, only the teacher's privileged context changes."""
+    original = train.Teacher
+
+    class Control(original):
+        def logprobs(self, ro, args):
+            return super().logprobs(dict(ro, rows=transform(ro["rows"], args.num_generations)), args)
+
+    train.Teacher = Control
+    try:
+        yield
+    finally:
+        train.Teacher = original
+
+
+def credit_localisation(policy, rows, args, seed):
+    """Sample G completions for each of `rows` at the training temperature; for each teacher in CONTROLS (a live
+    self-teacher: the policy's own current weights), the mean AUC over wrong answers (blame) and over right answers
+    with a wrong step (least credit), with how many completions each mean is over."""
+    policy.model.eval()
+    torch.manual_seed(seed)
+    ro = train.rollout(policy, rows, args)
+    rewards, _ = train.reward(args, ro["texts"], ro["rows"])
+    student = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature,
+                          args.micro_batch_size)                                                 # [B, C]
+    cases = []  # (row index, error token, +1 for a right answer / -1 for a wrong one, kind)
+    for i, r in enumerate(rewards.tolist()):
+        n = int(ro["mask"][i].sum())
+        pieces = [policy.tokenizer.decode([t], skip_special_tokens=True) for t in ro["ids"][i, :n].tolist()]
+        err = first_error(ro["rows"][i]["problem"], pieces)
+        if err:
+            cases.append((i, err[0], 1 if r > 0 else -1, err[1]))
+    out = {"wrong": sum(c[2] < 0 for c in cases), "right_wrong_step": sum(c[2] > 0 for c in cases),
+           "kinds": {k: sum(c[3] == k for c in cases if c[2] < 0) for k in ("term", "sum", "running total",
+                                                                               "answer", "format")}}
+    for name, transform in CONTROLS.items():
+        teacher = train.Teacher(policy, 0).logprobs(dict(ro, rows=transform(ro["rows"], args.num_generations)), args)
+        delta = teacher - student                                                                # [B, C]
+        for sign, key in ((-1, "wrong"), (1, "right_wrong_step")):
+            # blame for a wrong answer: w_t = exp(-Delta_t), its error should rank first; credit for a right
+            # one: w_t = exp(Delta_t), its error should rank last, so we rank -w_t
+            aucs = [rank_auc(-sign * torch.exp(sign * delta[i, :int(ro["mask"][i].sum())]), e)
+                    for i, e, s, _ in cases if s == sign]
+            out[f"{name}/{key}"] = statistics.mean(aucs) if aucs else float("nan")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# compare: GRPO vs RLSD (and its shuffled-reference control) vs OPSD on the task `python train.py` uses, paired by
+# seed: train.py derives the base model (its warm start), the data order and the evaluation prompts from --seed alone,
+# so seed s gives every variant the same three, and RLSD - GRPO can be taken seed by seed.
+
 THRESHOLD = 0.75  # "steps to reach" this held-out accuracy
+VARIANTS = {  # name: (train.py --algo, what the teacher's rows become; None = the rows themselves)
+    "grpo": ("grpo", None),
+    "rlsd": ("rlsd", None),
+    "rlsd-shuffled": ("rlsd", shuffled_rows),  # RLSD whose teacher sees another prompt's reference
+    "opsd": ("opsd", None),
+}
+# The teacher's privileged context. 'answer' is the paper's (r = the final answer, spec section 1); 'worked' is this
+# benchmark's principled change (README, "Does it work?"): the reference solution is the worked one, so that a
+# one-million-parameter teacher can check each step, as the paper's 8B teacher can check its steps against a
+# final answer. The verifier's gold stays the final number, and RLSD is unchanged.
+SETTINGS = ("answer", "worked")
+CREDIT_PROMPTS = 64  # held-out prompts x G completions scored for credit localisation
 
 
-def run_one(algo, seed, args):
-    """One training run with train.py's own code; returns its metrics and a leakage probe."""
-    out = os.path.join(args.out, "runs", f"{algo}-seed{seed}")
+@contextlib.contextmanager
+def reference_setting(name):
+    """Within this block the built-in task's rows carry the reference the teacher sees in setting `name`."""
+    original = train.builtin_task
+    if name == "worked":
+        train.builtin_task = lambda n, seed: [dict(r, privileged=train.builtin_solution(r["problem"]))
+                                              for r in original(n, seed)]
+    try:
+        yield
+    finally:
+        train.builtin_task = original
+
+
+def run_one(variant, seed, setting, args):
+    """One training run with train.py's own code; returns its curve, a leakage probe and, for RLSD, credit
+    localisation at the start, the middle and the end. Cached in its run folder, so an interrupted bench resumes."""
+    out = os.path.join(args.out, "runs", setting, f"{variant}-seed{seed}")
+    done = os.path.join(out, "result.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
     shutil.rmtree(out, ignore_errors=True)
+    algo, teacher_rows = VARIANTS[variant]
     lr = train.DEMO["lr"] * (10 if algo == "opsd" else 1)  # the paper gives OPSD a 10x larger lr
+    mid, credit = args.steps // 2, variant == "rlsd"
+    cache = os.path.join(args.cache_dir, setting)  # the warm start differs by setting (the teacher half of it)
     targs = train.parse_args(["--algo", algo, "--seed", str(seed), "--output-dir", out, "--lr", str(lr),
-                              "--max-steps", str(args.steps), "--save-steps", str(10 ** 9), "--log-samples-steps", "0"])
-    t = time.time()
-    policy, _ = train.train(targs)
-    seconds = time.time() - t
+                              "--max-steps", str(args.steps), "--save-steps", str(mid if credit else 10 ** 9),
+                              "--log-samples-steps", "0", "--cache-dir", cache])
+    result = {"credit": []}
+    with reference_setting(setting), teacher_sees(teacher_rows) if teacher_rows else contextlib.nullcontext():
+        evals = train.load_rows(targs, "eval")
+        if credit:
+            result["credit"].append([0, credit_localisation(train.load_policy(targs), evals[:CREDIT_PROMPTS], targs,
+                                                            seed)])
+        t = time.time()
+        policy, _ = train.train(targs)
+        seconds = time.time() - t
+        if credit:
+            halfway = train.load_policy(targs, os.path.join(out, f"checkpoint-{mid}"))
+            result["credit"].append([mid, credit_localisation(halfway, evals[:CREDIT_PROMPTS], targs, seed)])
+            result["credit"].append([args.steps, credit_localisation(policy, evals[:CREDIT_PROMPTS], targs, seed)])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    curve = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     steps = [r for r in rows if "reward" in r]
     # leakage probe: greedy completions that give the answer before any working, or talk about a reference
-    evals = train.load_rows(targs, "eval")
-    ids, mask, _, _ = train.generate(policy, [train.student_prompt(policy, r) for r in evals], evals, targs, "greedy")
+    prompts = [train.student_prompt(policy, r) for r in evals]
+    ids, mask, _, _ = train.generate(policy, prompts, evals, targs, "greedy")
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
     leak = sum("reference" in t or "solution" in t or -1 < t.find("<answer>") < t.find("=") or
                ("<answer>" in t and "=" not in t) for t in texts) / len(texts)
     tail = steps[-5:]
-    return dict(curve=curve, leak=leak, entropy=statistics.mean(r["entropy"] for r in tail),
-                length=statistics.mean(r["completions/mean_length"] for r in tail),
-                sec_per_step=statistics.mean(sum(r[k] for k in r if k.startswith("time/") and k != "time/eval")
-                                             for r in steps))
+    result.update(curve=[(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r], leak=leak,
+                  entropy=statistics.mean(r["entropy"] for r in tail), seconds=seconds,
+                  length=statistics.mean(r["completions/mean_length"] for r in tail),
+                  sec_per_step=statistics.mean(sum(r[k] for k in r if k.startswith("time/") and k != "time/eval")
+                                               for r in steps))
+    for folder in train.checkpoints(out):  # weights are not results
+        shutil.rmtree(folder)
+    json.dump(result, open(done, "w"))
+    return result
 
 
 def overhead(args, repeats=5):
     """RLSD's step time / GRPO's on the very same rollout batch: the teacher pass is the only extra work."""
-    targs = train.parse_args(["--algo", "rlsd", "--output-dir", os.path.join(args.out, "runs", "overhead")])
+    targs = train.parse_args(["--algo", "rlsd", "--output-dir", os.path.join(args.out, "runs", "overhead"),
+                              "--cache-dir", os.path.join(args.cache_dir, "answer")])
     policy = train.load_policy(targs)
     train.prepare_for_training(policy, targs)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=0.0)  # lr 0: time the work, keep the weights
@@ -189,7 +351,7 @@ def overhead(args, repeats=5):
         ro = train.rollout(policy, rows, targs)
         times["rollout"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        rewards, _ = train.reward(ro)
+        rewards, _ = train.reward(targs, ro["texts"], ro["rows"])
         adv = rlsd.group_advantages(rewards, targs.num_generations)
         times["reward"].append(time.perf_counter() - t)
         teacher.maybe_sync(0)
@@ -207,58 +369,152 @@ def overhead(args, repeats=5):
     return dict(med, grpo=grpo, rlsd=rlsd_, ratio=rlsd_ / grpo)
 
 
-def plot(results, path):
+# ---- statistics over seeds
+
+
+def bootstrap(xs, n=10_000, seed=0):
+    """Mean of xs and a percentile-bootstrap 95% interval of that mean (seeds resampled with replacement)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.mean(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return statistics.mean(xs), means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def steps_to(curve, cap):
+    """First evaluated step at or above THRESHOLD; a run that never gets there counts as `cap` (censored)."""
+    return next((s for s, a in curve if a >= THRESHOLD), cap)
+
+
+def paired(runs_a, runs_b, cap):
+    """Per evaluation step (and for steps-to-threshold), the seed-by-seed differences a - b over the seeds both
+    have: {label: [diffs]}."""
+    b_of = {r["seed"]: r for r in runs_b}
+    pairs = [(a, b_of[a["seed"]]) for a in runs_a if a["seed"] in b_of]
+    out = {}
+    for k, (step, _) in enumerate(runs_a[0]["curve"]):
+        out[f"step {step}"] = [a["curve"][k][1] - b["curve"][k][1] for a, b in pairs]
+    out[f"steps to {THRESHOLD:.0%}"] = [steps_to(a["curve"], cap) - steps_to(b["curve"], cap) for a, b in pairs]
+    return out
+
+
+def fmt_ci(xs, digits=3):
+    m, lo, hi = bootstrap(xs)
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+PAIRS = [("answer", "rlsd", "grpo"), ("answer", "rlsd-shuffled", "grpo"), ("answer", "rlsd", "rlsd-shuffled"),
+         ("worked", "rlsd", "grpo")]
+
+
+def plot(results, args, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for algo, runs in results.items():
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (setting, variant), runs in results.items():
         steps = [s for s, _ in runs[0]["curve"]]
-        accs = torch.tensor([[a for _, a in r["curve"]] for r in runs])              # [seeds, evals]
-        mean, lo, hi = accs.mean(0), accs.min(0).values, accs.max(0).values
-        ax.plot(steps, mean, label=f"{algo} (mean of {len(runs)} seeds)")
-        ax.fill_between(steps, lo, hi, alpha=0.2)
-    ax.axhline(THRESHOLD, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="optimizer step", ylabel="held-out accuracy (greedy)", title="Built-in task: min-max band over seeds")
-    ax.legend()
+        cis = [bootstrap([r["curve"][k][1] for r in runs]) for k in range(len(steps))]
+        ls = "-" if setting == "answer" else "--"
+        ax.plot(steps, [c[0] for c in cis], ls, label=f"{variant}, {setting} ({len(runs)} seeds)")
+        ax.fill_between(steps, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15)
+    ax.axhline(THRESHOLD, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="optimizer step", ylabel="held-out accuracy (greedy)", title="Mean over seeds, 95% bootstrap band")
+    ax.legend(fontsize=7)
+    for setting, a, b in PAIRS:
+        if (setting, a) in results and (setting, b) in results:
+            d = paired(results[setting, a], results[setting, b], args.steps + train.DEMO["eval_steps"])
+            steps = [int(k.split()[1]) for k in d if k.startswith("step ")]
+            cis = [bootstrap(d[f"step {s}"]) for s in steps]
+            bx.errorbar(steps, [c[0] for c in cis], yerr=[[c[0] - c[1] for c in cis], [c[2] - c[0] for c in cis]],
+                        capsize=3, marker="o", label=f"{a} - {b}, {setting} ({len(d[f'step {steps[0]}'])} seeds)")
+    bx.axhline(0, color="grey", lw=0.8)
+    bx.set(xlabel="optimizer step", ylabel="paired accuracy difference",
+           title="Seed-paired difference, mean and 95% bootstrap interval")
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def summary(results, ov, args):
-    def first_reach(curve):
-        return next((s for s, a in curve if a >= THRESHOLD), None)
-
-    lines = [f"# GRPO vs OPSD vs RLSD on the built-in task", "",
-             f"`python bench.py --seeds {args.seeds} --steps {args.steps}`: seeds 0..{args.seeds - 1}, "
-             f"{args.steps} steps each, train.py's demo settings (lr {train.DEMO['lr']}, OPSD lr x10 as in the paper). "
-             "Accuracy is greedy, on 256 held-out prompts; mean +- std over seeds.", "",
-             f"| algo | steps to {THRESHOLD:.0%} | base | final | best (step) | entropy (end) | length (end) | "
-             "leak | s/step |", "|---|---|---|---|---|---|---|---|---|"]
-    for algo, runs in results.items():
-        reach = [first_reach(r["curve"]) for r in runs]
+    cap = args.steps + train.DEMO["eval_steps"]
+    lines = ["# GRPO vs RLSD vs OPSD on the built-in task, paired by seed", ""]
+    lines += [args.note, ""] if args.note else []
+    lines += [f"`{args.command_line}`: {args.steps} steps per run, train.py's demo settings (lr {train.DEMO['lr']}, "
+              "OPSD lr x10 as in the paper). Seed s gives every variant the same base model, data order and 256 "
+              "held-out prompts; accuracy is greedy. `rlsd-shuffled` is RLSD whose teacher sees another prompt's "
+              "reference. Settings: `answer` = the teacher's reference is the final number (the paper's); `worked` "
+              "= it is the worked solution (the principled change; README, \"Does it work?\").", "",
+              f"| setting | variant | seeds | steps to {THRESHOLD:.0%} | base | final | best (step) | entropy (end) | "
+              "length (end) | leak | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+    for (setting, variant), runs in results.items():
+        reach = [steps_to(r["curve"], None) for r in runs]
         hit = [x for x in reach if x is not None]
         finals = [r["curve"][-1][1] for r in runs]
         bests = [max(r["curve"], key=lambda c: c[1]) for r in runs]
-        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
-        lines.append(
-            f"| {algo} | {statistics.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds) | " if hit else f"| {algo} | never | ")
-        lines[-1] += (f"{statistics.mean(r['curve'][0][1] for r in runs):.3f} | "
-                      f"{statistics.mean(finals):.3f} +- {sd(finals):.3f} | "
-                      f"{statistics.mean(b[1] for b in bests):.3f} ({statistics.mean(b[0] for b in bests):.0f}) | "
-                      f"{statistics.mean(r['entropy'] for r in runs):.3f} | {statistics.mean(r['length'] for r in runs):.1f} | "
-                      f"{statistics.mean(r['leak'] for r in runs):.1%} | "
-                      f"{statistics.mean(r['sec_per_step'] for r in runs):.2f} |")
+        lines.append(f"| {setting} | {variant} | {len(runs)} | "
+                     + (f"{statistics.mean(hit):.0f} ({len(hit)}/{len(runs)} seeds) | " if hit else "never | ")
+                     + f"{statistics.mean(r['curve'][0][1] for r in runs):.3f} | "
+                     f"{statistics.mean(finals):.3f} +- {sd(finals):.3f} | "
+                     f"{statistics.mean(b[1] for b in bests):.3f} ({statistics.mean(b[0] for b in bests):.0f}) | "
+                     f"{statistics.mean(r['entropy'] for r in runs):.3f} | "
+                     f"{statistics.mean(r['length'] for r in runs):.1f} | "
+                     f"{statistics.mean(r['leak'] for r in runs):.1%} | "
+                     f"{statistics.mean(r['sec_per_step'] for r in runs):.2f} |")
     lines += ["", "Leak: greedy held-out completions that give `<answer>` before any working or mention a reference/"
-              "solution. Entropy and length: mean of the last 5 steps.", "",
-              "## RLSD's overhead (same rollout batch, median of 5)", "",
-              f"| | rollout | reward | teacher forward | update | step |", "|---|---|---|---|---|---|",
-              f"| GRPO | {ov['rollout']:.3f} s | {ov['reward']:.3f} s | - | {ov['update_grpo']:.3f} s | {ov['grpo']:.3f} s |",
-              f"| RLSD | {ov['rollout']:.3f} s | {ov['reward']:.3f} s | {ov['teacher']:.3f} s | "
-              f"{ov['update_rlsd']:.3f} s | {ov['rlsd']:.3f} s |", "",
-              f"RLSD / GRPO step time: **{ov['ratio']:.3f}** (target <= 1.15). Of the extra "
-              f"{ov['rlsd'] - ov['grpo']:.3f} s, the teacher forward is {ov['teacher']:.3f} s and the rest "
-              f"(token advantages in the update) {ov['update_rlsd'] - ov['update_grpo']:.3f} s.", ""]
+              "solution. Entropy and length: mean of the last 5 steps.", "", "## Paired differences", "",
+              f"Mean over seeds of the seed-by-seed difference in held-out accuracy, with a 95% bootstrap interval "
+              f"(10,000 resamples of the seeds). Steps to {THRESHOLD:.0%}: a run that never reaches it counts as "
+              f"{cap}, so those rows are censored.", ""]
+    pairs = [(s, a, b) for s, a, b in PAIRS if (s, a) in results and (s, b) in results]
+    if pairs:
+        ds = [paired(results[s, a], results[s, b], cap) for s, a, b in pairs]
+        lines += ["| | " + " | ".join(f"{a} - {b} ({s}, {len(d[next(iter(d))])} seeds)" for (s, a, b), d in
+                                       zip(pairs, ds)) + " |", "|---" * (len(pairs) + 1) + "|"]
+        for key in ds[0]:
+            lines.append(f"| {key} | " + " | ".join(fmt_ci(d[key], 1 if key.startswith("steps") else 3)
+                                                     if key in d else "-" for d in ds) + " |")
+    lines += ["", "## Credit localisation", "",
+              f"For {CREDIT_PROMPTS} held-out prompts x G = {train.DEMO['num_generations']} sampled completions, the "
+              "first token that leaves the unique worked solution (a wrongly copied term, a wrong partial sum, a "
+              "skipped step) is the known error. AUC: how well the teacher's weight w_t = exp(sign(A) Delta_t) "
+              "(Eq. 14, before the clip) ranks that token among the completion's tokens - as the most blamed for a "
+              "wrong answer, as the least credited for a right answer reached through a wrong step. 0.5 = chance. "
+              "The teacher is the live policy (the weights at that step) with the reference in its prompt; "
+              "`shuffled` gives it another prompt's reference, `no reference` an empty one. Mean over the seeds "
+              "of the RLSD runs; n = completions pooled over seeds.", "",
+              "| setting | step | wrong: teacher | wrong: shuffled | wrong: no reference | n wrong | "
+              "right with wrong step: teacher | shuffled | no reference | n |", "|---" * 10 + "|"]
+    headline = None
+    for (setting, variant), runs in results.items():
+        if variant != "rlsd":
+            continue
+        for k, (step, _) in enumerate(runs[0]["credit"]):
+            cs = [r["credit"][k][1] for r in runs]
+            col = lambda key: statistics.mean(c[key] for c in cs if c[key] == c[key]) if any(
+                c[key] == c[key] for c in cs) else float("nan")
+            lines.append(f"| {setting} | {step} | " + " | ".join(
+                f"{col(f'{name}/wrong'):.3f}" for name in CONTROLS) + f" | {sum(c['wrong'] for c in cs)} | " +
+                " | ".join(f"{col(f'{name}/right_wrong_step'):.3f}" for name in CONTROLS) +
+                f" | {sum(c['right_wrong_step'] for c in cs)} |")
+            if setting == "answer" and step == 0:
+                headline = (f"Credit localisation AUC (wrong answers, base model, the paper's setting, {len(runs)} "
+                            f"seeds): teacher {col('teacher/wrong'):.3f}, shuffled-reference control "
+                            f"{col('shuffled/wrong'):.3f}, no-reference control {col('no reference/wrong'):.3f}.")
+    kinds = {}
+    for (setting, variant), runs in results.items():
+        for r in runs if variant == "rlsd" and setting == "answer" else []:
+            for k, v in r["credit"][0][1]["kinds"].items():
+                kinds[k] = kinds.get(k, 0) + v
+    lines += ["", headline or "", "", "First errors of the wrong answers at step 0 (answer setting), by kind: "
+              + ", ".join(f"{k} {v}" for k, v in kinds.items()) + "."]
+    if ov:
+        lines += ["", "## RLSD's overhead (same rollout batch, median of 5)", "",
+                  "| | rollout | reward | teacher forward | update | step |", "|---|---|---|---|---|---|",
+                  f"| GRPO | {ov['rollout']:.3f} s | {ov['reward']:.3f} s | - | {ov['update_grpo']:.3f} s | "
+                  f"{ov['grpo']:.3f} s |",
+                  f"| RLSD | {ov['rollout']:.3f} s | {ov['reward']:.3f} s | {ov['teacher']:.3f} s | "
+                  f"{ov['update_rlsd']:.3f} s | {ov['rlsd']:.3f} s |", "",
+                  f"RLSD / GRPO step time: **{ov['ratio']:.3f}** (target <= 1.15).", ""]
     return "\n".join(lines)
 
 
@@ -266,20 +522,27 @@ def bench_compare(args):
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    results = {algo: [] for algo in ALGOS}
+    results = {}
     for seed in range(args.seeds):
-        for algo in ALGOS:
-            results[algo].append(run_one(algo, seed, args))
-            print(f"[bench] {algo} seed {seed}: final {results[algo][-1]['curve'][-1][1]:.3f} "
-                  f"({time.time() - t0:.0f}s so far)", flush=True)
-    ov = overhead(args)
-    plot(results, os.path.join(args.out, "curves.png"))
-    targs = train.parse_args(["--output-dir", os.path.join(args.out, "runs", "credit")])
+        for setting in args.settings:
+            for variant in (args.variants if setting == "answer" else args.change_variants):
+                done = os.path.isfile(os.path.join(args.out, "runs", setting, f"{variant}-seed{seed}", "result.json"))
+                if variant == "opsd" and seed >= args.opsd_seeds or args.only_finished and not done:
+                    continue
+                r = dict(run_one(variant, seed, setting, args), seed=seed)
+                results.setdefault((setting, variant), []).append(r)
+                print(f"[bench] {setting} {variant} seed {seed}: final {r['curve'][-1][1]:.3f} "
+                      f"({time.time() - t0:.0f}s so far)", flush=True)
+    ov = overhead(args) if args.overhead else None
+    plot(results, args, os.path.join(args.out, "curves.png"))
+    targs = train.parse_args(["--output-dir", os.path.join(args.out, "runs", "credit"),
+                              "--cache-dir", os.path.join(args.cache_dir, "answer")])
     train.show_credit(train.load_policy(targs), train.load_rows(targs, "eval")[:targs.prompts_per_step], targs, 4,
                       os.path.join(args.out, "credit.html"))
     text = summary(results, ov, args) + f"\nTotal wall time: {time.time() - t0:.0f} s on {args.threads} threads.\n"
     open(os.path.join(args.out, "summary.md"), "w").write(text)
-    json.dump(results, open(os.path.join(args.out, "results.json"), "w"), indent=1)
+    json.dump({f"{s}/{v}": runs for (s, v), runs in results.items()}, open(os.path.join(args.out, "results.json"),
+                                                                          "w"), indent=1)
     print(text)
 
 
@@ -534,11 +797,25 @@ def bench_verifier(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0].rstrip(":"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    c = sub.add_parser("compare", help="GRPO vs OPSD vs RLSD on the built-in task (the default)")
-    c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--steps", type=int, default=train.DEMO["max_steps"])
+    c = sub.add_parser("compare", help="GRPO vs RLSD vs OPSD on the built-in task, paired by seed (the default)")
+    c.add_argument("--seeds", type=int, default=8)
+    c.add_argument("--steps", type=int, default=50, help="steps per run; 50 = the paper's lambda ramp, after which "
+                   "RLSD is GRPO")
+    c.add_argument("--settings", type=lambda s: s.split(","), default=list(SETTINGS),
+                   help="the teacher's reference: answer (the paper's), worked (the principled change), or both")
+    c.add_argument("--variants", type=lambda s: s.split(","), default=["grpo", "rlsd", "rlsd-shuffled", "opsd"],
+                   help="variants run in the 'answer' setting")
+    c.add_argument("--change-variants", type=lambda s: s.split(","), default=["grpo", "rlsd"],
+                   help="variants run in the 'worked' setting")
+    c.add_argument("--opsd-seeds", type=int, default=2, help="OPSD runs on the first N seeds only")
+    c.add_argument("--overhead", type=int, default=1, help="1: time RLSD's overhead on one batch")
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--only-finished", action="store_true", help="run nothing: summarise the runs already in --out")
+    c.add_argument("--note", default="", help="a paragraph for the top of summary.md (e.g. how a reduced run was made)")
     c.add_argument("--out", default="results")
+    cache = os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd"))
+    c.add_argument("--cache-dir", default=os.path.join(cache, "bench"), help="warm-started base models, one per seed "
+                   "and setting")
     c.set_defaults(func=bench_compare)
 
     def logprobs_args(p):
@@ -586,6 +863,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     help_ = {"-h", "--help"} & set(argv)
     args = parser.parse_args(argv if argv and not argv[0].startswith("-") or help_ else ["compare"] + argv)
+    args.command_line = "python bench.py " + " ".join(argv)
     args.func(args)
 
 

@@ -2196,3 +2196,98 @@ def test_show_credit_writes_html_and_keeps_token_weights_within_the_lambda_eps_b
     band = args.lam0 * args.eps_w
     r = ratio[picks]
     assert ((r == 0) | ((r >= 1 - band - 1e-6) & (r <= 1 + band + 1e-6))).all()
+
+
+# ---- bench.py: credit localisation on the built-in task (issue 14) ----
+
+
+def pieces_of(text):
+    """A completion as the built-in tokenizer splits it, one decoded piece per token."""
+    tok = train.builtin_tokenizer()
+    return [tok.decode([i]) for i in tok(text, add_special_tokens=False).input_ids]
+
+
+@pytest.mark.parametrize("completion, token, kind", [
+    ("3+5=8. 8+2=10. 10+4=14. <answer>14</answer>", None, None),          # the worked solution itself
+    ("3+5=8. 8+2=10.", None, None),                                       # truncated, nothing wrong yet
+    ("3+5=8. 8+3=11. 11+4=15. <answer>15</answer>", "3", "term"),         # wrongly copied term
+    ("3+5=9. 9+2=11. 11+4=15. <answer>15</answer>", "9", "sum"),          # wrong partial sum
+    ("3+5=8. 8+2=11. 11+4=15. <answer>15</answer>", "1", "sum"),          # second digit of a partial sum
+    ("3+5=8. 9+2=11. 11+4=15. <answer>15</answer>", "9", "running total"),  # running total copied wrong
+    ("3+5=8. 8+2=10. 10+4=14. <answer>15</answer>", "5", "answer"),
+    ("3+5=8. <answer>8</answer>", " <answer>", "format"),                 # skipped steps
+])
+def test_first_error_finds_the_first_token_that_leaves_the_worked_solution(completion, token, kind):
+    import bench
+    pieces = pieces_of(completion)
+    err = bench.first_error("What is 3+5+2+4?", pieces)
+    if token is None:
+        assert err is None
+        return
+    t, k = err
+    assert (pieces[t], k) == (token, kind)
+    assert "".join(pieces[:t]) == train.builtin_solution("What is 3+5+2+4?")[:len("".join(pieces[:t]))]
+
+
+def test_first_error_token_index_is_exact_on_a_hand_built_completion():
+    import bench
+    pieces = pieces_of("3+5=8. 8+3=11. 11+4=15. <answer>15</answer>")
+    assert pieces[:10] == ["3", "+", "5", "=", "8", ".", " ", "8", "+", "3"]
+    assert bench.first_error("What is 3+5+2+4?", pieces) == (9, "term")
+
+
+def test_rank_auc_is_one_for_a_peak_at_the_error_half_for_flat_and_zero_for_a_trough():
+    import bench
+    peak = [1.0, 1.0, 1.2, 1.0, 0.9]
+    assert bench.rank_auc(peak, 2) == 1.0
+    assert bench.rank_auc([1.0] * 5, 2) == 0.5
+    assert bench.rank_auc([1.0, 1.0, 0.8, 1.0], 2) == 0.0
+    assert bench.rank_auc([3.0, 1.0, 2.0, 2.0, 0.0], 2) == pytest.approx((2 + 0.5) / 4)  # ties count half
+
+
+def test_shuffled_rows_give_each_group_another_prompts_answer_and_keep_its_own_problem():
+    import bench
+    rows = train.builtin_task(6, seed=5)
+    rows[1]["answer"] = rows[0]["answer"]  # neighbours with the same answer are skipped over
+    G = 3
+    batch = [r for r in rows for _ in range(G)]
+    out = bench.shuffled_rows(batch, G)
+    assert [r["problem"] for r in out] == [r["problem"] for r in batch]
+    assert all(o["answer"] != r["answer"] for o, r in zip(out, batch))
+    assert all(r["answer"] == "" for r in bench.no_reference_rows(batch, G))
+
+
+def test_teacher_sees_changes_only_the_teachers_rows_and_restores_the_teacher(tiny_model, one_thread):
+    import bench
+    policy, args = tiny_policy(tiny_model, "--num-generations", "2", "--prompts-per-step", "3",
+                               "--micro-batch-size", "6", "--max-completion-length", "6")
+    torch.manual_seed(0)
+    ro = train.rollout(policy, train.builtin_task(3, seed=1), args)
+    plain = train.Teacher(policy, 0).logprobs(ro, args)
+    original = train.Teacher
+    with bench.teacher_sees(bench.shuffled_rows):
+        shuffled = train.Teacher(policy, 0).logprobs(ro, args)
+    assert train.Teacher is original
+    want = train.Teacher(policy, 0).logprobs(dict(ro, rows=bench.shuffled_rows(ro["rows"], 2)), args)
+    m = ro["mask"].bool()
+    assert torch.equal(shuffled[m], want[m]) and not torch.equal(shuffled[m], plain[m])
+
+
+def test_worked_reference_setting_puts_the_worked_solution_in_the_teacher_prompt_only():
+    import bench
+    policy = train.Policy(None, train.builtin_tokenizer())
+    with bench.reference_setting("worked"):
+        row = train.builtin_task(1, seed=2)[0]
+    solution = train.builtin_solution(row["problem"])
+    assert solution in train.teacher_prompt(policy, row) and solution not in train.student_prompt(policy, row)
+    assert "reference" not in train.builtin_task(1, seed=2)[0]  # the setting ends with its block
+
+
+def test_credit_localisation_reports_an_auc_per_teacher_within_zero_and_one(tiny_model, one_thread):
+    import bench
+    policy, args = tiny_policy(tiny_model, "--num-generations", "4", "--prompts-per-step", "4",
+                               "--micro-batch-size", "16", "--max-completion-length", "12")
+    out = bench.credit_localisation(policy, train.builtin_task(4, seed=2), args, seed=0)
+    assert out["wrong"] > 0  # a random model leaves the worked solution
+    for name in bench.CONTROLS:
+        assert 0.0 <= out[f"{name}/wrong"] <= 1.0

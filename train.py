@@ -58,7 +58,7 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10, loss_type="dapo", scale_rewards="group",
              max_steps=200, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
              log_samples_steps=10, eval_decoding="sampled", min_pixels=512 * 512, max_pixels=768 * 768)
-DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=100,
+DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=120,
             micro_batch_size=128, generation_batch_size=128, eval_steps=20, save_steps=50, eval_size=256,
             log_samples_steps=25, eval_decoding="greedy")
 
