@@ -1176,12 +1176,12 @@ def test_images_sit_at_their_image_tags_in_student_and_teacher_inputs(vl):
                           "hf download Qwen/Qwen3-VL-8B-Instruct"], []),
     ("/nonexistent/folder", ["'/nonexistent/folder': no such folder"], ["hf download"]),
 ])
-def test_card_command_with_no_network_answers_in_seconds_with_one_line(model, words, absent):
-    here = os.path.dirname(os.path.abspath(train.__file__))
+def test_card_command_with_no_network_answers_in_seconds_with_one_line(model, words, absent, tmp_path):
+    here = tmp_path  # the command exactly as a user types it, in a folder of its own
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a hub that refuses connections: no network, without waiting for DNS
     t = time.time()
-    r = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--model", model], cwd=here,
+    r = subprocess.run([sys.executable, os.path.abspath(train.__file__), "--model", model], cwd=here,
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and time.time() - t < 30
     lines = (r.stdout + r.stderr).strip().splitlines()

@@ -147,7 +147,8 @@ def parse_args(argv=None):
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = bf16 on a GPU that "
         "supports it, else float32")
     add("--seed", type=int, default=0, help="seeds data order, sampling and the built-in task")
-    add("--output-dir", default="runs/rlsd", help="metrics.jsonl and checkpoints go here")
+    add("--output-dir", default=None, help="metrics.jsonl and checkpoints go here (default: runs/ and the model's "
+        "name, so that the demo's run and a hub model's do not meet)")
     add("--resume", action="store_true", help="continue from the last checkpoint in --output-dir (none yet: start "
         "at step 0 and say so)")
     add("--overwrite", action="store_true", help="start over in an --output-dir that holds a run: deletes its "
@@ -156,6 +157,7 @@ def parse_args(argv=None):
         "(terminal + output-dir/credit.html)")
     args = p.parse_args(argv)
     args.lr_given = args.lr is not None  # else LoRA scales the default lr (prepare_for_training)
+    args.output_dir = args.output_dir or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
     defaults = DEMO if args.model == "builtin" else PAPER
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -1256,8 +1258,8 @@ def train(args):
     if args.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
     # Everything that can be wrong with the command is checked before the minutes it takes to load the weights.
-    start = check_output_dir(args)                  # the checkpoint to resume from, or None
     path, config = resolve_model(args)
+    start = check_output_dir(args)                  # the checkpoint to resume from, or None
     if args.dataset is None:  # the paper's data for a vision-language model, else the built-in task
         args.dataset = PAPER_DATASET if hasattr(config, "vision_config") else "builtin"
         if args.dataset == PAPER_DATASET:
