@@ -2152,6 +2152,18 @@ def test_two_rank_torchrun_run_logs_each_step_once_saves_a_loadable_checkpoint_a
                                                                                            "checkpoint-3"]
 
 
+def test_two_rank_demo_from_a_cold_cache_is_warm_started_by_rank_0_while_rank_1_waits(tmp_path):
+    """Regression: rank 0's warm start sampled with synced_gpus, waiting on a rank that was waiting for it."""
+    script = tmp_path / "demo.py"
+    script.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nimport train\n"
+                      "train.WARM = dict(train.WARM, max_steps=2, check_every=1)\ntrain.main(sys.argv[2:])\n")
+    here = os.path.dirname(os.path.abspath(train.__file__))
+    torchrun(2, script, here, "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "out", "--max-steps", "1",
+             "--eval-size", "4", "--prompts-per-step", "2", "--num-generations", "2", "--micro-batch-size", "4",
+             "--generation-batch-size", "4", "--max-completion-length", "8")
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [0, 1] and len(os.listdir(tmp_path / "cache")) == 1
+
+
 # ---- train.py: the built-in task, the grouped teacher pass, the credit picture ----
 
 

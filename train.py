@@ -879,7 +879,7 @@ def generate(policy, texts, rows, args, decoding="rollout"):
         rec = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], knobs.get("presence_penalty"))
         with policy.autocast():
             seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]),
-                                        synced_gpus=dist_world() > 1 and policy.train_model is None)  # FSDP2
+                                        synced_gpus=sharded(policy.model))
         comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
         ids.append(comp)
         logps.append(rec.finish(seq))
@@ -1453,14 +1453,20 @@ def distribute(policy, lora_rank):
     fully_shard(policy.model, mp_policy=mp)
 
 
+def sharded(model):
+    """Under FSDP2 every forward is a collective, so all ranks must run as many (generate's synced_gpus). Not so
+    for the demo model that rank 0 warm-starts alone, before anything is sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    return dist_world() > 1 and isinstance(model, FSDPModule)
+
+
 def reshard(model):
     """FSDP2 leaves the root's weights gathered after a forward: shard them again, so that every parameter is this
     rank's shard (a DTensor), as the teacher's snapshot is."""
-    if dist_world() > 1:
-        from torch.distributed.fsdp import FSDPModule
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules() if sharded(model) else []:
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_state_dict(policy, lora_rank):
