@@ -537,7 +537,8 @@ def load_policy(args, path=None):
     offline = not os.path.isdir(path) and not hub_reachable()  # then from the local cache only
     vl = hasattr(config or AutoConfig.from_pretrained(path, local_files_only=offline), "vision_config")
     auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=pick_dtype(args.dtype), local_files_only=offline)
+    dtype = pick_dtype(args.dtype)
+    model = auto.from_pretrained(path, dtype=dtype, local_files_only=offline)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
                  AutoTokenizer.from_pretrained(path, local_files_only=offline))
@@ -546,7 +547,7 @@ def load_policy(args, path=None):
         tok.pad_token = tok.eos_token
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise ConfigError(f"{path!r} has no chat template; use an instruct/chat model or add one to its tokenizer")
-    return Policy(model, processor, vl, args.max_pixels, pick_dtype(args.dtype))
+    return Policy(model, processor, vl, args.max_pixels, dtype)
 
 
 def load_processor(path, min_pixels, max_pixels, offline=False):
@@ -927,8 +928,9 @@ def reward(args, texts, rows):
     return torch.tensor(out), unparseable                                                            # [B]
 
 
+@functools.lru_cache(maxsize=None)
 def reward_fn(spec):
-    """'module:function' -> the function."""
+    """'module:function' -> the function, imported once."""
     module, _, name = spec.partition(":")
     try:
         import importlib
@@ -1456,8 +1458,10 @@ def distribute(policy, lora_rank):
 def sharded(model):
     """Under FSDP2 every forward is a collective, so all ranks must run as many (generate's synced_gpus). Not so
     for the demo model that rank 0 warm-starts alone, before anything is sharded."""
+    if dist_world() == 1:  # plain `python train.py`: nothing to import on every generate() call
+        return False
     from torch.distributed.fsdp import FSDPModule
-    return dist_world() > 1 and isinstance(model, FSDPModule)
+    return isinstance(model, FSDPModule)
 
 
 def reshard(model):
