@@ -20,8 +20,10 @@ relative to the memory in use just before the call, after the logits exist.
 
 import argparse
 import ast
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -258,7 +260,8 @@ def credit_localisation(policy, rows, args, seed):
 # seed: train.py derives the base model (its warm start), the data order and the evaluation prompts from --seed alone,
 # so seed s gives every variant the same three, and RLSD - GRPO can be taken seed by seed.
 
-THRESHOLD = 0.75  # "steps to reach" this held-out accuracy
+GAIN = 0.10  # "steps to reach" base + GAIN held-out accuracy: the base differs by seed, and is shared within one
+EVAL_STEPS = 5  # held-out evaluation every 5 steps, so that steps-to-GAIN is read to 5 steps
 VARIANTS = {  # name: (train.py --algo, what the teacher's rows become; None = the rows themselves)
     "grpo": ("grpo", None),
     "rlsd": ("rlsd", None),
@@ -297,10 +300,9 @@ def run_one(variant, seed, setting, args):
     algo, teacher_rows = VARIANTS[variant]
     lr = train.DEMO["lr"] * (10 if algo == "opsd" else 1)  # the paper gives OPSD a 10x larger lr
     mid, credit = args.steps // 2, variant == "rlsd"
-    cache = os.path.join(args.cache_dir, setting)  # the warm start differs by setting (the teacher half of it)
-    targs = train.parse_args(["--algo", algo, "--seed", str(seed), "--output-dir", out, "--lr", str(lr),
-                              "--max-steps", str(args.steps), "--save-steps", str(mid if credit else 10 ** 9),
-                              "--log-samples-steps", "0", "--cache-dir", cache])
+    targs = compare_args(seed, setting, args, "--algo", algo, "--output-dir", out, "--lr", str(lr), "--max-steps",
+                         str(args.steps), "--save-steps", str(mid if credit else 10 ** 9), "--log-samples-steps", "0",
+                         "--eval-steps", str(EVAL_STEPS))
     result = {"credit": []}
     with reference_setting(setting), teacher_sees(teacher_rows) if teacher_rows else contextlib.nullcontext():
         evals = train.load_rows(targs, "eval")
@@ -331,13 +333,15 @@ def run_one(variant, seed, setting, args):
     for folder in train.checkpoints(out):  # weights are not results
         shutil.rmtree(folder)
     json.dump(result, open(done, "w"))
+    print(f"[bench] {setting} {variant} seed {seed}: final {result['curve'][-1][1]:.3f} "
+          f"({time.time() - args.t0:.0f}s so far)", flush=True)
     return result
 
 
 def overhead(args, repeats=5):
     """RLSD's step time / GRPO's on the very same rollout batch: the teacher pass is the only extra work."""
-    targs = train.parse_args(["--algo", "rlsd", "--output-dir", os.path.join(args.out, "runs", "overhead"),
-                              "--cache-dir", os.path.join(args.cache_dir, "answer")])
+    targs = compare_args(0, "answer", args, "--algo", "rlsd", "--output-dir", os.path.join(args.out, "runs",
+                                                                                        "overhead"))
     policy = train.load_policy(targs)
     train.prepare_for_training(policy, targs)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=0.0)  # lr 0: time the work, keep the weights
@@ -380,8 +384,9 @@ def bootstrap(xs, n=10_000, seed=0):
 
 
 def steps_to(curve, cap):
-    """First evaluated step at or above THRESHOLD; a run that never gets there counts as `cap` (censored)."""
-    return next((s for s, a in curve if a >= THRESHOLD), cap)
+    """First evaluated step at or above the base accuracy + GAIN; a run that never gets there counts as `cap`
+    (censored)."""
+    return next((s for s, a in curve if a >= curve[0][1] + GAIN - 1e-9), cap)
 
 
 def paired(runs_a, runs_b, cap):
@@ -392,7 +397,7 @@ def paired(runs_a, runs_b, cap):
     out = {}
     for k, (step, _) in enumerate(runs_a[0]["curve"]):
         out[f"step {step}"] = [a["curve"][k][1] - b["curve"][k][1] for a, b in pairs]
-    out[f"steps to {THRESHOLD:.0%}"] = [steps_to(a["curve"], cap) - steps_to(b["curve"], cap) for a, b in pairs]
+    out[f"steps to +{GAIN:.2f}"] = [steps_to(a["curve"], cap) - steps_to(b["curve"], cap) for a, b in pairs]
     return out
 
 
@@ -405,10 +410,17 @@ PAIRS = [("answer", "rlsd", "grpo"), ("answer", "rlsd-shuffled", "grpo"), ("answ
          ("worked", "rlsd", "grpo")]
 
 
-def plot(results, args, path):
-    import matplotlib
+def import_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("bench.py compare draws results/curves.png with matplotlib: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(plt, results, args, path):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     for (setting, variant), runs in results.items():
         steps = [s for s, _ in runs[0]["curve"]]
@@ -416,12 +428,11 @@ def plot(results, args, path):
         ls = "-" if setting == "answer" else "--"
         ax.plot(steps, [c[0] for c in cis], ls, label=f"{variant}, {setting} ({len(runs)} seeds)")
         ax.fill_between(steps, [c[1] for c in cis], [c[2] for c in cis], alpha=0.15)
-    ax.axhline(THRESHOLD, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="optimizer step", ylabel="held-out accuracy (greedy)", title="Mean over seeds, 95% bootstrap band")
     ax.legend(fontsize=7)
     for setting, a, b in PAIRS:
         if (setting, a) in results and (setting, b) in results:
-            d = paired(results[setting, a], results[setting, b], args.steps + train.DEMO["eval_steps"])
+            d = paired(results[setting, a], results[setting, b], args.steps + EVAL_STEPS)
             steps = [int(k.split()[1]) for k in d if k.startswith("step ")]
             cis = [bootstrap(d[f"step {s}"]) for s in steps]
             bx.errorbar(steps, [c[0] for c in cis], yerr=[[c[0] - c[1] for c in cis], [c[2] - c[0] for c in cis]],
@@ -435,7 +446,7 @@ def plot(results, args, path):
 
 
 def summary(results, ov, args):
-    cap = args.steps + train.DEMO["eval_steps"]
+    cap = args.steps + EVAL_STEPS
     lines = ["# GRPO vs RLSD vs OPSD on the built-in task, paired by seed", ""]
     lines += [args.note, ""] if args.note else []
     lines += [f"`{args.command_line}`: {args.steps} steps per run, train.py's demo settings (lr {train.DEMO['lr']}, "
@@ -443,8 +454,8 @@ def summary(results, ov, args):
               "held-out prompts; accuracy is greedy. `rlsd-shuffled` is RLSD whose teacher sees another prompt's "
               "reference. Settings: `answer` = the teacher's reference is the final number (the paper's); `worked` "
               "= it is the worked solution (the principled change; README, \"Does it work?\").", "",
-              f"| setting | variant | seeds | steps to {THRESHOLD:.0%} | base | final | best (step) | entropy (end) | "
-              "length (end) | leak | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"| setting | variant | seeds | steps to +{GAIN:.2f} | base | final | best (step) | entropy (end) | "
+              f"length (end) | leak | s/step ({args.jobs} at a time) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
     for (setting, variant), runs in results.items():
         reach = [steps_to(r["curve"], None) for r in runs]
@@ -463,14 +474,16 @@ def summary(results, ov, args):
     lines += ["", "Leak: greedy held-out completions that give `<answer>` before any working or mention a reference/"
               "solution. Entropy and length: mean of the last 5 steps.", "", "## Paired differences", "",
               f"Mean over seeds of the seed-by-seed difference in held-out accuracy, with a 95% bootstrap interval "
-              f"(10,000 resamples of the seeds). Steps to {THRESHOLD:.0%}: a run that never reaches it counts as "
+              f"(10,000 resamples of the seeds). Steps to +{GAIN:.2f}: the first evaluation at least {GAIN:.2f} above the "
+              f"seed's base accuracy (evaluated every {EVAL_STEPS} steps); a run that never reaches it counts as "
               f"{cap}, so those rows are censored.", ""]
     pairs = [(s, a, b) for s, a, b in PAIRS if (s, a) in results and (s, b) in results]
     if pairs:
         ds = [paired(results[s, a], results[s, b], cap) for s, a, b in pairs]
         lines += ["| | " + " | ".join(f"{a} - {b} ({s}, {len(d[next(iter(d))])} seeds)" for (s, a, b), d in
                                        zip(pairs, ds)) + " |", "|---" * (len(pairs) + 1) + "|"]
-        for key in ds[0]:
+        for key in [k for k in ds[0] if not k.startswith("step ") or k in (f"step {args.steps}", "step 0")
+                    or int(k.split()[1]) % 10 == 0]:  # every 10 steps in the table; the plot has them all
             lines.append(f"| {key} | " + " | ".join(fmt_ci(d[key], 1 if key.startswith("steps") else 3)
                                                      if key in d else "-" for d in ds) + " |")
     lines += ["", "## Credit localisation", "",
@@ -497,9 +510,11 @@ def summary(results, ov, args):
                 " | ".join(f"{col(f'{name}/right_wrong_step'):.3f}" for name in CONTROLS) +
                 f" | {sum(c['right_wrong_step'] for c in cs)} |")
             if setting == "answer" and step == 0:
+                gap = [c["teacher/wrong"] - c["shuffled/wrong"] for c in cs]
                 headline = (f"Credit localisation AUC (wrong answers, base model, the paper's setting, {len(runs)} "
                             f"seeds): teacher {col('teacher/wrong'):.3f}, shuffled-reference control "
-                            f"{col('shuffled/wrong'):.3f}, no-reference control {col('no reference/wrong'):.3f}.")
+                            f"{col('shuffled/wrong'):.3f}, no-reference control {col('no reference/wrong'):.3f}; "
+                            f"teacher - shuffled, paired by seed: {fmt_ci(gap)}.")
     kinds = {}
     for (setting, variant), runs in results.items():
         for r in runs if variant == "rlsd" and setting == "answer" else []:
@@ -518,28 +533,54 @@ def summary(results, ov, args):
     return "\n".join(lines)
 
 
+def in_processes(fn, calls, args):
+    """[fn(*call) for call in calls], spread over --jobs processes of --threads / --jobs threads each: a small model
+    keeps one core busier in a process of its own than two cores in one process. --jobs 1 runs them here."""
+    jobs = max(1, min(args.jobs, args.threads))
+    if jobs == 1:
+        return [fn(*call) for call in calls]
+    spawn = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn, initializer=torch.set_num_threads,
+                                                initargs=(args.threads // jobs,)) as pool:
+        return list(pool.map(fn, *zip(*calls)))
+
+
+def compare_args(seed, setting, args, *more):
+    """train.py's options for one run of the built-in task in `setting` (the warm start differs by setting: the
+    teacher half of it sees that setting's reference)."""
+    return train.parse_args(["--dataset", "builtin", "--seed", str(seed), "--cache-dir",
+                             os.path.join(args.cache_dir, setting), *more])
+
+
+def warm_base(seed, setting, args):
+    """Build the warm-started base model of (seed, setting) into --cache-dir, unless it is there."""
+    with reference_setting(setting):
+        train.load_policy(compare_args(seed, setting, args, "--output-dir", os.path.join(args.out, "runs", "base")))
+
+
 def bench_compare(args):
+    plot_module = import_matplotlib()  # before the hour of runs, not after
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    t0 = time.time()
+    args.t0 = time.time()
+    runs = [(variant, seed, setting) for seed in range(args.seeds) for setting in args.settings
+            for variant in (args.variants if setting == "answer" else args.change_variants)
+            if not (variant == "opsd" and seed >= args.opsd_seeds)]
+    if args.only_finished:
+        runs = [(v, seed, s) for v, seed, s in runs
+                if os.path.isfile(os.path.join(args.out, "runs", s, f"{v}-seed{seed}", "result.json"))]
+    else:  # warm starts first, one per (seed, setting), so that two processes never build the same one
+        in_processes(warm_base, [(*base, args) for base in sorted({run[1:] for run in runs})], args)
     results = {}
-    for seed in range(args.seeds):
-        for setting in args.settings:
-            for variant in (args.variants if setting == "answer" else args.change_variants):
-                done = os.path.isfile(os.path.join(args.out, "runs", setting, f"{variant}-seed{seed}", "result.json"))
-                if variant == "opsd" and seed >= args.opsd_seeds or args.only_finished and not done:
-                    continue
-                r = dict(run_one(variant, seed, setting, args), seed=seed)
-                results.setdefault((setting, variant), []).append(r)
-                print(f"[bench] {setting} {variant} seed {seed}: final {r['curve'][-1][1]:.3f} "
-                      f"({time.time() - t0:.0f}s so far)", flush=True)
-    ov = overhead(args) if args.overhead else None
-    plot(results, args, os.path.join(args.out, "curves.png"))
-    targs = train.parse_args(["--output-dir", os.path.join(args.out, "runs", "credit"),
-                              "--cache-dir", os.path.join(args.cache_dir, "answer")])
+    for (variant, seed, setting), r in zip(runs, in_processes(run_one, [(*run, args) for run in runs], args)):
+        results.setdefault((setting, variant), []).append(dict(r, seed=seed))
+    ov = overhead(args) if args.overhead else None  # timed alone, on all --threads
+    plot(plot_module, results, args, os.path.join(args.out, "curves.png"))
+    targs = compare_args(0, "answer", args, "--output-dir", os.path.join(args.out, "runs", "credit"))
     train.show_credit(train.load_policy(targs), train.load_rows(targs, "eval")[:targs.prompts_per_step], targs, 4,
                       os.path.join(args.out, "credit.html"))
-    text = summary(results, ov, args) + f"\nTotal wall time: {time.time() - t0:.0f} s on {args.threads} threads.\n"
+    text = summary(results, ov, args) + (f"\nTotal wall time: {time.time() - args.t0:.0f} s on {args.threads} "
+                                         f"threads, {args.jobs} runs at a time.\n")
     open(os.path.join(args.out, "summary.md"), "w").write(text)
     json.dump({f"{s}/{v}": runs for (s, v), runs in results.items()}, open(os.path.join(args.out, "results.json"),
                                                                           "w"), indent=1)
@@ -809,7 +850,8 @@ def main(argv=None):
                    help="variants run in the 'worked' setting")
     c.add_argument("--opsd-seeds", type=int, default=2, help="OPSD runs on the first N seeds only")
     c.add_argument("--overhead", type=int, default=1, help="1: time RLSD's overhead on one batch")
-    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--threads", type=int, default=2, help="CPU threads in all")
+    c.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process")
     c.add_argument("--only-finished", action="store_true", help="run nothing: summarise the runs already in --out")
     c.add_argument("--note", default="", help="a paragraph for the top of summary.md (e.g. how a reduced run was made)")
     c.add_argument("--out", default="results")
