@@ -20,10 +20,8 @@ relative to the memory in use just before the call, after the logits exist.
 
 import argparse
 import ast
-import concurrent.futures
 import contextlib
 import json
-import multiprocessing
 import os
 import random
 import resource
@@ -455,7 +453,7 @@ def summary(results, ov, args):
               "reference. Settings: `answer` = the teacher's reference is the final number (the paper's); `worked` "
               "= it is the worked solution (the principled change; README, \"Does it work?\").", "",
               f"| setting | variant | seeds | steps to +{GAIN:.2f} | base | final | best (step) | entropy (end) | "
-              f"length (end) | leak | s/step ({args.jobs} at a time) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "length (end) | leak | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
     for (setting, variant), runs in results.items():
         reach = [steps_to(r["curve"], None) for r in runs]
@@ -533,18 +531,6 @@ def summary(results, ov, args):
     return "\n".join(lines)
 
 
-def in_processes(fn, calls, args):
-    """[fn(*call) for call in calls], spread over --jobs processes of --threads / --jobs threads each: a small model
-    keeps one core busier in a process of its own than two cores in one process. --jobs 1 runs them here."""
-    jobs = max(1, min(args.jobs, args.threads))
-    if jobs == 1:
-        return [fn(*call) for call in calls]
-    spawn = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn, initializer=torch.set_num_threads,
-                                                initargs=(args.threads // jobs,)) as pool:
-        return list(pool.map(fn, *zip(*calls)))
-
-
 def compare_args(seed, setting, args, *more):
     """train.py's options for one run of the built-in task in `setting` (the warm start differs by setting: the
     teacher half of it sees that setting's reference)."""
@@ -552,35 +538,27 @@ def compare_args(seed, setting, args, *more):
                              os.path.join(args.cache_dir, setting), *more])
 
 
-def warm_base(seed, setting, args):
-    """Build the warm-started base model of (seed, setting) into --cache-dir, unless it is there."""
-    with reference_setting(setting):
-        train.load_policy(compare_args(seed, setting, args, "--output-dir", os.path.join(args.out, "runs", "base")))
-
-
 def bench_compare(args):
     plot_module = import_matplotlib()  # before the hour of runs, not after
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # one process: 2 runs side by side on 2 threads were no faster (measured)
     os.makedirs(args.out, exist_ok=True)
     args.t0 = time.time()
-    runs = [(variant, seed, setting) for seed in range(args.seeds) for setting in args.settings
-            for variant in (args.variants if setting == "answer" else args.change_variants)
-            if not (variant == "opsd" and seed >= args.opsd_seeds)]
-    if args.only_finished:
-        runs = [(v, seed, s) for v, seed, s in runs
-                if os.path.isfile(os.path.join(args.out, "runs", s, f"{v}-seed{seed}", "result.json"))]
-    else:  # warm starts first, one per (seed, setting), so that two processes never build the same one
-        in_processes(warm_base, [(*base, args) for base in sorted({run[1:] for run in runs})], args)
     results = {}
-    for (variant, seed, setting), r in zip(runs, in_processes(run_one, [(*run, args) for run in runs], args)):
-        results.setdefault((setting, variant), []).append(dict(r, seed=seed))
+    for seed in range(args.seeds):
+        for setting in args.settings:
+            for variant in (args.variants if setting == "answer" else args.change_variants):
+                done = os.path.isfile(os.path.join(args.out, "runs", setting, f"{variant}-seed{seed}", "result.json"))
+                if variant == "opsd" and seed >= args.opsd_seeds or args.only_finished and not done:
+                    continue
+                r = dict(run_one(variant, seed, setting, args), seed=seed)
+                results.setdefault((setting, variant), []).append(r)
     ov = overhead(args) if args.overhead else None  # timed alone, on all --threads
     plot(plot_module, results, args, os.path.join(args.out, "curves.png"))
     targs = compare_args(0, "answer", args, "--output-dir", os.path.join(args.out, "runs", "credit"))
     train.show_credit(train.load_policy(targs), train.load_rows(targs, "eval")[:targs.prompts_per_step], targs, 4,
                       os.path.join(args.out, "credit.html"))
-    text = summary(results, ov, args) + (f"\nTotal wall time: {time.time() - args.t0:.0f} s on {args.threads} "
-                                         f"threads, {args.jobs} runs at a time.\n")
+    text = summary(results, ov, args) + (
+        f"\nTotal wall time: {time.time() - args.t0:.0f} s on {args.threads} threads.\n")
     open(os.path.join(args.out, "summary.md"), "w").write(text)
     json.dump({f"{s}/{v}": runs for (s, v), runs in results.items()}, open(os.path.join(args.out, "results.json"),
                                                                           "w"), indent=1)
@@ -851,7 +829,6 @@ def main(argv=None):
     c.add_argument("--opsd-seeds", type=int, default=2, help="OPSD runs on the first N seeds only")
     c.add_argument("--overhead", type=int, default=1, help="1: time RLSD's overhead on one batch")
     c.add_argument("--threads", type=int, default=2, help="CPU threads in all")
-    c.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process")
     c.add_argument("--only-finished", action="store_true", help="run nothing: summarise the runs already in --out")
     c.add_argument("--note", default="", help="a paragraph for the top of summary.md (e.g. how a reduced run was made)")
     c.add_argument("--out", default="results")

@@ -2303,3 +2303,37 @@ def test_credit_localisation_reports_an_auc_per_teacher_within_zero_and_one(tiny
     assert out["wrong"] > 0  # a random model leaves the worked solution
     for name in bench.CONTROLS:
         assert 0.0 <= out[f"{name}/wrong"] <= 1.0
+
+
+def test_bench_compare_pairs_every_variant_by_seed_resumes_and_summarises(tmp_path, monkeypatch, one_thread):
+    """The whole `python bench.py` pipeline at toy size: each seed's variants start from one base model on one set
+    of held-out prompts (equal step-0 accuracy), RLSD runs carry credit localisation at the start, middle and end,
+    and a second call reuses the finished runs instead of training again."""
+    import bench
+    monkeypatch.setitem(train.WARM, "max_steps", 2)  # the wiring, not the numbers: a 2-step warm start
+    for key, value in dict(eval_size=16, prompts_per_step=4, num_generations=4, micro_batch_size=16,
+                           generation_batch_size=16).items():
+        monkeypatch.setitem(train.DEMO, key, value)
+    monkeypatch.setattr(bench, "CREDIT_PROMPTS", 4)
+    monkeypatch.setattr(bench, "import_matplotlib", lambda: "plt")
+    drawn = []
+    monkeypatch.setattr(bench, "plot", lambda plt, results, args, path: drawn.append(sorted(results)))
+    out = tmp_path / "results"
+    argv = ["--seeds", "2", "--steps", "2", "--variants", "grpo,rlsd,rlsd-shuffled", "--change-variants", "rlsd",
+            "--opsd-seeds", "0", "--overhead", "0", "--threads", "1", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    bench.main(argv)
+    results = json.load(open(out / "results.json"))
+    assert sorted(results) == ["answer/grpo", "answer/rlsd", "answer/rlsd-shuffled", "worked/rlsd"]
+    assert drawn == [[("answer", "grpo"), ("answer", "rlsd"), ("answer", "rlsd-shuffled"), ("worked", "rlsd")]]
+    for seed in (0, 1):
+        base = {results[k][seed]["curve"][0][1] for k in results if k.startswith("answer/")}
+        assert len(base) == 1 and all(results[k][seed]["seed"] == seed for k in results)
+    for key in ("answer/rlsd", "worked/rlsd"):
+        assert [step for step, _ in results[key][0]["credit"]] == [0, 1, 2]
+    text = open(out / "summary.md").read()
+    assert "| answer | rlsd-shuffled | 2 |" in text and "| worked | rlsd | 2 |" in text
+    assert "Credit localisation AUC" in text and "paired by seed" in text and (out / "credit.html").is_file()
+    monkeypatch.setattr(train, "train", lambda args: pytest.fail("a finished run was trained again"))
+    bench.main(argv)
+    assert json.load(open(out / "results.json")) == results
