@@ -395,6 +395,9 @@ def paired(runs_a, runs_b, cap):
     out = {}
     for k, (step, _) in enumerate(runs_a[0]["curve"]):
         out[f"step {step}"] = [a["curve"][k][1] - b["curve"][k][1] for a, b in pairs]
+    # the whole curve in one number per seed: steadier than any single evaluation
+    out["mean after step 0"] = [statistics.mean(x[1] - y[1] for x, y in zip(a["curve"][1:], b["curve"][1:]))
+                                for a, b in pairs]
     out[f"steps to +{GAIN:.2f}"] = [steps_to(a["curve"], cap) - steps_to(b["curve"], cap) for a, b in pairs]
     return out
 
@@ -472,8 +475,9 @@ def summary(results, ov, args):
     lines += ["", "Leak: greedy held-out completions that give `<answer>` before any working or mention a reference/"
               "solution. Entropy and length: mean of the last 5 steps.", "", "## Paired differences", "",
               f"Mean over seeds of the seed-by-seed difference in held-out accuracy, with a 95% bootstrap interval "
-              f"(10,000 resamples of the seeds). Steps to +{GAIN:.2f}: the first evaluation at least {GAIN:.2f} above the "
-              f"seed's base accuracy (evaluated every {EVAL_STEPS} steps); a run that never reaches it counts as "
+              f"(10,000 resamples of the seeds); `mean after step 0` first averages each seed's difference over all "
+              f"its evaluations after step 0. Steps to +{GAIN:.2f}: the first evaluation at least {GAIN:.2f} above "
+              f"the seed's base accuracy (evaluated every {EVAL_STEPS} steps); a run that never reaches it counts as "
               f"{cap}, so those rows are censored.", ""]
     pairs = [(s, a, b) for s, a, b in PAIRS if (s, a) in results and (s, b) in results]
     if pairs:
@@ -492,9 +496,10 @@ def summary(results, ov, args):
               "wrong answer, as the least credited for a right answer reached through a wrong step. 0.5 = chance. "
               "The teacher is the live policy (the weights at that step) with the reference in its prompt; "
               "`shuffled` gives it another prompt's reference, `no reference` an empty one. Mean over the seeds "
-              "of the RLSD runs; n = completions pooled over seeds.", "",
+              "of the RLSD runs; n = completions pooled over seeds; `teacher - shuffled, paired`: the mean of each seed's "
+              "difference, with a 95% bootstrap interval.", "",
               "| setting | step | wrong: teacher | wrong: shuffled | wrong: no reference | n wrong | "
-              "right with wrong step: teacher | shuffled | no reference | n |", "|---" * 10 + "|"]
+              "teacher - shuffled, paired | right with wrong step: teacher | shuffled | no reference | n |", "|---" * 11 + "|"]
     headline = None
     for (setting, variant), runs in results.items():
         if variant != "rlsd":
@@ -504,7 +509,8 @@ def summary(results, ov, args):
             col = lambda key: statistics.mean(c[key] for c in cs if c[key] == c[key]) if any(
                 c[key] == c[key] for c in cs) else float("nan")
             lines.append(f"| {setting} | {step} | " + " | ".join(
-                f"{col(f'{name}/wrong'):.3f}" for name in CONTROLS) + f" | {sum(c['wrong'] for c in cs)} | " +
+                f"{col(f'{name}/wrong'):.3f}" for name in CONTROLS) + f" | {sum(c['wrong'] for c in cs)} | "
+                f"{fmt_ci([c['teacher/wrong'] - c['shuffled/wrong'] for c in cs])} | " +
                 " | ".join(f"{col(f'{name}/right_wrong_step'):.3f}" for name in CONTROLS) +
                 f" | {sum(c['right_wrong_step'] for c in cs)} |")
             if setting == "answer" and step == 0:
