@@ -25,6 +25,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -888,7 +889,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     help_ = {"-h", "--help"} & set(argv)
     args = parser.parse_args(argv if argv and not argv[0].startswith("-") or help_ else ["compare"] + argv)
-    args.command_line = "python bench.py " + " ".join(argv)
+    shown = [a for i, a in enumerate(argv) if "--note" not in (a, argv[i - 1] if i else "")]  # the note is above
+    args.command_line = shlex.join(["python", "bench.py", *shown])
     args.func(args)
 
 
