@@ -509,17 +509,16 @@ def summary(results, ov, args):
             cs = [r["credit"][k][1] for r in runs]
             col = lambda key: statistics.mean(c[key] for c in cs if c[key] == c[key]) if any(
                 c[key] == c[key] for c in cs) else float("nan")
+            gap = fmt_ci([c["teacher/wrong"] - c["shuffled/wrong"] for c in cs])  # paired by seed
             lines.append(f"| {setting} | {step} | " + " | ".join(
-                f"{col(f'{name}/wrong'):.3f}" for name in CONTROLS) + f" | {sum(c['wrong'] for c in cs)} | "
-                f"{fmt_ci([c['teacher/wrong'] - c['shuffled/wrong'] for c in cs])} | " +
-                " | ".join(f"{col(f'{name}/right_wrong_step'):.3f}" for name in CONTROLS) +
+                f"{col(f'{name}/wrong'):.3f}" for name in CONTROLS) + f" | {sum(c['wrong'] for c in cs)} | {gap} | "
+                + " | ".join(f"{col(f'{name}/right_wrong_step'):.3f}" for name in CONTROLS) +
                 f" | {sum(c['right_wrong_step'] for c in cs)} |")
             if setting == "answer" and step == 0:
-                gap = [c["teacher/wrong"] - c["shuffled/wrong"] for c in cs]
                 headline = (f"Credit localisation AUC (wrong answers, base model, the paper's setting, {len(runs)} "
                             f"seeds): teacher {col('teacher/wrong'):.3f}, shuffled-reference control "
                             f"{col('shuffled/wrong'):.3f}, no-reference control {col('no reference/wrong'):.3f}; "
-                            f"teacher - shuffled, paired by seed: {fmt_ci(gap)}.")
+                            f"teacher - shuffled, paired by seed: {gap}.")
     kinds = {}
     for (setting, variant), runs in results.items():
         for r in runs if variant == "rlsd" and setting == "answer" else []:
@@ -541,8 +540,7 @@ def summary(results, ov, args):
 def compare_args(seed, setting, args, *more):
     """train.py's options for one run of the built-in task in `setting` (the warm start differs by setting: the
     teacher half of it sees that setting's reference)."""
-    return train.parse_args(["--dataset", "builtin", "--seed", str(seed), "--cache-dir",
-                             os.path.join(args.cache_dir, setting), *more])
+    return train.parse_args(["--seed", str(seed), "--cache-dir", os.path.join(args.cache_dir, setting), *more])
 
 
 def bench_compare(args):

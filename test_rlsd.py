@@ -1022,22 +1022,26 @@ def one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random 1-layer Qwen3 over the built-in tokenizer, saved as an ordinary Hugging Face folder."""
+def save_tiny_qwen3(folder, layers):
+    """A random Qwen3 of `layers` decoder layers over the built-in tokenizer, saved as a Hugging Face folder."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     tok = train.builtin_tokenizer()
     config = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         bos_token_id=None, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
-    folder = tmp_path_factory.mktemp("tiny-qwen3")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 1-layer Qwen3 over the built-in tokenizer, saved as an ordinary Hugging Face folder."""
+    return save_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), layers=1)
 
 
 @pytest.fixture
@@ -2096,17 +2100,7 @@ def torchrun(n, *argv, cwd=None):
 @pytest.fixture(scope="module")
 def tiny_model_2_layers(tmp_path_factory):
     """Two decoder layers, so that FSDP2 has more than one shard unit."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    tok = train.builtin_tokenizer()
-    config = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-qwen3-2l")
-    Qwen3ForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3-2l"), layers=2)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

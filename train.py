@@ -158,6 +158,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.lr_given = args.lr is not None  # else LoRA scales the default lr (prepare_for_training)
     args.output_dir = args.output_dir or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
+    if args.model == "builtin":  # a hub model's default data set waits for its config (train)
+        args.dataset = args.dataset or "builtin"
     defaults = DEMO if args.model == "builtin" else PAPER
     for k, v in defaults.items():
         if getattr(args, k) is None:
