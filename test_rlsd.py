@@ -320,7 +320,10 @@ def test_token_entropy_and_grad_match_float64_reference(c):
     H_ref = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     (g_ref,) = torch.autograd.grad((H_ref * c["weights"]).sum(), x_ref)
     torch.testing.assert_close(H.double(), H_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    # fp32 holds z = x / T to about 6e-8 |z|, and dH/dx carries another 1/T: at T 0.1 and |z| 276 the exact fp32
+    # gradient is 2.4e-5 off (a case hypothesis found in CI), so the bound grows with both
+    atol = 1e-5 + 6e-8 * z.abs().max().item() / c["temperature"]
+    torch.testing.assert_close(g, g_ref, atol=atol, rtol=1e-5)
 
 
 def test_token_logprobs_of_bf16_logits_is_float32_with_bf16_grad():
