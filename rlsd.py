@@ -201,7 +201,8 @@ def evidence_weights(advantages, teacher_logp, student_logp, eps_w=0.2):
         raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] for log-probs "
                          f"{tuple(teacher_logp.shape)}; pass one advantage per response")
     delta = (teacher_logp.detach().float() - student_logp.detach().float())    # [B, T], Eq. 13
-    s = torch.sign(advantages.detach().float())[:, None] * delta                # [B, T]
+    sign = torch.sign(advantages.detach().float()).to(delta.device)             # [B], where the log-probs are
+    s = sign[:, None] * delta                                                   # [B, T]
     s = torch.nan_to_num(s, nan=0.0).clamp(-_MAX_LOG, _MAX_LOG)
     w = s.exp()                                                                 # [B, T], Eq. 14
     return w, w.clamp(1 - eps_w, 1 + eps_w)
@@ -227,7 +228,7 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
         raise ValueError(f"lam={lam} must be in [0, 1]; get it from rlsd_lambda(step)")
     _check_same_shape(teacher_logp=teacher_logp, student_logp=student_logp, mask=mask)
     _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
-    a = advantages.detach().float()[:, None]                                        # [B, 1]
+    a = advantages.detach().float().to(w_clipped.device)[:, None]                   # [B, 1]
     scale = 1 + lam * (w_clipped - 1)                                               # [B, T]
     if negative_only:
         scale = torch.where(a < 0, scale, torch.ones_like(scale))

@@ -2334,3 +2334,166 @@ def test_bench_compare_pairs_every_variant_by_seed_resumes_and_summarises(tmp_pa
     monkeypatch.setattr(train, "train", lambda args: pytest.fail("a finished run was trained again"))
     bench.main(argv)
     assert json.load(open(out / "results.json")) == results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The GPU path, on CPU (issue 19). A CPU build cannot label a tensor "cuda" past its device guards, so a stand-in
+# accelerator is used: real CPU data labelled "meta" (a device every build has guards for). A dispatch mode runs each
+# op on the data and, as CUDA does, raises when a labelled tensor meets a plain CPU tensor of one or more dimensions.
+# Every device bug of the kind "CPU advantages meet CUDA log-probs" fails here exactly as it would on a GPU.
+
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+ACCEL = torch.device("meta")
+
+
+class OnAccel(torch.Tensor):
+    """A real CPU tensor that reports device ACCEL."""
+
+    @staticmethod
+    def __new__(cls, data):
+        t = torch.Tensor._make_wrapper_subclass(cls, data.shape, strides=data.stride(), dtype=data.dtype,
+                                                device=ACCEL, requires_grad=data.requires_grad,
+                                                storage_offset=data.storage_offset())
+        t.data_ = data
+        return t
+
+    def tolist(self):  # as .cpu().tolist() would, one sync
+        return self.data_.tolist()
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        with FakeAccelerator.active:
+            return func(*args, **(kwargs or {}))
+
+
+class FakeAccelerator(TorchDispatchMode):
+    active = None
+    COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout)
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
+                torch.ops.aten._index_put_impl_.default)
+
+    def __enter__(self):
+        FakeAccelerator.active = self
+        self.saved = torch.tensor, torch.as_tensor, torch.__future__.get_overwrite_module_params_on_conversion()
+
+        def via_cpu(make):  # torch.tensor(..., device=) copies below the dispatcher: make it on the CPU, then move
+            return lambda data, *a, device=None, **k: make(data, *a, **k).to(device) if device else make(data, *a, **k)
+
+        torch.tensor, torch.as_tensor = via_cpu(torch.tensor), via_cpu(torch.as_tensor)
+        torch.__future__.set_overwrite_module_params_on_conversion(True)  # model.to() makes new OnAccel parameters
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.tensor, torch.as_tensor = self.saved[:2]
+        torch.__future__.set_overwrite_module_params_on_conversion(self.saved[2])
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to = kwargs.get("device")
+        checked = (args[:1] + args[2:]) if func in self.INDEXING else (args, kwargs)  # CUDA takes CPU indices
+        tensors = [a for a in tree_flatten(checked)[0] if isinstance(a, torch.Tensor)]
+        on = {isinstance(a, OnAccel) for a in tensors if isinstance(a, OnAccel) or a.dim() > 0}
+        if len(on) > 1 and not (func in self.COPIES and to is not None) and func != torch.ops.aten.copy_.default:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{ACCEL} and cpu! ({func})")
+        if to is not None and torch.device(to) == ACCEL:
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        out = func(*tree_map(lambda a: a.data_ if isinstance(a, OnAccel) else a, args),
+                   **tree_map(lambda a: a.data_ if isinstance(a, OnAccel) else a, kwargs))
+        if (torch.device(to) == ACCEL) if to is not None else True in on:
+            return tree_map(lambda o: OnAccel(o) if type(o) is torch.Tensor else o, out)
+        return out
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """train.py's device is the stand-in accelerator; yields a function that moves a tensor there."""
+    monkeypatch.setattr(train, "pick_device", lambda: ACCEL)
+    with FakeAccelerator():
+        yield lambda t: t.to(ACCEL)
+
+
+@pytest.fixture
+def fake_nccl(monkeypatch):
+    """Two ranks on one process with NCCL's rule: every tensor a collective gets must be on the accelerator.
+    all_reduce doubles (rank 1 holds the same numbers), all_gather repeats. Returns the devices seen."""
+    seen, dist = [], torch.distributed
+
+    def check(t):
+        seen.append(t.device)
+        if t.device != ACCEL:
+            raise RuntimeError(f"NCCL: Tensors must be CUDA and dense (got one on {t.device})")
+
+    def all_reduce(t, *a, **k):
+        check(t)
+        t.mul_(2)
+
+    def all_gather(out, t, *a, **k):
+        check(t)
+        for o in out:
+            o.copy_(t)
+
+    for name, fn in dict(is_initialized=lambda: True, get_world_size=lambda *a: 2, get_rank=lambda *a: 0,
+                         get_backend=lambda *a: "nccl", barrier=lambda *a, **k: None, all_reduce=all_reduce,
+                         all_gather=all_gather).items():
+        monkeypatch.setattr(dist, name, fn)
+    monkeypatch.setattr(train, "distribute", lambda policy, rank: None)
+    return seen
+
+
+def test_the_stand_in_accelerator_raises_where_cuda_does(fake_cuda):
+    x = fake_cuda(torch.ones(2, 3))
+    assert x.device == ACCEL and (x * 2 + 1).sum().item() == 18  # real numbers on the stand-in device
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.sign(torch.tensor([1.0, -1.0]))[:, None] * x[:, :2]   # the step-1 crash the review found
+    assert (torch.tensor(2.0) * x).device == ACCEL                  # a 0-dim CPU tensor mixes, as on CUDA
+    assert x.cpu().device.type == "cpu" and torch.zeros(2, device=ACCEL).device == ACCEL
+
+
+def test_reward_advantage_credit_and_loss_glue_runs_on_fake_cuda(fake_cuda):
+    """reward() gives CPU rewards; the advantage, A_hat and the loss must all meet log-probs on the accelerator."""
+    args = train.parse_args(["--reward-fn", "test_rlsd:alternating_reward"])
+    rewards, _ = train.reward(args, ["a", "b", "c", "d"], [{"answer": "1"}] * 4)
+    adv = rlsd.group_advantages(rewards, 2)                                           # CPU, as train() makes it
+    logp = fake_cuda(torch.log(torch.full((4, 3), 0.5)))
+    teacher = fake_cuda(torch.log(torch.tensor([[0.6, 0.5, 0.4]] * 4)))
+    mask = fake_cuda(torch.ones(4, 3))
+    a_hat = rlsd.rlsd_token_advantages(adv, teacher, logp, mask, 0.5)
+    assert a_hat.device == ACCEL and adv.abs().min() > 0
+    # Eq. 14-15 at lam 0.5: w = 0.6 / 0.5 = 1.2 for A > 0, w = 0.5 / 0.6 for A < 0
+    assert torch.allclose(a_hat.cpu()[:, 0], adv * torch.where(adv > 0, 1.1, 1 + 0.5 * (0.5 / 0.6 - 1)))
+    loss, _ = rlsd.policy_loss(logp, logp, a_hat, mask)
+    assert loss.device == ACCEL
+
+
+def alternating_reward(completion, reference, row, _n=[0]):
+    _n[0] += 1
+    return float(_n[0] % 2)
+
+
+@pytest.mark.parametrize("algo,lora", [("rlsd", False), ("rlsd", True), ("grpo", False), ("opsd", False)])
+def test_training_steps_run_with_the_model_on_fake_cuda_and_collectives_get_accelerator_tensors(
+        algo, lora, tiny_model, fake_cuda, fake_nccl, tmp_path, monkeypatch, one_thread):
+    """The whole loop (rollout, reward, group advantage, teacher, update, eval, metrics) on the stand-in device under
+    a 2-rank NCCL rule. Checkpoints are left out: safetensors reads raw storage, which the stand-in has none of.
+    Devices are checked here, not values (the stand-in's gradient through tied embeddings drifts): a tiny lr."""
+    monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: None)
+    args = tiny_args(tiny_model, tmp_path / "run", "--algo", algo, "--max-steps", "2", "--eval-steps", "1",
+                     "--lr", "1e-9",
+                     "--reward-fn", "test_rlsd:alternating_reward", *(["--lora-rank", "4"] if lora else []))
+    policy, acc = train.train(args)
+    assert policy.device == ACCEL and acc["final"] is not None
+    assert fake_nccl and set(fake_nccl) == {ACCEL}
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1, 2] and all(math.isfinite(m["loss"]) for m in metrics[1:])
+
+
+def test_the_builtin_demo_model_moves_to_the_accelerator(tiny_model, fake_cuda, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cached = lambda args: train.Policy(AutoModelForCausalLM.from_pretrained(tiny_model),  # as a warm cache gives it
+                                       AutoTokenizer.from_pretrained(tiny_model))
+    monkeypatch.setattr(train, "builtin_policy", cached)
+    assert train.load_policy(train.parse_args([])).device == ACCEL

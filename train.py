@@ -57,10 +57,11 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              temperature=1.0, top_p=1.0, lr=1e-6, weight_decay=0.01, epsilon=0.2, epsilon_high=0.28, dual_clip=3.0,
              eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10, loss_type="dapo", scale_rewards="group",
              max_steps=200, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
-             log_samples_steps=10, eval_decoding="sampled", min_pixels=512 * 512, max_pixels=768 * 768)
+             log_samples_steps=10, eval_decoding="sampled", min_pixels=512 * 512, max_pixels=768 * 768,
+             gradient_checkpointing=True)
 DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=120,
             micro_batch_size=128, generation_batch_size=128, eval_steps=20, save_steps=50, eval_size=256,
-            log_samples_steps=25, eval_decoding="greedy")
+            log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -140,12 +141,15 @@ def parse_args(argv=None):
     knob("--save-steps", int, "checkpoint every N steps (and at the end)")
     knob("--eval-size", int, "held-out prompts")
     knob("--log-samples-steps", int, "print one right and one wrong completion every N steps")
-    add("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations "
+        "in backward: 4K-token answers do not fit without it [paper: on; demo: off]")
     add("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead of all weights "
         "(default: 0 = full fine-tuning, or 64 for models over 3B parameters)")
     add("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
-    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = bf16 on a GPU that "
-        "supports it, else float32")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype; auto = bf16 on a GPU "
+        "that supports it natively, else float32 (no float16: per-token gradients underflow it without loss scaling)")
+    add("--ddp-timeout", type=int, default=1800, help="seconds a collective may wait under torchrun (rank 0 writing "
+        "a 35 GB checkpoint takes minutes)")
     add("--seed", type=int, default=0, help="seeds data order, sampling and the built-in task")
     add("--output-dir", default=None, help="metrics.jsonl and checkpoints go here (default: runs/ and the model's "
         "name, so that the demo's run and a hub model's do not meet)")
@@ -403,6 +407,7 @@ class Policy:
     max_pixels: int = 768 * 768
     compute_dtype: torch.dtype = torch.float32  # bf16 on a GPU: the forward runs in it, the weights stay fp32
     train_model: torch.nn.Module = None          # the model wrapped for the update under torchrun + DDP
+    source: str = "builtin"                      # where the (base) weights came from: a LoRA checkpoint names it
 
     @property
     def tokenizer(self):
@@ -420,8 +425,10 @@ class Policy:
         return [i for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
                 if (i := getattr(c, k, None)) is not None]
 
-    def autocast(self):
-        return torch.autocast(self.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+    def autocast(self):  # fp32 compute: nothing to do
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.compute_dtype)
 
     def template(self, messages):
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -478,7 +485,14 @@ def load_image(image, max_pixels, where="a row"):
 def pick_dtype(name):
     if name != "auto":
         return getattr(torch, name)
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    # emulated bf16 (V100, T4) is slower than fp32 and gains nothing
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+
+
+def pick_device():
+    """This process's accelerator (torchrun has set it to LOCAL_RANK), or the CPU. An explicit index: every tensor
+    of a step is made on this one device, and a CPU tensor meeting it is a bug."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_model(args):
@@ -526,22 +540,32 @@ def hub_reachable(timeout=3.0):
 
 
 def load_policy(args, path=None):
-    """Weights for --model (or a checkpoint folder): vision-language or text-only as the config says."""
+    """Weights for --model (or a checkpoint folder), on this process's device: vision-language or text-only as the
+    config says. A LoRA checkpoint loads as its base model plus its adapters (exact: the merged bf16 weights beside
+    them round a small learned change away)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     path, config = resolve_model(args) if path is None else (path, None)
+    adapter = os.path.join(path, "adapter")
+    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        return load_adapter(load_policy(args, json.load(open(os.path.join(adapter, "adapter_config.json")))
+                                        ["base_model_name_or_path"]), adapter)
     if path == "builtin":  # under torchrun, rank 0 warm-starts and caches it first; the others then load it
         if dist_rank():
             barrier()
         policy = builtin_policy(args)
         if not dist_rank():
             barrier()
-        return policy
+        policy.model.to(pick_device())
+        return policy  # (source: "builtin")
     offline = not os.path.isdir(path) and not hub_reachable()  # then from the local cache only
-    vl = hasattr(config or AutoConfig.from_pretrained(path, local_files_only=offline), "vision_config")
+    config = config or AutoConfig.from_pretrained(path, local_files_only=offline)
+    vl = hasattr(config, "vision_config")
     auto = AutoModelForImageTextToText if vl else AutoModelForCausalLM
     dtype = pick_dtype(args.dtype)
-    model = auto.from_pretrained(path, dtype=dtype, local_files_only=offline)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    # fp32 weights (our full fine-tuning checkpoints: the master weights) load as fp32, so a resume is exact
+    stored = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
+    load_dtype = torch.float32 if str(stored).endswith("float32") else dtype
+    model = auto.from_pretrained(path, dtype=load_dtype, local_files_only=offline).to(pick_device())
     processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
                  AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
@@ -549,7 +573,7 @@ def load_policy(args, path=None):
         tok.pad_token = tok.eos_token
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise ConfigError(f"{path!r} has no chat template; use an instruct/chat model or add one to its tokenizer")
-    return Policy(model, processor, vl, args.max_pixels, dtype)
+    return Policy(model, processor, vl, args.max_pixels, dtype, source=path)
 
 
 def load_processor(path, min_pixels, max_pixels, offline=False):
@@ -610,8 +634,8 @@ class LoRALinear(torch.nn.Module):
         self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # [out, r]
         torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x):
-        return self.base(x) + ((x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(x.dtype)
+    def forward(self, x):  # under autocast both products run in bf16: no fp32 copy of x
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
 
     def merged(self):
         return (self.base.weight + self.scale * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
@@ -624,6 +648,37 @@ def add_lora(model, rank, alpha):
         for child, layer in list(module.named_children()):
             if child in LORA_TARGETS and isinstance(layer, torch.nn.Linear) and "visual" not in name:
                 setattr(module, child, LoRALinear(layer, rank, alpha))
+
+
+# PEFT's file format for the adapters, so that PeftModel.from_pretrained(base, "checkpoint-N/adapter") loads them
+PEFT_TARGETS = r"^(?!.*visual).*\.(" + "|".join(LORA_TARGETS) + ")$"  # as add_lora: the vision tower has none
+
+
+def save_adapter(model, folder, base):
+    from safetensors.torch import save_file
+    lora = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    rank = lora[0][1].lora_A.shape[0]
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base, r=rank,
+                  lora_alpha=lora[0][1].scale * rank, target_modules=PEFT_TARGETS, lora_dropout=0.0, bias="none")
+    os.makedirs(folder)
+    json.dump(config, open(os.path.join(folder, "adapter_config.json"), "w"), indent=1)
+    save_file({f"base_model.model.{n}.lora_{k}.weight": getattr(m, f"lora_{k}").detach().float().cpu().contiguous()
+               for n, m in lora for k in "AB"}, os.path.join(folder, "adapter_model.safetensors"))
+
+
+def load_adapter(policy, folder):
+    """The base policy with the saved adapters (fp32, unmerged) on top."""
+    from safetensors.torch import load_file
+    config, weights = json.load(open(os.path.join(folder, "adapter_config.json"))), load_file(
+        os.path.join(folder, "adapter_model.safetensors"))
+    add_lora(policy.model, config["r"], config["lora_alpha"])
+    state = {k[len("base_model.model."):-len(".weight")]: v for k, v in weights.items()}  # our parameter names
+    missing = set(n for n, p in policy.model.named_parameters() if ".lora_" in n) - set(state)
+    if missing:
+        raise ConfigError(f"{folder}: the adapters do not match the base model ({len(missing)} missing, e.g. "
+                          f"{sorted(missing)[0]}); load it on the model it was trained from")
+    policy.model.load_state_dict(state, strict=False)
+    return policy
 
 
 def merged_state_dict(model):
@@ -642,16 +697,23 @@ def prepare_for_training(policy, args):
     """LoRA or full fine-tuning, fp32 master weights, and gradient checkpointing. Default LoRA rank: 64 above 3B
     parameters, where full fine-tuning with AdamW no longer fits one 80 GB card (see README, "Memory")."""
     n = sum(p.numel() for p in policy.model.parameters())
-    rank = args.lora_rank if args.lora_rank is not None else (64 if n > 3e9 else 0)
+    loaded = [m.lora_A.shape[0] for m in policy.model.modules() if isinstance(m, LoRALinear)]  # a LoRA checkpoint
+    rank = loaded[0] if loaded else args.lora_rank if args.lora_rank is not None else (64 if n > 3e9 else 0)
     if rank > 0:
-        add_lora(policy.model, rank, args.lora_alpha or 2.0 * rank)
+        if loaded:  # keep training its adapters
+            policy.model.requires_grad_(False)
+            for m in policy.model.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_A.requires_grad_(True), m.lora_B.requires_grad_(True)
+        else:
+            add_lora(policy.model, rank, args.lora_alpha or 2.0 * rank)
         if not args.lr_given:
             args.lr *= LORA_LR_SCALE
     # Mixed precision: what trains is kept in fp32, so that AdamW's moments are fp32 and an update of 1e-6 is not
     # rounded away (bf16 keeps 8 bits of mantissa); the forward runs in bf16 under autocast (Policy.autocast).
+    # Frozen weights (a LoRA base) need no more than the compute dtype.
     for p in policy.model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+        p.data = p.data.float() if p.requires_grad else p.data.to(policy.compute_dtype)
     if args.gradient_checkpointing:
         # use_reentrant=False: the reentrant variant gives adapters no gradient when the layer inputs don't require
         # grad (frozen embeddings); recent transformers add an input hook to avoid it, this does not depend on it
@@ -759,21 +821,22 @@ def sample_accuracy(policy, rows, args):
 def completion_logits(policy, enc, completion_ids, completion_mask, model=None):
     """Logits that predict each completion token: [b, C, V] for completion_ids [b, C].
 
-    The input is [left-padded prompt ‖ right-padded completion]. Position ids come from the attention mask, so a
-    row's completion sits at the same positions whatever its padding; vision-language models compute their own
-    M-RoPE positions from the same mask and the image grid."""
-    ids = torch.cat([enc["input_ids"], completion_ids], dim=1)                         # [b, P+C]
-    attn = torch.cat([enc["attention_mask"], completion_mask.to(enc["attention_mask"])], dim=1)  # [b, P+C]
+    The input is [left-padded prompt ‖ right-padded completion], less the completion's last token, which predicts
+    nothing we score: then the last C positions predict the C completion tokens, and the model returns exactly
+    those logits, contiguous (a slice of C + 1 would be copied by every reshape after it). Position ids come from
+    the attention mask, so a row's completion sits at the same positions whatever its padding; vision-language
+    models compute their own M-RoPE positions from the same mask and the image grid."""
+    C = completion_ids.shape[1]
+    ids = torch.cat([enc["input_ids"], completion_ids[:, :-1]], dim=1)                              # [b, P+C-1]
+    attn = torch.cat([enc["attention_mask"], completion_mask[:, :-1].to(enc["attention_mask"])], dim=1)  # [b, P+C-1]
     extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     if "mm_token_type_ids" in extra:  # Qwen3-VL marks image tokens; completion tokens are text (0)
-        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, completion_ids.shape[1]))
+        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, C - 1))
     if not policy.vl:
-        extra["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)                    # [b, P+C]
-    C = completion_ids.shape[1]
+        extra["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)                                 # [b, P+C-1]
     with policy.autocast():
-        out = (model or policy.model)(input_ids=ids, attention_mask=attn, logits_to_keep=C + 1, use_cache=False,
-                                      **extra)
-    logits = out.logits[:, :-1]                   # position P-1+t predicts completion token t: [b, C, V]
+        out = (model or policy.model)(input_ids=ids, attention_mask=attn, logits_to_keep=C, use_cache=False, **extra)
+    logits = out.logits                           # position P-1+t predicts completion token t: [b, C, V]
     logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
     return logits
 
@@ -1004,11 +1067,18 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
     """One optimizer step over the whole rollout batch. Returns metrics.
 
     Micro-batch losses are normalised by global counts (tokens, sequences) so that their gradients add up to the
-    full batch's gradient whatever the micro-batch size (spec §5)."""
+    full batch's gradient whatever the micro-batch size (spec §5). The sums behind the metrics stay on the device
+    and cross ranks in one all-reduce after the loop."""
     ids, mask = ro["ids"], ro["mask"].float()                                     # [B, C], [B, C]
-    B, mb = ids.shape[0], args.micro_batch_size
+    adv = adv.to(ids.device)                                                       # [B]
+    B, mb, world = ids.shape[0], args.micro_batch_size, dist_world()
     lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps)
-    sums, n_tok, world = {}, all_sum(mask.sum()), dist_world()  # n_tok: all ranks' tokens
+    n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
+    student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
+    sums, t_teacher = {}, 0.0
+
+    def add(key, value):  # value: a number, or a 0-dim tensor on the device
+        sums[key] = sums.get(key, 0.0) + value
 
     policy.model.train()
     for i in range(0, B, mb):
@@ -1020,50 +1090,56 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step):
                 t_enc = policy.encode([teacher_prompt(policy, r, args.teacher_template) for r in ro["rows"][s]],
                                       ro["rows"][s])
                 t_logits = completion_logits(policy, t_enc, ids[s], ro["mask"][s])            # [b, C, V]
-            sums["time/teacher"] = sums.get("time/teacher", 0.0) + time.time() - t0
+            t_teacher += time.time() - t0
         enc = policy.encode(ro["prompts"][s], ro["rows"][s])
         logits = completion_logits(policy, enc, ids[s], ro["mask"][s], policy.train_model)  # [b, C, V]
         logp, ent = rlsd.token_logprobs(logits, ids[s], args.temperature, return_entropy=True)  # [b, C] each
-        check_finite(logp, "student", step)
+        student[s] = logp.detach()
         if args.algo == "opsd":
             loss, lm = rlsd.opsd_loss(logits, t_logits, m, args.temperature, args.opsd_divergence, num_tokens=n_tok)
-            lm = {k: v * m.sum().item() for k, v in lm.items()}  # a mean over this micro-batch: token-weight it
         else:
             if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher reweights, the sign stays A's
                 tok_adv = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
-                                                     args.rlsd_negative_only)
-                w, w_clip = rlsd.evidence_weights(adv[s], teacher_logp[s], logp.detach(), args.eps_w)
-                live = m.bool() & (adv[s] != 0)[:, None]  # tokens whose credit the teacher can move
-                lm = {"rlsd/mean_abs_delta": (teacher_logp[s] - logp.detach()).abs()[live].sum().item(),
-                      "rlsd/weight_mean": w_clip[live].sum().item(), "rlsd/_live": live.sum().item(),
-                      # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
-                      "rlsd/weight_clipped_frac": (w != w_clip)[m.bool()].float().sum().item()}
-            else:                    # GRPO: every token gets its sequence's advantage (Eq. 2)
-                tok_adv, lm = adv[s, None] * m, {}
-            loss, pm = rlsd.policy_loss(logp, logp.detach(), tok_adv, m, args.epsilon, args.epsilon_high,
+                                                     args.rlsd_negative_only)             # [b, C]
+            else:                         # GRPO: every token gets its sequence's advantage (Eq. 2)
+                tok_adv = adv[s, None] * m                                                 # [b, C]
+            loss, lm = rlsd.policy_loss(logp, logp.detach(), tok_adv, m, args.epsilon, args.epsilon_high,
                                         args.dual_clip or None, args.loss_type, num_tokens=n_tok,
                                         max_completion_length=args.max_completion_length, num_sequences=B * world)
-            lm.update({k: v * m.sum().item() for k, v in pm.items()})  # token-weighted, averaged below
+        if policy.vl and sharded(policy.model) and "pixel_values" not in enc:
+            loss = loss + 0.0 * vision_dummy(policy)  # every rank's gradients must cover the same tensors
         (loss * world).backward()  # DDP and FSDP2 average the ranks' gradients; the normalisers are already global
-        lm["loss"], lm["entropy"] = loss.item(), (ent * m).sum().item()
-        lm["rollout/logp_mismatch"] = ((logp.detach() - ro["sample_logp"][s]).abs() * m).sum().item()
-        for k, v in lm.items():
-            sums[k] = sums.get(k, 0.0) + v
+        for k, v in lm.items():  # means over this micro-batch: token-weighted, divided by n_tok below
+            add(k, v * m.sum())
+        add("loss", loss.detach())
+        add("entropy", (ent.detach() * m).sum())
+        add("rollout/logp_mismatch", ((logp.detach() - ro["sample_logp"][s]).abs() * m).sum())
+    check_finite(student, "student", step)  # before the weights move
+    if teacher_logp is not None:  # the teacher's effect, over the whole batch at once
+        w, w_clip = rlsd.evidence_weights(adv, teacher_logp, student, args.eps_w)         # [B, C] each
+        live = mask.bool() & (adv != 0)[:, None]  # tokens whose credit the teacher can move
+        add("rlsd/mean_abs_delta", (teacher_logp - student).abs()[live].sum())
+        add("rlsd/weight_mean", w_clip[live].sum())
+        add("rlsd/live", live.sum())
+        # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
+        add("rlsd/weight_clipped_frac", (w != w_clip)[mask.bool()].sum())
     params = [p for p in policy.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    times = {k: sums.pop(k) for k in list(sums) if k.startswith("time/")}
-    sums = dict(zip(sums, all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))  # over ranks
-    sums.update(times)
-    ntok, live = n_tok.item(), sums.pop("rlsd/_live", 0.0)
+    keys = list(sums)
+    totals = all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=mask.device) for k in keys]))
+    sums = dict(zip(keys, totals.tolist()))  # one device sync for every metric
+    ntok, live = n_tok.item(), sums.pop("rlsd/live", 0.0)
     out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
     for k, v in sums.items():
         per_live = k in ("rlsd/mean_abs_delta", "rlsd/weight_mean")  # means over tokens with A != 0: none, no mean
         if not (per_live and live == 0):
-            out[k] = v if k.startswith("time/") else v / (live if per_live else ntok)
+            out[k] = v / (live if per_live else ntok)
+    if t_teacher:
+        out["time/teacher"] = t_teacher
     return out
 
 
@@ -1077,7 +1153,7 @@ def evaluate(policy, rows, args):
     prompts = [student_prompt(policy, r) for r in mine]
     ids, mask, _, _ = generate(policy, prompts, mine, args, args.eval_decoding)
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
-    return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)
+    return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)  # (all_sum moves it where NCCL wants)
 
 
 def save_atomic(folder, write):
@@ -1099,9 +1175,8 @@ def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank)
     Under torchrun every rank calls this: rank 0 writes the folder, each rank its own resume state."""
     folder, rank = os.path.join(args.output_dir, f"checkpoint-{step}"), dist_rank()
     weights = full_state_dict(policy, lora_rank)  # a collective under FSDP2: the full weights, on rank 0
-    adapters = {n: p.detach() for n, p in policy.model.named_parameters() if ".lora_" in n}
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "lora_rank": lora_rank,
-             "adapters": adapters, "sampler": (sampler.epoch, sampler.pos), "teacher": teacher.state(),
+             "sampler": (sampler.epoch, sampler.pos), "teacher": teacher.state(),
              "args": vars(args), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                                          "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     if rank:
@@ -1111,6 +1186,8 @@ def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank)
     def write(tmp):
         policy.model.save_pretrained(tmp, state_dict=weights)
         policy.processor.save_pretrained(tmp)
+        if lora_rank:  # the exact adapters; the merged weights above are rounded to the base's dtype
+            save_adapter(policy.model, os.path.join(tmp, "adapter"), policy.source)
         torch.save(state, os.path.join(tmp, state_file(0)))
         for r in range(1, dist_world()):
             os.replace(f"{folder}.{state_file(r)}", os.path.join(tmp, state_file(r)))
@@ -1211,7 +1288,7 @@ def show_credit(policy, rows, args, n, path):
     policy.model.eval()
     ro = rollout(policy, rows, args)
     rewards, _ = reward(args, ro["texts"], ro["rows"])
-    adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)               # [B]
+    adv = rlsd.group_advantages(rewards.to(ro["ids"].device), args.num_generations, args.scale_rewards)  # [B]
     student = score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature,
                     args.micro_batch_size)                                                      # [B, C]
     teacher = Teacher(policy, 0).logprobs(ro, args)                                              # [B, C]
@@ -1258,7 +1335,7 @@ def train(args):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # our own messages say what matters; silence library chatter
     t_start = time.time()
-    rank, world = init_distributed()  # (0, 1) without torchrun
+    rank, world = init_distributed(args.ddp_timeout)  # (0, 1) without torchrun
     if args.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
     # Everything that can be wrong with the command is checked before the minutes it takes to load the weights.
@@ -1273,13 +1350,10 @@ def train(args):
         reward_fn(args.reward_fn)
     train_rows, eval_rows = load_data(args)
     state = torch.load(os.path.join(start, state_file(rank)), weights_only=False) if start else None
-    lora_resume = bool(state and state["lora_rank"])  # then: the base model again, and the saved adapters on top
-    policy = load_policy(args, start if start and not lora_resume else None)
+    policy = load_policy(args, start)  # a LoRA checkpoint: the base model and its adapters
     random.seed(args.seed)  # after any warm start of the demo model, so a cold cache gives the same run as a warm one
     torch.manual_seed(args.seed)
     args.lora_rank = prepare_for_training(policy, args)
-    if lora_resume:
-        policy.model.load_state_dict(state["adapters"], strict=False)
     distribute(policy, args.lora_rank)
     torch.manual_seed(args.seed + rank)  # each rank samples its own answers
     if world > 1 and len(eval_rows) % world:
@@ -1326,7 +1400,7 @@ def train(args):
         ro = rollout(policy, rows, args)                                                 # 1. rollout
         metrics["time/rollout"], t = time.time() - t, time.time()
         rewards, unparseable = reward(args, ro["texts"], ro["rows"])                     # 2. reward [B]
-        rewards = all_gather(rewards)                                                    # all ranks' [world * B]
+        rewards = all_gather(rewards.to(ro["ids"].device))                               # all ranks' [world * B]
         adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)   # 3. Eq. 1 [world * B]
         adv = adv.view(world, -1)[rank]                                                  # this rank's [B]
         metrics["time/reward"], t = time.time() - t, time.time()
@@ -1392,12 +1466,15 @@ def train(args):
 # are global, so the ranks' gradients sum to the single-process gradient. LoRA trains under DDP (the adapters are
 # replicated); full fine-tuning under FSDP2, which shards fp32 weights, gradients, AdamW state and the teacher's
 # snapshot across ranks. Plain `python train.py` is one process, and every function here is then a no-op.
-def init_distributed():
-    """Join torchrun's process group. Only rank 0 prints (the others' stdout goes nowhere)."""
+def init_distributed(timeout=1800):
+    """Join torchrun's process group. Only rank 0 prints (the others' stdout goes nowhere). `timeout` (--ddp-timeout)
+    is how long a collective waits, e.g. while rank 0 writes a checkpoint."""
+    import datetime
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             timeout=datetime.timedelta(seconds=timeout))
         if dist_rank():
             sys.stdout = open(os.devnull, "w")
     return dist_rank(), dist_world()
@@ -1423,21 +1500,28 @@ def barrier():
         torch.distributed.barrier()
 
 
+def comm_device():
+    """NCCL serves CUDA tensors only, gloo CPU ones."""
+    return pick_device() if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_sum(x):
-    """Sum of a tensor over ranks."""
+    """Sum of a tensor over ranks, on the tensor's own device (it travels on the backend's)."""
     if dist_world() > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
+        y = x.to(comm_device(), copy=True)
+        torch.distributed.all_reduce(y)
+        x = y.to(x.device)
     return x
 
 
 def all_gather(x):
-    """[n] from each rank -> [world * n], rank 0's first."""
+    """[n] from each rank -> [world * n], rank 0's first, on x's device."""
     if dist_world() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(dist_world())]
-    torch.distributed.all_gather(out, x)
-    return torch.cat(out)
+    y = x.to(comm_device())
+    out = [torch.empty_like(y) for _ in range(dist_world())]
+    torch.distributed.all_gather(out, y)
+    return torch.cat(out).to(x.device)
 
 
 def distribute(policy, lora_rank):
@@ -1450,9 +1534,11 @@ def distribute(policy, lora_rank):
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=policy.compute_dtype, reduce_dtype=torch.float32)
+    # The vision tower stays in the root unit, gathered by every forward: a rank whose micro-batch has no image
+    # skips the tower, and per-block units would then leave the ranks waiting in different all-gathers.
     units = set(getattr(policy.model, "_no_split_modules", None) or [])
     for module in list(policy.model.modules()):
-        if type(module).__name__ in units:
+        if type(module).__name__ in units and "Vision" not in type(module).__name__:
             fully_shard(module, mp_policy=mp)
     fully_shard(policy.model, mp_policy=mp)
 
@@ -1464,6 +1550,19 @@ def sharded(model):
         return False
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
+
+
+def vision_dummy(policy):
+    """The vision tower run on one blank 32x32 image, summed: a text-only micro-batch under FSDP2 adds 0 times this
+    to its loss, so that the tower's weights get (zero) gradients and the ranks' reduce-scatters match."""
+    v = policy.model.config.vision_config
+    merge = getattr(v, "spatial_merge_size", 2)
+    pixels = torch.zeros(merge * merge, v.in_channels * v.temporal_patch_size * v.patch_size ** 2,
+                         device=policy.device)                                         # [patches, d]
+    grid = torch.tensor([[1, merge, merge]], device=policy.device)                     # [1, 3]: t, h, w
+    with policy.autocast():
+        out = policy.model.model.get_image_features(pixels, grid)
+    return sum(t.float().sum() for t in [*out.pooler_output, *[f for fs in out.deepstack_features for f in fs]])
 
 
 def reshard(model):
