@@ -2497,3 +2497,66 @@ def test_the_builtin_demo_model_moves_to_the_accelerator(tiny_model, fake_cuda, 
                                        AutoTokenizer.from_pretrained(tiny_model))
     monkeypatch.setattr(train, "builtin_policy", cached)
     assert train.load_policy(train.parse_args([])).device == ACCEL
+
+
+@pytest.mark.parametrize("eval_size", ["0", "2"])
+def test_bf16_full_fine_tuning_resume_gives_the_uninterrupted_runs_fp32_weights_and_adamw_state(
+        eval_size, tiny_model, mixed_verify, one_thread, tmp_path):
+    """At lr 1e-6 a step moves a weight far less than one bf16 step: a resume that reloads the master weights in
+    bf16 throws the run away. An evaluation at the end of the first half must not move the training RNG either."""
+    run = lambda out, *extra: train.train(tiny_args(tiny_model, out, "--dtype", "bfloat16", "--lora-rank", "0",
+                                                    "--lr", "1e-6", "--eval-size", eval_size, "--save-steps", "1",
+                                                    *extra))
+    run(tmp_path / "a", "--max-steps", "2")
+    run(tmp_path / "b", "--max-steps", "1")
+    run(tmp_path / "b", "--max-steps", "2", "--resume")
+    a, b = (state_dict_of(tmp_path / x / "checkpoint-2") for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in state_dict_of(tmp_path / "a" / "checkpoint-1").items())
+    load = lambda x: torch.load(tmp_path / x / "checkpoint-2" / "trainer_state.pt", weights_only=False)["optimizer"]
+    _assert_same_state(load("a"), load("b"))
+
+
+def test_a_bf16_lora_checkpoint_reloads_exactly_through_its_peft_adapters(tiny_model, mixed_verify, one_thread,
+                                                                          tmp_path):
+    """The merged bf16 weights round a small learned change away; checkpoint-N/adapter (PEFT's format) keeps it,
+    and load_policy(checkpoint) uses it: the reloaded model scores completions as the trained one did."""
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    policy, _ = train.train(tiny_args(tiny_model, out, "--dtype", "bfloat16", "--lora-rank", "4", "--lr", "1e-4",
+                                      "--max-steps", "2", "--eval-size", "0"))
+    folder = out / "checkpoint-2"
+    config = json.load(open(folder / "adapter" / "adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == tiny_model
+    tensors = load_file(folder / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    assert all(re.fullmatch(config["target_modules"], k[len("base_model.model."):-len(".lora_A.weight")])
+               for k in tensors if k.endswith("lora_A.weight"))
+    args = tiny_args(tiny_model, tmp_path / "unused", "--dtype", "bfloat16")
+    rows = train.builtin_task(4, seed=3)
+    prompts = [train.student_prompt(policy, r) for r in rows]
+    ids = policy.tokenizer(["1+2=3. <answer>3</answer>"] * 4, return_tensors="pt", add_special_tokens=False).input_ids
+    scored = lambda p: train.score(p, prompts, rows, ids, torch.ones_like(ids), 1.0, 4)
+    reloaded = train.load_policy(args, str(folder))  # as `train.py --model CHECKPOINT` loads it
+    assert train.prepare_for_training(reloaded, args) == 4  # the saved adapters, trained on from here
+    assert torch.equal(scored(policy), scored(reloaded))
+    trained = scored(policy)
+    merged = train.Policy(AutoModelForCausalLM_from(folder), policy.tokenizer, compute_dtype=torch.bfloat16)
+    assert not torch.equal(trained, scored(merged))  # what a plain from_pretrained of the folder gives
+
+
+def AutoModelForCausalLM_from(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+
+
+def test_float16_is_refused_at_the_command_line_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dtype", "float16"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_is_on_for_hub_models_and_off_for_the_demo(tiny_model):
+    assert train.parse_args(["--model", tiny_model]).gradient_checkpointing is True
+    assert train.parse_args([]).gradient_checkpointing is False
+    assert train.parse_args(["--model", tiny_model, "--no-gradient-checkpointing"]).gradient_checkpointing is False

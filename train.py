@@ -1151,7 +1151,10 @@ def evaluate(policy, rows, args):
     policy.model.eval()
     mine = rows[dist_rank()::dist_world()]  # each rank its share (as many rows each: see train)
     prompts = [student_prompt(policy, r) for r in mine]
-    ids, mask, _, _ = generate(policy, prompts, mine, args, args.eval_decoding)
+    cuda = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # its own draws: an eval leaves the training run as it was
+        torch.manual_seed(args.seed + 1 + dist_rank())
+        ids, mask, _, _ = generate(policy, prompts, mine, args, args.eval_decoding)
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
     return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)  # (all_sum moves it where NCCL wants)
 
