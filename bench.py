@@ -7,6 +7,7 @@ Benchmarks, one subcommand each:
     python bench.py --only-finished           # summarise the finished runs only (an interrupted bench)
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
     python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
+    python bench.py gpu --smoke  # the card's command path at 2 + 2 layers: LoRA, full FT, resume, reload, eval
     python bench.py verifier --math-verify PATH [--trl PATH] [--gold]
                                  # verify.py on their test cases (agreement, every disagreement), gold checks
 
@@ -709,6 +710,61 @@ def bench_gpu(args):
     return dict(mean, peak_gib=peak)
 
 
+def bench_gpu_smoke(args):
+    """The card's command path, end to end, in minutes: Qwen3-VL-8B-Instruct's architecture at its real widths but
+    2 + 2 layers (random weights, saved as a Hugging Face folder), a 20-row image data set, 2 steps with LoRA, then 2
+    with full fine-tuning, each run as 1 step + --resume; then the checkpoint is reloaded and evaluated. Prints peak
+    memory and the phase split. --tiny: the same at test size, on CPU."""
+    import tempfile
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    t0, device = time.time(), train.pick_device()
+    config = json.load(open(args.config))
+    config = tiny_qwen3_vl_config(config) if args.tiny else dict(
+        config, text_config=dict(config["text_config"], num_hidden_layers=2),
+        vision_config=dict(config["vision_config"], depth=2, deepstack_visual_indexes=[0, 1]))
+    folder = tempfile.mkdtemp(prefix="bench-smoke-")
+    ids = write_qwen3_vl_processor(folder)
+    config.update({k: v for k, v in ids.items() if k.endswith("_token_id") and "eos" not in k and "pad" not in k})
+    config["text_config"].update(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
+    model.generation_config.update(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    model.save_pretrained(folder)
+    del model
+    rng = torch.Generator().manual_seed(0)
+    with open(os.path.join(folder, "data.jsonl"), "w") as f:
+        for i in range(20):
+            path = os.path.join(folder, f"image{i}.png")
+            Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=rng, dtype=torch.uint8).numpy()).save(path)
+            f.write(json.dumps({"problem": "<image>\nHow many squares?", "answer": str(i), "images": [path]}) + "\n")
+    print(f"built and saved in {time.time() - t0:.0f} s on {device}")
+    run = ["--model", folder, "--dataset", os.path.join(folder, "data.jsonl"), "--image-field", "images",
+           "--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", str(args.completion),
+           "--micro-batch-size", "4", "--generation-batch-size", "8", "--eval-size", "2", "--eval-steps", "2",
+           "--save-steps", "1", "--reward-fn", "bench:alternating_reward"] + (
+        ["--dtype", "float32", "--min-pixels", "4096", "--max-pixels", "4096"] if args.tiny else [])
+    peak = lambda: (f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda"
+                    else f"{_peak_rss_bytes() / 2 ** 30:.1f} GiB peak RSS")
+    for name, rank in (("lora", "8"), ("full fine-tuning", "0")):
+        out = os.path.join(folder, "run-" + rank)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train.train(train.parse_args(run + ["--lora-rank", rank, "--output-dir", out, "--max-steps", "1"]))
+        train.train(train.parse_args(run + ["--lora-rank", rank, "--output-dir", out, "--max-steps", "2", "--resume"]))
+        targs = train.parse_args(run + ["--lora-rank", rank, "--output-dir", out])
+        policy = train.load_policy(targs, os.path.join(out, "checkpoint-2"))
+        acc = train.evaluate(policy, train.load_data(targs)[1], targs)
+        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        split = {k: sum(m.get(f"time/{k}", 0) for m in metrics) for k in ("rollout", "reward", "teacher", "update")}
+        total = sum(split.values()) or 1.0
+        print(f"smoke {name}: steps {[m['step'] for m in metrics]}, reloaded checkpoint-2 evaluates to {acc:.3f}, "
+              f"peak memory {peak()}, split " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
+        del policy
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"smoke passed in {time.time() - t0:.0f} s")
+
+
 # -----------------------------------------------------------------------------
 # verifier: verify.py scored on other projects' test cases, and on gold solutions
 
@@ -869,7 +925,9 @@ def main(argv=None):
     g.add_argument("--lora-rank", type=int, default=64, help="0 = full fine-tuning (needs ~150 GB for 8B)")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.set_defaults(func=bench_gpu)
+    g.add_argument("--smoke", action="store_true", help="the card's command path in minutes: LoRA and full "
+                   "fine-tuning, resume, reload and evaluate, at 2 + 2 layers")
+    g.set_defaults(func=lambda a: (bench_gpu_smoke if a.smoke else bench_gpu)(a))
 
     v = sub.add_parser("verifier", help="verify.py on Math-Verify's and TRL's test cases, and on gold solutions")
     v.add_argument("--math-verify", metavar="PATH", help="a checkout of huggingface/Math-Verify")
