@@ -2560,3 +2560,75 @@ def test_gradient_checkpointing_is_on_for_hub_models_and_off_for_the_demo(tiny_m
     assert train.parse_args(["--model", tiny_model]).gradient_checkpointing is True
     assert train.parse_args([]).gradient_checkpointing is False
     assert train.parse_args(["--model", tiny_model, "--no-gradient-checkpointing"]).gradient_checkpointing is False
+
+
+# -- faults a long run meets (issue 23) -----------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_saving_gives_one_line_removes_the_partial_folder_and_keeps_earlier_checkpoints(
+        tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):  # the third checkpoint's resume state finds the disk full
+        calls.append(f)
+        if "checkpoint-3" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(train.ConfigError) as e:
+        train.train(tiny_args(tiny_model, out, "--max-steps", "3", "--save-steps", "1"))
+    msg = str(e.value)
+    assert "\n" not in msg and "no space left" in msg and str(out) in msg and "checkpoint-3" in msg
+    assert "checkpoint-1, checkpoint-2 are intact" in msg and "--resume" in msg and "GB free" in msg
+    assert ckpt_names(out) == ["checkpoint-1", "checkpoint-2"]  # no checkpoint-3.tmp left behind
+
+
+@pytest.mark.parametrize("damage", ["truncated trainer_state.pt", "missing model.safetensors"])
+def test_resume_skips_a_damaged_newest_checkpoint_with_one_warning_and_stops_when_none_is_whole(
+        damage, tiny_model, mixed_verify, one_thread, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(tiny_args(tiny_model, out, "--max-steps", "2", "--save-steps", "1"))
+    for c in ("checkpoint-2", "checkpoint-1") if damage.startswith("missing") else ("checkpoint-2",):
+        if damage.startswith("truncated"):
+            path = out / c / "trainer_state.pt"
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+        else:
+            (out / c / "model.safetensors").unlink()
+    capsys.readouterr()
+    args = tiny_args(tiny_model, out, "--max-steps", "2", "--save-steps", "1", "--resume")
+    if damage.startswith("missing"):  # both damaged: one line, and nothing is deleted
+        with pytest.raises(train.ConfigError, match="no whole checkpoint"):
+            train.train(args)
+        assert ckpt_names(out) == ["checkpoint-1", "checkpoint-2"]
+        return
+    train.train(args)
+    text = capsys.readouterr().out
+    assert "checkpoint-2 is damaged" in text and f"resumed from {out / 'checkpoint-1'} at step 1" in text
+
+
+def test_sigterm_mid_run_saves_after_the_step_in_progress_and_resume_ends_with_the_uninterrupted_weights(
+        tiny_model, tmp_path):
+    import signal
+    cmd = lambda out, *extra: [sys.executable, "train.py", "--model", tiny_model, "--output-dir", str(out), *TINY_RUN,
+                               "--eval-size", "0", "--max-steps", "6", "--save-steps", "100",
+                               "--reward-fn", "test_rlsd:alternating_reward", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run(cmd(tmp_path / "a"), cwd=here, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "b"), cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    stopped = [n for n in os.listdir(tmp_path / "b") if n.startswith("checkpoint")]
+    assert len(stopped) == 1 and f"saved {tmp_path / 'b'}/{stopped[0]}" in text and stopped[0] != "checkpoint-6"
+    subprocess.run(cmd(tmp_path / "b", "--resume"), cwd=here, env=env, check=True, capture_output=True)
+    a, b = (state_dict_of(tmp_path / x / "checkpoint-6") for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -18,6 +18,7 @@ The reward sets the direction of every token's update, the teacher only its size
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -26,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -1160,11 +1162,26 @@ def evaluate(policy, rows, args):
 
 
 def save_atomic(folder, write):
-    """Write into a temp folder, then rename: a kill at any moment leaves either the old or the new folder whole."""
+    """Write into a temp folder, then rename: a kill at any moment leaves either the old or the new folder whole.
+    A full disk becomes one line that says how much is needed and what to do; the partial folder is removed."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        written = folder_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(folder) or ".").free
+        if getattr(e, "errno", None) != errno.ENOSPC and free > 2 * max(written, 1 << 20):
+            raise
+        parent = os.path.dirname(folder)
+        kept = [os.path.basename(c) for c in checkpoints(parent)]
+        need = max([written] + [folder_size(c) for c in checkpoints(parent)])
+        raise ConfigError(f"no space left on the disk of {parent!r} while writing {os.path.basename(folder)} (one "
+                          f"needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free); "
+                          f"{', '.join(kept) or 'no checkpoint'} {'are' if len(kept) > 1 else 'is'} intact; free "
+                          f"space or pass another --output-dir, then --resume") from None
     old = folder + ".old"
     if os.path.isdir(folder):
         os.replace(folder, old)
@@ -1200,6 +1217,56 @@ def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank)
         rotate_checkpoints(args.output_dir, step)
     barrier()
     return folder
+
+
+def folder_size(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def whole_checkpoint(output_dir, world):
+    """The newest checkpoint whose files are all there and load; each damaged newer one gets one warning line.
+    None when there is no checkpoint; a one-line error when there are some and none is whole."""
+    from safetensors import safe_open
+    found = checkpoints(output_dir)
+    for folder in reversed(found):
+        try:
+            for r in range(world):
+                torch.load(os.path.join(folder, state_file(r)), weights_only=False, map_location="cpu")
+            weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+            index = os.path.join(folder, "model.safetensors.index.json")
+            needed = set(json.load(open(index))["weight_map"].values()) if os.path.isfile(index) else {"model.safetensors"}
+            for name in needed | set(weights):
+                with safe_open(os.path.join(folder, name), "pt") as f:
+                    f.keys()
+            return folder
+        except Exception as e:
+            print(f"warning: {folder} is damaged ({type(e).__name__}: {str(e)[:120]}); resuming from the one before "
+                  f"it. It is left as it is")
+    if found:
+        raise ConfigError(f"no whole checkpoint in {output_dir!r} (all {len(found)} are damaged); pass --overwrite "
+                          f"to start over, or restore one")
+    return None
+
+
+class Preemption:
+    """SIGTERM (a scheduler's notice before it kills) or SIGINT (Ctrl-C) asks the run to stop after the step in
+    progress: it saves a checkpoint and exits with 128 + the signal. A second signal stops at once."""
+
+    def __init__(self):
+        self.signum, self.saved = 0, {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self):
+        """Every rank's answer, so that all stop after the same step and no collective is left waiting."""
+        return int(all_sum(torch.tensor(float(self.signum))).item())
+
+    def restore(self):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
 
 
 def state_file(rank):
@@ -1243,7 +1310,7 @@ def check_output_dir(args):
     barrier()  # every rank has looked before rank 0 tidies up
     if made and dist_rank() == 0:
         os.rmdir(out)  # made again at the first write, once every other check has passed
-    return checkpoints(out)[-1] if args.resume and checkpoints(out) else None
+    return whole_checkpoint(out, dist_world()) if args.resume else None
 
 
 def run_files(out):
@@ -1344,6 +1411,9 @@ def train(args):
     # Everything that can be wrong with the command is checked before the minutes it takes to load the weights.
     path, config = resolve_model(args)
     start = check_output_dir(args)                  # the checkpoint to resume from, or None
+    if start and folder_size(start) > shutil.disk_usage(args.output_dir).free:  # say so before the steps are spent
+        print(f"warning: {args.output_dir!r} has {shutil.disk_usage(args.output_dir).free / 1e9:.2f} GB free, less "
+              f"than one checkpoint ({folder_size(start) / 1e9:.2f} GB): the next save will fail; free space first")
     if args.dataset is None:  # the paper's data for a vision-language model, else the built-in task
         args.dataset = PAPER_DATASET if hasattr(config, "vision_config") else "builtin"
         if args.dataset == PAPER_DATASET:
@@ -1395,6 +1465,7 @@ def train(args):
         log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
     acc, phases, first, seen = base_acc, dict.fromkeys(("rollout", "reward", "teacher", "update"), 0.0), step, set()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True, file=sys.stdout)
+    preemption = Preemption()
     while step < args.max_steps:
         metrics, t = {}, time.time()
         share = args.prompts_per_step // world                                         # whole groups per rank
@@ -1444,8 +1515,17 @@ def train(args):
                 i = next((i for i, r in enumerate(rewards.view(world, -1)[rank].tolist()) if r == want), None)
                 if i is not None:
                     bar.write(f"  [{name}, reward {want}] {ro['rows'][i]['problem']!r} -> {ro['texts'][i]!r}")
-        if step % args.save_steps == 0 or step == args.max_steps:
+        stop = preemption.requested()
+        if step % args.save_steps == 0 or step == args.max_steps or stop:
             save_checkpoint(policy, opt, sched, sampler, teacher, step, args, args.lora_rank)
+        if stop:
+            bar.close()
+            print(f"stopped by a signal after step {step}: saved {args.output_dir}/checkpoint-{step}; continue with "
+                  f"--resume")
+            preemption.restore()
+            end_distributed()
+            sys.exit(128 + (preemption.signum or signal.SIGTERM))
+    preemption.restore()
     bar.close()
     log.close()
     if args.show_credit:
