@@ -7,6 +7,7 @@ Benchmarks, one subcommand each:
     python bench.py --only-finished           # summarise the finished runs only (an interrupted bench)
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
     python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
+    python bench.py demo         # the README's `python train.py` on 8 seeds, cold cache: gain and wall time
     python bench.py gpu --smoke  # the card's command path at 2 + 2 layers: LoRA, full FT, resume, reload, eval
     python bench.py verifier --math-verify PATH [--trl PATH] [--gold]
                                  # verify.py on their test cases (agreement, every disagreement), gold checks
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import resource
 import shlex
 import shutil
@@ -766,6 +768,42 @@ def bench_gpu_smoke(args):
 
 
 # -----------------------------------------------------------------------------
+# demo: the README's `python train.py`, on every seed, from a cold cache
+
+
+def bench_demo(args):
+    """`python train.py --seed S` for S in 0..N-1, each in a fresh process with an empty cache (the warm start
+    included), as a new user runs it: held-out accuracy before and after RL, and the wall time."""
+    import tempfile
+    runs = []
+    for seed in range(args.seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "train.py", "--seed", str(seed), "--cache-dir", tmp, "--output-dir",
+                   os.path.join(tmp, "run")]
+            t = time.time()
+            out = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), check=True).stdout
+            base, final = map(float, re.search(r"base ([\d.]+) -> final ([\d.]+)", out).groups())
+            runs.append(dict(seed=seed, base=base, final=final, gain=final - base, wall=time.time() - t))
+            print(f"seed {seed}: base {base:.3f} -> final {final:.3f} ({final - base:+.3f}), {runs[-1]['wall']:.0f} s "
+                  f"cold", flush=True)
+    med = lambda k: statistics.median(r[k] for r in runs)
+    rng = lambda k, f: f"{f(min(r[k] for r in runs))} to {f(max(r[k] for r in runs))}"
+    lines = [f"# The demo over {len(runs)} seeds", "", f"Command: `{args.command_line}`", "",
+             f"Each seed: `python train.py --seed S` in a fresh process, cold cache (warm start included), "
+             f"{args.threads} threads.", "", "| seed | base | final | gain | wall (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['base']:.3f} | {r['final']:.3f} | {r['gain']:+.3f} | {r['wall']:.0f} |" for r in runs]
+    lines += ["", f"median base {med('base'):.3f} ({rng('base', '{:.3f}'.format)}), final {med('final'):.3f} "
+              f"({rng('final', '{:.3f}'.format)}), gain {med('gain'):+.3f} ({rng('gain', '{:+.3f}'.format)}); "
+              f"{sum(r['gain'] >= 0.15 for r in runs)} of {len(runs)} seeds gain at least +0.15; cold wall time median "
+              f"{med('wall'):.0f} s ({rng('wall', '{:.0f}'.format)})"]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "demo.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(lines[-1])
+
+
+# -----------------------------------------------------------------------------
 # verifier: verify.py scored on other projects' test cases, and on gold solutions
 
 
@@ -928,6 +966,12 @@ def main(argv=None):
     g.add_argument("--smoke", action="store_true", help="the card's command path in minutes: LoRA and full "
                    "fine-tuning, resume, reload and evaluate, at 2 + 2 layers")
     g.set_defaults(func=lambda a: (bench_gpu_smoke if a.smoke else bench_gpu)(a))
+
+    d = sub.add_parser("demo", help="python train.py on N seeds from a cold cache: accuracy gain and wall time")
+    d.add_argument("--seeds", type=int, default=8)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--out", default="results")
+    d.set_defaults(func=bench_demo)
 
     v = sub.add_parser("verifier", help="verify.py on Math-Verify's and TRL's test cases, and on gold solutions")
     v.add_argument("--math-verify", metavar="PATH", help="a checkout of huggingface/Math-Verify")
