@@ -771,6 +771,24 @@ def bench_gpu_smoke(args):
 # demo: the README's `python train.py`, on every seed, from a cold cache
 
 
+def demo_summary(runs, args):
+    """results/demo.md from the seeds run so far (rewritten after each one)."""
+    med = lambda k: statistics.median(r[k] for r in runs)
+    rng = lambda k, f: f"{f(min(r[k] for r in runs))} to {f(max(r[k] for r in runs))}"
+    lines = [f"# The demo over {len(runs)} seeds", "", f"Command: `{args.command_line}`", "",
+             f"Each seed: `python train.py --seed S` in a fresh process, cold cache (warm start included), "
+             f"{args.threads} threads.", "", "| seed | base | final | gain | wall (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['base']:.3f} | {r['final']:.3f} | {r['gain']:+.3f} | {r['wall']:.0f} |" for r in runs]
+    lines += ["", f"median base {med('base'):.3f} ({rng('base', '{:.3f}'.format)}), final {med('final'):.3f} "
+              f"({rng('final', '{:.3f}'.format)}), gain {med('gain'):+.3f} ({rng('gain', '{:+.3f}'.format)}); "
+              f"{sum(r['gain'] >= 0.15 for r in runs)} of {len(runs)} seeds gain at least +0.15; cold wall time median "
+              f"{med('wall'):.0f} s ({rng('wall', '{:.0f}'.format)})"]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "demo.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(lines[-1])
+
+
 def bench_demo(args):
     """`python train.py --seed S` for S in 0..N-1, each in a fresh process with an empty cache (the warm start
     included), as a new user runs it: held-out accuracy before and after RL, and the wall time."""
@@ -787,20 +805,7 @@ def bench_demo(args):
             runs.append(dict(seed=seed, base=base, final=final, gain=final - base, wall=time.time() - t))
             print(f"seed {seed}: base {base:.3f} -> final {final:.3f} ({final - base:+.3f}), {runs[-1]['wall']:.0f} s "
                   f"cold", flush=True)
-    med = lambda k: statistics.median(r[k] for r in runs)
-    rng = lambda k, f: f"{f(min(r[k] for r in runs))} to {f(max(r[k] for r in runs))}"
-    lines = [f"# The demo over {len(runs)} seeds", "", f"Command: `{args.command_line}`", "",
-             f"Each seed: `python train.py --seed S` in a fresh process, cold cache (warm start included), "
-             f"{args.threads} threads.", "", "| seed | base | final | gain | wall (s) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['seed']} | {r['base']:.3f} | {r['final']:.3f} | {r['gain']:+.3f} | {r['wall']:.0f} |" for r in runs]
-    lines += ["", f"median base {med('base'):.3f} ({rng('base', '{:.3f}'.format)}), final {med('final'):.3f} "
-              f"({rng('final', '{:.3f}'.format)}), gain {med('gain'):+.3f} ({rng('gain', '{:+.3f}'.format)}); "
-              f"{sum(r['gain'] >= 0.15 for r in runs)} of {len(runs)} seeds gain at least +0.15; cold wall time median "
-              f"{med('wall'):.0f} s ({rng('wall', '{:.0f}'.format)})"]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "demo.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(lines[-1])
+        demo_summary(runs, args)
 
 
 # -----------------------------------------------------------------------------
