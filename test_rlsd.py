@@ -1384,8 +1384,8 @@ def test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_
 def test_trainer_gives_update_the_group_advantage_of_each_completions_reward(tiny_model, mixed_verify, one_thread,
                                                                              tmp_path, monkeypatch):
     seen, update = [], train.update
-    monkeypatch.setattr(train, "update", lambda policy, opt, sched, ro, adv, *a: (
-        seen.append(adv.clone()), update(policy, opt, sched, ro, adv, *a))[1])
+    monkeypatch.setattr(train, "update", lambda policy, opt, sched, ro, adv, *a, **kw: (
+        seen.append(adv.clone()), update(policy, opt, sched, ro, adv, *a, **kw))[1])
     train.train(tiny_args(tiny_model, tmp_path / "run", "--max-steps", "1"))
     a = 0.5 / math.sqrt(0.5)  # rewards 1, 0, 1, 0: each group of G = 2 is [1, 0], mean 0.5, std (ddof 1) sqrt(0.5)
     torch.testing.assert_close(seen[0], torch.tensor([a, -a, a, -a]), rtol=1e-5, atol=0)
