@@ -2594,6 +2594,11 @@ class FakeAccelerator(TorchDispatchMode):
 def fake_cuda(monkeypatch):
     """train.py's device is the stand-in accelerator; yields a function that moves a tensor there."""
     monkeypatch.setattr(train, "pick_device", lambda: ACCEL)
+    try:  # with the `kernels` package, transformers >= 5.25 kernelizes on model.train(); no kernel fits a stand-in
+        from transformers.integrations import hub_kernels
+        monkeypatch.setattr(hub_kernels, "_kernels_kernelize", lambda *a, **k: None, raising=False)
+    except ImportError:
+        pass
     with FakeAccelerator():
         yield lambda t: t.to(ACCEL)
 
