@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_rlsd.py
 """
+import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -3153,3 +3154,28 @@ def test_use_vllm_stops_with_one_line_before_any_model_loads(argv, environment, 
         train.main([*argv, "--use-vllm", "--dataset", "builtin"])
     message = str(e.value.code)
     assert message.startswith("train.py: error: ") and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("token_truncate", [[1.0, 3.0], [0.5, 1.0]]),      # each token's ratio, clipped into [0.5, 3]
+    ("token_mask", [[1.0, 0.0], [0.0, 1.0]]),          # outside [0.5, 3]: weight 0
+    ("sequence_truncate", [[3.0, 3.0], [0.5, 0.5]]),   # the answer's product: e^(0+2)=7.39 -> 3, 0.25 -> 0.5
+    ("sequence_mask", [[0.0, 0.0], [0.0, 0.0]]),       # both answers' products leave the bounds
+])
+def test_vllm_importance_weights_are_pi_theta_over_pi_vllm_per_token_or_answer_clipped_or_masked(mode, expected):
+    """TRL's truncated importance sampling, by hand: log pi_theta - log pi_vLLM is [[0, 2], [log 0.25, 0]] over the
+    answer's tokens (row 1's third token is padding and must not count); clip bounds [0.5, 3]."""
+    logp = torch.tensor([[-1.0, -1.0, -5.0], [-2.0 + math.log(0.25), -3.0, 0.0]])
+    sample = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, -3.0, -4.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    args = argparse.Namespace(vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.5,
+                              vllm_importance_sampling_clip_max=3.0, vllm_importance_sampling_correction=True)
+    gap = []
+    w = train.VLLMEngine.importance_weights(logp, sample, mask, args, gap)
+    got = (w * mask)[:, :2] if mode.startswith("token") else w.expand(2, 2)
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6), got
+    metrics = train.VLLMEngine.gap_metrics(gap)
+    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(2.0)
+    assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx((2.0 + math.log(4)) / 4)
+    args.vllm_importance_sampling_correction = False  # the metrics stay, the weighting goes
+    assert train.VLLMEngine.importance_weights(logp, sample, mask, args, []) == 1

@@ -69,8 +69,8 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              max_steps=200, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
              log_samples_steps=10, eval_decoding="sampled", min_pixels=512 * 512, max_pixels=768 * 768,
              gradient_checkpointing=True)
-DEMO = dict(PAPER, prompts_per_step=16, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=120,
-            micro_batch_size=128, generation_batch_size=128, eval_steps=20, save_steps=50, eval_size=256,
+DEMO = dict(PAPER, prompts_per_step=12, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=100,
+            micro_batch_size=96, generation_batch_size=96, eval_steps=25, save_steps=50, eval_size=256,
             log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
 
@@ -779,7 +779,8 @@ def load_rows(args, split):
     if bad:
         print(f"skipped {len(bad)} bad rows of {split} (--skip-bad-rows), the first: {bad[:5]}")
     if not rows:
-        raise ConfigError(f"--dataset {args.dataset!r} split {split!r} is empty; point it at data with at least one row")
+        raise ConfigError(f"--dataset {args.dataset!r} split {split!r} is empty; point it at data with at least one "
+                          "row")
     return rows
 
 
@@ -1226,7 +1227,8 @@ def builtin_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     specials = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
-    corpus = FORMAT + TEACHER + "What is 1+2?" + builtin_solution("What is 1+2?") + "user assistant system 0123456789+-*/=.,:?!()"
+    corpus = (FORMAT + TEACHER + "What is 1+2?" + builtin_solution("What is 1+2?") +
+              "user assistant system 0123456789+-*/=.,:?!()")
     words = {w.strip() if w.strip() else w for w in re.findall(PIECES, corpus)} - set(specials)
     words = sorted(words | {" " + w for w in words if w[0].isalpha() or w[0] == "<"})  # "is" and " is"
     vocab = {w: i for i, w in enumerate(specials + words)}
@@ -1258,7 +1260,7 @@ def builtin_policy(args):
     return policy
 
 
-WARM = dict(lr=3e-3, batch=32, steps=250)  # a fixed cost (about a minute on 2 cores), not a noisy stopping rule
+WARM = dict(lr=3e-3, batch=32, steps=200)  # a fixed cost (about a minute on 2 cores), not a noisy stopping rule
 
 
 def warm_start(policy, args):
@@ -1267,7 +1269,7 @@ def warm_start(policy, args):
     context the way a real LM already can."""
     rows = builtin_task(4000, seed=args.seed + 20_000)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=WARM["lr"], weight_decay=0.0)
-    tok, rng = policy.tokenizer, random.Random(args.seed)
+    tok, rng, t0 = policy.tokenizer, random.Random(args.seed), time.time()
     for step in range(1, WARM["steps"] + 1):
         batch = rng.sample(rows, WARM["batch"])
         prompts = [(teacher_prompt if i % 2 else student_prompt)(policy, r) for i, r in enumerate(batch)]
@@ -1282,6 +1284,7 @@ def warm_start(policy, args):
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
             print(f"warm start step {step}/{WARM['steps']}: loss {loss.item():.3f}", flush=True)
+    print(f"warm start: {WARM['steps']} steps in {time.time() - t0:.0f} s", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
