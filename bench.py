@@ -799,15 +799,18 @@ def bench_gpu_smoke(args):
 
 
 def demo_summary(runs, args):
-    """results/demo.md from the seeds run so far (rewritten after each one)."""
-    med = lambda k: statistics.median(r[k] for r in runs)
-    rng = lambda k, f: f"{f(min(r[k] for r in runs))} to {f(max(r[k] for r in runs))}"
-    lines = [f"# The demo over {len(runs)} seeds", "", f"Command: `{args.command_line}`", "",
+    """results/demo.md from the seeds run so far (rewritten after each one). A warm-start time of None: not recorded
+    (runs made before train.py printed it)."""
+    med = lambda k: statistics.median(r[k] for r in runs if r[k] is not None)
+    rng = lambda k, f: (f(min(r[k] for r in runs if r[k] is not None)) + " to " +
+                        f(max(r[k] for r in runs if r[k] is not None)))
+    again = f" (seeds before {args.first_seed}: an earlier invocation, kept in demo.jsonl)" if args.first_seed else ""
+    lines = [f"# The demo over {len(runs)} seeds", "", f"Command: `{args.command_line}`{again}", "",
              f"Each seed: `python train.py --seed S` in a fresh process, cold cache (warm start included), "
              f"{args.threads} threads. Wall: the whole process; warm start: its share.", "",
              "| seed | base | final | gain | wall (s) | warm start (s) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['base']:.3f} | {r['final']:.3f} | {r['gain']:+.3f} | {r['wall']:.0f} | "
-              f"{r['warm']:.0f} |" for r in runs]
+              f"{'-' if r['warm'] is None else format(r['warm'], '.0f')} |" for r in runs]
     lines += ["", f"median base {med('base'):.3f} ({rng('base', '{:.3f}'.format)}), final {med('final'):.3f} "
               f"({rng('final', '{:.3f}'.format)}), gain {med('gain'):+.3f} ({rng('gain', '{:+.3f}'.format)}); "
               f"{sum(r['gain'] >= 0.15 for r in runs)} of {len(runs)} seeds gain at least +0.15; cold wall time median "
@@ -823,8 +826,9 @@ def bench_demo(args):
     """`python train.py --seed S` for S in 0..N-1, each in a fresh process with an empty cache (the warm start
     included), as a new user runs it: held-out accuracy before and after RL, and the wall time."""
     import tempfile
-    runs = []
-    for seed in range(args.seeds):
+    path = os.path.join(args.out, "demo.jsonl")  # --first-seed N continues an interrupted bench at seed N
+    runs = [r for r in map(json.loads, open(path)) if r["seed"] < args.first_seed] if args.first_seed else []
+    for seed in range(args.first_seed, args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "train.py", "--seed", str(seed), "--cache-dir", tmp, "--output-dir",
                    os.path.join(tmp, "run")]
@@ -836,6 +840,9 @@ def bench_demo(args):
             runs.append(dict(seed=seed, base=base, final=final, gain=final - base, wall=time.time() - t, warm=warm))
             print(f"seed {seed}: base {base:.3f} -> final {final:.3f} ({final - base:+.3f}), {runs[-1]['wall']:.0f} s "
                   f"cold", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in runs)
         demo_summary(runs, args)
 
 
@@ -1447,14 +1454,15 @@ def main(argv=None):
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--smoke", action="store_true", help="the card's command path in minutes: LoRA and full "
                    "fine-tuning, resume, reload and evaluate, at 2 + 2 layers")
+    g.add_argument("--use-vllm", action="store_true", help="sample with a colocated vLLM engine (train.py --use-vllm)")
     g.set_defaults(func=lambda a: (bench_gpu_smoke if a.smoke else bench_gpu)(a))
 
     d = sub.add_parser("demo", help="python train.py on N seeds from a cold cache: accuracy gain and wall time")
     d.add_argument("--seeds", type=int, default=8)
+    d.add_argument("--first-seed", type=int, default=0, help="continue: seeds below it come from OUT/demo.jsonl")
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--out", default="results")
     d.set_defaults(func=bench_demo)
-    g.add_argument("--use-vllm", action="store_true", help="sample with a colocated vLLM engine (train.py --use-vllm)")
 
     r = sub.add_parser("rollout", help="generate vs vLLM on one model, interleaved: rollout tokens/s and the "
                        "rollout / teacher / update split of an RLSD step with each")

@@ -3179,3 +3179,15 @@ def test_vllm_importance_weights_are_pi_theta_over_pi_vllm_per_token_or_answer_c
     assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx((2.0 + math.log(4)) / 4)
     args.vllm_importance_sampling_correction = False  # the metrics stay, the weighting goes
     assert train.VLLMEngine.importance_weights(logp, sample, mask, args, []) == 1
+
+
+def test_bench_demo_summary_gives_median_range_and_the_seeds_that_gain_at_least_0_15(tmp_path):
+    runs = [dict(seed=s, base=b, final=f, gain=f - b, wall=w, warm=m) for s, b, f, w, m in
+            [(0, 0.2, 0.5, 200, 60), (1, 0.3, 0.35, 250, None), (2, 0.1, 0.4, 220, 70)]]
+    args = argparse.Namespace(out=str(tmp_path), command_line="python bench.py demo", first_seed=0, threads=2)
+    bench.demo_summary(runs, args)
+    text = (tmp_path / "demo.md").read_text()
+    assert "| 1 | 0.300 | 0.350 | +0.050 | 250 | - |" in text  # a warm start that was not recorded shows as -
+    assert ("median base 0.200 (0.100 to 0.300), final 0.400 (0.350 to 0.500), gain +0.300 (+0.050 to +0.300); "
+            "2 of 3 seeds gain at least +0.15; cold wall time median 220 s (200 to 250), of which the warm start 65 s "
+            "(60 to 70)") in text

@@ -16,8 +16,9 @@ in the order they run:
     5. credit     A_t = A * ((1-lam) + lam * clip(exp(sign(A) * (log P_T - log P_S)))) (Eq. 13-15)
     6. update     the PPO/GRPO clipped surrogate with A_t in place of A               (Eq. 2)
 The reward sets the direction of every token's update, the teacher only its size. Everything below the banner
-"plumbing: skip on a first read" (data, images, model loading, LoRA, the demo model, checkpoints, torchrun) is
-there to make the step run on real data and hardware; none of it changes what the step computes.
+"plumbing: skip on a first read" (data, images, model loading, LoRA, the demo model, checkpoints, the optional
+vLLM sampler, torchrun) is there to make the step run on real data and hardware; none of it changes what the step
+computes.
 """
 
 
@@ -662,7 +663,8 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
 
 # =====================================================================================================================
 # plumbing: skip on a first read. Setup, data and images, model loading and LoRA, the demo model, evaluation and
-# logging, checkpoints and output folders, the credit heatmap, and torchrun. None of it changes what a step computes.
+# logging, checkpoints and output folders, the credit heatmap, the vLLM sampler, and torchrun. None of it changes
+# what a step computes.
 # =====================================================================================================================
 
 
