@@ -564,11 +564,8 @@ def summary(results, ov, args):
 
 def compare_args(seed, setting, args, *more):
     """train.py's options for one run of the built-in task in `setting` (the warm start differs by setting: the
-    teacher half of it sees that setting's reference). 16 prompts per step, as results/summary.md was run (the demo
-    itself now takes 12, to fit its time budget)."""
-    return train.parse_args(["--seed", str(seed), "--cache-dir", os.path.join(args.cache_dir, setting),
-                             "--prompts-per-step", "16", "--micro-batch-size", "128", "--generation-batch-size", "128",
-                             *more])
+    teacher half of it sees that setting's reference)."""
+    return train.parse_args(["--seed", str(seed), "--cache-dir", os.path.join(args.cache_dir, setting), *more])
 
 
 def bench_compare(args):
