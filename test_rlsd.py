@@ -2898,6 +2898,25 @@ def test_bench_champ_scores_three_marked_solutions_with_train_py_and_reports_eve
             assert all(0.0 <= v <= 1.0 for v in kind.values())
 
 
+def test_bench_champ_stopped_early_continues_where_it_stopped_and_reports_the_same_table(tmp_path, tiny_model,
+                                                                                         one_thread):
+    """A 2-hour run must survive a kill: each scored solution is on disk at once, and the same command scores only
+    the rest. Here the log loses its last line and gains a torn one, as a kill mid-write leaves it."""
+    data, out = str(champ_fixture(tmp_path / "v0.json")), tmp_path / "champ.md"
+    argv = ["champ", "--model", tiny_model, "--data", data, "--out", str(out)]
+    bench.main(argv)
+    first, log = out.read_text(), tmp_path / "champ.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2]) + '\n{"key": "P_Add_2/PaLM 2')  # 2 scored, 1 lost, 1 torn line
+    items = bench.main(argv)
+    assert sum("blame" in it for it in items) == 1 and len(items) == 3  # only the lost one was scored again
+    table = lambda text: text[text.index("| span vs before"):text.index("Scoring time")]
+    assert table(out.read_text()) == table(first)
+    assert not any("blame" in it for it in bench.main(argv))  # and then nothing is left to score
+    with pytest.raises(SystemExit, match="no solution scored within --max-minutes 0"):
+        bench.main(argv[:-2] + ["--out", str(tmp_path / "other.md"), "--max-minutes", "0"])
+
+
 def test_bench_champ_without_the_data_wheel_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=r"pip install champ-dataset==1\.0\.0 natsort"):
