@@ -15,7 +15,7 @@ Benchmarks, one subcommand each:
     python bench.py champ [--model PATH] [--n N] [--seed S] [--max-minutes M]
                                  # does the teacher's blame land on CHAMP's human-marked first wrong steps?
                                  # -> results/champ.md (needs pip install champ-dataset==1.0.0 natsort);
-                                 # about 2 h on 2 CPU cores; stopped or killed, the same command continues
+                                 # hours on 2 CPU cores; stopped or killed, the same command continues
     python bench.py mutants      # the mutation gate: each planted bug (MUTANTS) must make one of its tests fail
 
 compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
