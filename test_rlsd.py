@@ -1098,14 +1098,15 @@ def one_thread():
         yield
 
 
-def save_tiny_qwen3(folder, layers):
-    """A random Qwen3 of `layers` decoder layers over the built-in tokenizer, saved as a Hugging Face folder."""
+def save_tiny_qwen3(folder, layers, **sizes):
+    """A random Qwen3 of `layers` decoder layers over the built-in tokenizer, saved as a Hugging Face folder;
+    `sizes` overrides the config's widths."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     tok = train.builtin_tokenizer()
     config = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=True)
+                         bos_token_id=None, **dict(dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True),
+                         num_hidden_layers=layers, **sizes))
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -3007,19 +3008,10 @@ SAMPLING_KEYS = {"sampling/sampling_logp_difference/mean", "sampling/sampling_lo
 
 @pytest.fixture(scope="module")
 def vllm_tiny(tmp_path_factory):
-    """tiny_model at head_dim 32 with its own output layer: a random 1-layer Qwen3 over the built-in tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    folder, tok = tmp_path_factory.mktemp("vllm-tiny-qwen3"), train.builtin_tokenizer()
-    config = Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                         tie_word_embeddings=False)  # tied, this random model repeats its prompt's last token
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    """tiny_model at head_dim 32 with its own output layer: a random 1-layer Qwen3 over the built-in tokenizer
+    (tied, this random model repeats its prompt's last token)."""
+    return save_tiny_qwen3(tmp_path_factory.mktemp("vllm-tiny-qwen3"), 1, hidden_size=64, intermediate_size=128,
+                           head_dim=32, tie_word_embeddings=False)
 
 
 @pytest.fixture
