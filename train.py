@@ -70,7 +70,8 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              max_steps=200, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
              log_samples_steps=10, eval_decoding="sampled", min_pixels=512 * 512, max_pixels=768 * 768,
              gradient_checkpointing=True)
-DEMO = dict(PAPER, prompts_per_step=12, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=100,
+# The demo samples 16 answers per prompt: a weak base gets more groups with mixed rewards (results/demo.md)
+DEMO = dict(PAPER, num_generations=16, prompts_per_step=6, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=100,
             micro_batch_size=96, generation_batch_size=96, eval_steps=25, save_steps=50, eval_size=256,
             log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
