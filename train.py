@@ -65,15 +65,15 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 # The paper's defaults (spec §2), and the few the built-in CPU demo changes so that it learns within minutes.
 PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, max_completion_length=4096,
-             temperature=1.0, top_p=1.0, lr=1e-6, weight_decay=0.01, epsilon=0.2, epsilon_high=0.28, dual_clip=3.0,
-             eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10, loss_type="dapo", scale_rewards="group",
-             max_steps=200, micro_batch_size=8, generation_batch_size=64, eval_steps=50, save_steps=50, eval_size=500,
-             log_samples_steps=10, eval_decoding="sampled", min_pixels=512 * 512, max_pixels=768 * 768,
-             gradient_checkpointing=True)
+             temperature=1.0, top_p=1.0, lr=1e-6, lr_scheduler_type="constant", weight_decay=0.01, epsilon=0.2,
+             epsilon_high=0.28, dual_clip=3.0, eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10,
+             loss_type="dapo", scale_rewards="group", max_steps=200, micro_batch_size=8, generation_batch_size=64,
+             eval_steps=50, save_steps=50, eval_size=500, log_samples_steps=10, eval_decoding="sampled",
+             min_pixels=512 * 512, max_pixels=768 * 768, gradient_checkpointing=True)
 # The demo samples 16 answers per prompt: a weak base gets more groups with mixed rewards (results/demo.md)
-DEMO = dict(PAPER, num_generations=16, prompts_per_step=6, max_prompt_length=128, max_completion_length=40, lr=2e-4, max_steps=100,
-            micro_batch_size=96, generation_batch_size=96, eval_steps=25, save_steps=50, eval_size=256,
-            log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
+DEMO = dict(PAPER, num_generations=16, prompts_per_step=6, max_prompt_length=128, max_completion_length=40, lr=2e-4,
+            lr_scheduler_type="cosine", max_steps=100, micro_batch_size=96, generation_batch_size=96, eval_steps=25,
+            save_steps=50, eval_size=256, log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -120,6 +120,8 @@ def parse_args(argv=None):
     knob("--temperature", float, "sampling temperature (both passes score at it)")
     knob("--top-p", float, "nucleus sampling")
     knob("--lr", float, f"AdamW learning rate; when not given, LoRA trains at {LORA_LR_SCALE}x it")
+    knob("--lr-scheduler-type", str, "after a 5-step warm-up: constant, or cosine to 0 at --max-steps",
+         choices=["constant", "cosine"])
     knob("--weight-decay", float, "AdamW weight decay")
     knob("--epsilon", float, "PPO clip, lower side")
     knob("--epsilon-high", float, "PPO clip, upper side (clip-higher)")
@@ -574,6 +576,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
     params = [p for p in policy.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    lr = sched.get_last_lr()[0]  # the rate this step used
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -581,7 +584,8 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
     totals = all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=mask.device) for k in keys]))
     sums = dict(zip(keys, totals.tolist()))  # one device sync for every metric
     ntok, live = n_tok.item(), sums.pop("rlsd/live", 0.0)
-    out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
+    out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "learning_rate": lr,
+           "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
     for k, v in sums.items():
         per_live = k in ("rlsd/mean_abs_delta", "rlsd/weight_mean")  # means over tokens with A != 0: none, no mean
         if not (per_live and live == 0):
@@ -712,7 +716,8 @@ def setup(args):
     barrier()
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))  # 5-step warm-up, then constant
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / args.max_steps)) if args.lr_scheduler_type == "cosine" else 1
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * cosine(s))  # 5-step warm-up
     sampler, teacher, step = Sampler(len(train_rows), args.seed), Teacher(policy, args.teacher_sync_steps), 0
     if start:
         state = torch.load(os.path.join(start, state_file(rank)), weights_only=False)
