@@ -1147,7 +1147,6 @@ def state_dict_of(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
-
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_the_learning_rate_warms_up_over_5_steps_then_stays_constant_or_falls_by_a_cosine_towards_0(
         schedule, tiny_model, mixed_verify, one_thread, tmp_path):
@@ -1156,6 +1155,7 @@ def test_the_learning_rate_warms_up_over_5_steps_then_stays_constant_or_falls_by
     shape = (lambda s: 1.0) if schedule == "constant" else (lambda s: 0.5 * (1 + math.cos(math.pi * s / 8)))
     assert lrs == pytest.approx([1e-3 * min(1.0, (s + 1) / 5) * shape(s) for s in range(8)])
     assert (lrs[-1] < 0.1 * max(lrs)) == (schedule == "cosine")
+
 
 # -- end to end: every --algo runs, learns and logs ---------------------------------------------------------------
 

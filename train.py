@@ -716,8 +716,9 @@ def setup(args):
     barrier()
     params = [p for p in policy.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / args.max_steps)) if args.lr_scheduler_type == "cosine" else 1
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * cosine(s))  # 5-step warm-up
+    cosine = args.lr_scheduler_type == "cosine"
+    decay = lambda s: 0.5 * (1 + math.cos(math.pi * s / args.max_steps)) if cosine else 1.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * decay(s))  # 5-step warm-up
     sampler, teacher, step = Sampler(len(train_rows), args.seed), Teacher(policy, args.teacher_sync_steps), 0
     if start:
         state = torch.load(os.path.join(start, state_file(rank)), weights_only=False)
