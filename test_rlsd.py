@@ -1078,7 +1078,7 @@ TINY_RUN = ["--dataset", "builtin", "--num-generations", "2", "--prompts-per-ste
             "--eval-size", "2", "--eval-steps", "100", "--lr", "1e-3", "--log-samples-steps", "1"]
 STEP_KEYS = {"reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "loss", "grad_norm",
              "learning_rate", "time/rollout", "time/reward", "time/teacher", "time/update"}
-RLSD_KEYS = {"rlsd/lambda", "rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/weight_clipped_frac"}
+RLSD_KEYS = {"rlsd/lambda", "rlsd/live_frac", "rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/weight_clipped_frac"}
 
 
 @contextlib.contextmanager
@@ -1183,7 +1183,7 @@ def test_short_run_of_each_algo_updates_the_weights_logs_metrics_and_saves_a_loa
         assert m["rollout/logp_mismatch"] < 1e-4  # the sampler's log-probs are the ones the loss rescoring gives
         if algo == "rlsd":
             assert m["rlsd/mean_abs_delta"] > 0 and 0.8 <= m["rlsd/weight_mean"] <= 1.2
-            assert 0 <= m["rlsd/weight_clipped_frac"] <= 1
+            assert 0 <= m["rlsd/weight_clipped_frac"] <= 1 and m["rlsd/live_frac"] == 1  # every group is mixed
         if algo == "opsd":  # the logged divergence is the same token mean the loss is, whatever the micro-batching
             assert m["opsd/divergence"] == pytest.approx(m["loss"], rel=1e-4)
         if algo == "grpo":
@@ -1339,9 +1339,10 @@ def test_clipped_weight_share_counts_all_response_tokens_and_no_live_token_means
     m = train.update(policy, opt, sched, ro, adv, far, teacher, args, 0)
     live, total = 5 + 3, 5 + 3 + 5 + 5
     assert m["rlsd/weight_clipped_frac"] == pytest.approx(live / total)      # the paper's share: over all tokens
+    assert m["rlsd/live_frac"] == pytest.approx(live / total)                # the tokens with A != 0
     assert m["rlsd/weight_mean"] == pytest.approx((5 * 1.2 + 3 * 0.8) / live)
     m = train.update(policy, opt, sched, ro, torch.zeros(4), far, teacher, args, 0)
-    assert "rlsd/weight_mean" not in m and m["rlsd/weight_clipped_frac"] == 0.0
+    assert "rlsd/weight_mean" not in m and m["rlsd/weight_clipped_frac"] == 0.0 and m["rlsd/live_frac"] == 0.0
 
 
 def _update_parts(tiny_model, *extra):

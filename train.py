@@ -71,8 +71,8 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              eval_steps=50, save_steps=50, eval_size=500, log_samples_steps=10, eval_decoding="sampled",
              min_pixels=512 * 512, max_pixels=768 * 768, gradient_checkpointing=True)
 # The demo samples 16 answers per prompt: a weak base gets more groups with mixed rewards (results/demo.md)
-DEMO = dict(PAPER, num_generations=16, prompts_per_step=6, max_prompt_length=128, max_completion_length=40, lr=2e-4,
-            lr_scheduler_type="cosine", max_steps=100, micro_batch_size=96, generation_batch_size=96, eval_steps=25,
+DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128, max_completion_length=40, lr=2e-4,
+            lr_scheduler_type="cosine", max_steps=130, micro_batch_size=128, generation_batch_size=128, eval_steps=25,
             save_steps=50, eval_size=256, log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
 
@@ -570,7 +570,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
         live = mask.bool() & (adv != 0)[:, None]  # tokens whose credit the teacher can move
         add("rlsd/mean_abs_delta", (teacher_logp - student).abs()[live].sum())
         add("rlsd/weight_mean", w_clip[live].sum())
-        add("rlsd/live", live.sum())
+        add("rlsd/live_frac", live.sum())  # a count of live tokens here; a share of all once divided below
         # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
         add("rlsd/weight_clipped_frac", (w != w_clip)[mask.bool()].sum())
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -583,7 +583,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
     keys = list(sums)
     totals = all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=mask.device) for k in keys]))
     sums = dict(zip(keys, totals.tolist()))  # one device sync for every metric
-    ntok, live = n_tok.item(), sums.pop("rlsd/live", 0.0)
+    ntok, live = n_tok.item(), sums.get("rlsd/live_frac", 0.0)
     out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "learning_rate": lr,
            "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
     for k, v in sums.items():
