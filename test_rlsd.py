@@ -2759,6 +2759,17 @@ def test_gradient_checkpointing_is_on_for_hub_models_and_off_for_the_demo(tiny_m
 # -- faults a long run meets (issue 23) -----------------------------------------------------------------------------
 
 
+def test_extending_a_cosine_run_says_its_lr_no_longer_matches_a_longer_run_and_a_constant_one_says_nothing(
+        tiny_model, mixed_verify, one_thread, tmp_path, capsys):
+    for schedule in ("cosine", "constant"):
+        out = tmp_path / schedule
+        train.train(tiny_args(tiny_model, out, "--max-steps", "1", "--lr-scheduler-type", schedule))
+        capsys.readouterr()
+        train.train(tiny_args(tiny_model, out, "--max-steps", "2", "--lr-scheduler-type", schedule, "--resume"))
+        said = "the cosine lr now falls to 0 at step 2, not 1" in capsys.readouterr().out
+        assert said == (schedule == "cosine")
+
+
 def test_a_full_disk_while_saving_gives_one_line_removes_the_partial_folder_and_keeps_earlier_checkpoints(
         tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch):
     import errno

@@ -731,8 +731,11 @@ def setup(args):
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():  # GPU sampling draws from this one
             torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step = state["step"]
+        step, planned = state["step"], state["args"]["max_steps"]
         print(f"resumed from {start} at step {step}")
+        if args.lr_scheduler_type == "cosine" and planned != args.max_steps:
+            print(f"warning: the cosine lr now falls to 0 at step {args.max_steps}, not {planned}: this run will not "
+                  f"match one started with --max-steps {args.max_steps}")
     return policy, opt, sched, teacher, sampler, step, train_rows, eval_rows
 
 
