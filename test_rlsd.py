@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -2692,6 +2693,66 @@ def test_the_builtin_demo_model_moves_to_the_accelerator(tiny_model, fake_cuda, 
                                        AutoTokenizer.from_pretrained(tiny_model))
     monkeypatch.setattr(train, "builtin_policy", cached)
     assert train.load_policy(train.parse_args([])).device == ACCEL
+
+
+def test_hub_kernels_stay_off_when_a_loaded_model_sits_on_an_h100_offline(tiny_model, monkeypatch):
+    """transformers 5.25 kernelizes from_pretrained's models; on CUDA, train() / eval() then fetch hub kernels, which
+    offline is a crash at the first update (issue 30). Only the device and the capability say "H100" here."""
+    from huggingface_hub import constants
+    from transformers import PreTrainedModel
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    policy, _ = tiny_policy(tiny_model)
+    monkeypatch.setattr(PreTrainedModel, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    policy.model.train()
+    policy.model.eval()
+    assert not policy.model.use_kernels
+
+
+def test_a_sequence_weight_whose_log_ratio_overflows_is_masked_to_zero_not_nan():
+    args = argparse.Namespace(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=None,
+                              vllm_importance_sampling_clip_max=3.0, vllm_importance_sampling_correction=True)
+    mask = torch.ones(2, 4)
+    logp = torch.tensor([[50.0] * 4, [0.1] * 4])                      # row 0: log-ratio sum 200, exp() is inf
+    w = train.VLLMEngine.importance_weights(logp, torch.zeros(2, 4), mask, args, [])
+    assert w.flatten().tolist() == pytest.approx([0.0, math.exp(0.4)])
+
+
+def test_a_lora_checkpoints_merged_weights_are_made_on_rank_0_only_and_land_on_the_cpu(tiny_model, fake_cuda,
+                                                                                      monkeypatch):
+    policy, args = tiny_policy(tiny_model, "--lora-rank", "4")
+    train.prepare_for_training(policy, args)
+    weights = train.full_state_dict(policy, 4)
+    assert weights and {t.device for t in weights.values()} == {torch.device("cpu")}
+    monkeypatch.setattr(train, "dist_rank", lambda: 1)
+    monkeypatch.setattr(train, "merged_weights", lambda model: pytest.fail("rank 1 merged the weights"))
+    assert train.full_state_dict(policy, 4) is None
+
+
+def test_sigterm_on_one_rank_only_stops_every_rank(monkeypatch):
+    """The other rank got the signal: this one must stop after the same step, or the other waits in a collective."""
+    other = float(signal.SIGTERM)
+    monkeypatch.setattr(train, "dist_world", lambda: 2)
+    monkeypatch.setattr(train, "comm_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.add_(other))
+    preemption = train.Preemption()
+    try:
+        assert preemption.requested()
+    finally:
+        preemption.restore()
+
+
+def test_max_grad_norm_defaults_to_one_and_clips_the_step_to_that_norm(tiny_model, one_thread):
+    assert train.parse_args([]).max_grad_norm == 1.0
+    policy, args, *_, ro, adv = _update_parts(tiny_model, "--max-grad-norm", "0.01")
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().flatten() for p in params])
+    opt = torch.optim.SGD(params, lr=1.0)                             # the step is minus the clipped gradient
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    step = torch.cat([p.detach().flatten() for p in params]) - before
+    assert m["grad_norm"] > 0.1 and step.norm().item() == pytest.approx(0.01, rel=1e-3)
 
 
 @pytest.mark.parametrize("eval_size", ["0", "2"])

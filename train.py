@@ -124,6 +124,7 @@ def parse_args(argv=None):
     knob("--lr-scheduler-type", str, "after a 5-step warm-up: constant, or cosine to 0 at --max-steps",
          choices=["constant", "cosine"])
     knob("--weight-decay", float, "AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this")
     knob("--epsilon", float, "PPO clip, lower side")
     knob("--epsilon-high", float, "PPO clip, upper side (clip-higher)")
     knob("--dual-clip", float, "dual clip for A < 0 (0: off)")
@@ -183,8 +184,8 @@ def parse_args(argv=None):
 
 # Every numeric option's range. Checked at start-up: a bad value fails in a second, not after an hour of rollouts.
 POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batch_size generation_batch_size "
-            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr vllm_gpu_memory_utilization "
-            "vllm_importance_sampling_clip_max").split()
+            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr max_grad_norm "
+            "vllm_gpu_memory_utilization vllm_importance_sampling_clip_max").split()
 NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
                 "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min").split()
 AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0", "vllm_gpu_memory_utilization")
@@ -575,7 +576,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
         # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
         add("rlsd/weight_clipped_frac", (w != w_clip)[mask.bool()].sum())
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     lr = sched.get_last_lr()[0]  # the rate this step used
     opt.step()
@@ -1042,7 +1043,8 @@ def load_policy(args, path=None):
     # fp32 weights (our full fine-tuning checkpoints: the master weights) load as fp32, so a resume is exact
     stored = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
     load_dtype = torch.float32 if str(stored).endswith("float32") else dtype
-    model = auto.from_pretrained(path, dtype=load_dtype, local_files_only=offline).to(pick_device())
+    # no hub kernels: on CUDA, train() / eval() would swap in downloaded RMSNorm / RoPE (offline: a crash)
+    model = auto.from_pretrained(path, dtype=load_dtype, local_files_only=offline, use_kernels=False).to(pick_device())
     processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
                  AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
@@ -1260,7 +1262,7 @@ def builtin_policy(args):
     key = hashlib.sha1(json.dumps([DEMO_MODEL, WARM, args.seed, CHAT_TEMPLATE, FORMAT, TEACHER]).encode()).hexdigest()
     folder = os.path.join(args.cache_dir, f"demo-base-{key[:10]}")
     if os.path.isdir(folder):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_kernels=False)
         return Policy(model, AutoTokenizer.from_pretrained(folder))
     torch.manual_seed(args.seed)
     tok = builtin_tokenizer()
@@ -1705,7 +1707,7 @@ class VLLMEngine:
         ratio = (diff.sum(1, keepdim=True) if seq else diff).exp()                                   # [b, 1|C]
         lo, hi = args.vllm_importance_sampling_clip_min or 0.0, args.vllm_importance_sampling_clip_max or math.inf
         ratio = (ratio.clamp(lo, hi) if args.vllm_importance_sampling_mode.endswith("truncate") else
-                 ratio * ((ratio >= lo) & (ratio <= hi)))
+                 torch.where((ratio >= lo) & (ratio <= hi), ratio, 0.0))  # not ratio * 0: inf * 0 is NaN
         gap.append((diff.abs()[m], ratio.flatten() if seq else ratio[m]))
         return ratio if args.vllm_importance_sampling_correction else 1
 
@@ -1840,9 +1842,10 @@ def reshard(model):
 
 
 def full_state_dict(policy, lora_rank):
-    """The weights for a Hugging Face folder: adapters merged in, FSDP2 shards gathered onto rank 0."""
-    if lora_rank:
-        return dict(merged_weights(policy.model))
+    """The weights for a Hugging Face folder, on rank 0's CPU: adapters merged in (one tensor at a time), FSDP2
+    shards gathered."""
+    if lora_rank:  # DDP: every rank holds the weights; only rank 0 writes them
+        return None if dist_rank() else {n: t.cpu() for n, t in merged_weights(policy.model)}
     if dist_world() == 1:
         return None  # save_pretrained takes the model's own
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
