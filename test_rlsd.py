@@ -1405,6 +1405,27 @@ def test_stop_ids_are_the_tokenizers_eos_plus_every_eos_of_the_generation_config
     assert train.stop_ids(policy(9)) == [2, 9] and train.stop_ids(policy(None)) == [2]
 
 
+@pytest.mark.parametrize("decoding", ["rollout", "greedy"])
+def test_sampling_ignores_the_models_own_generation_config_json(decoding, tiny_model, one_thread, tmp_path):
+    """transformers fills every field our GenerationConfig leaves unset from the model's file; a hub
+    repetition_penalty would shape the rollouts and never reach the scoring pass (issue 30)."""
+    hub = tmp_path / "hub-model"
+    shutil.copytree(tiny_model, hub)
+    config = json.load(open(hub / "generation_config.json"))
+    config.update(repetition_penalty=50.0, no_repeat_ngram_size=1)
+    json.dump(config, open(hub / "generation_config.json", "w"))
+    completions = []
+    for folder in (tiny_model, str(hub)):
+        policy, args = tiny_policy(folder, "--max-completion-length", "16", "--temperature", "0.7")
+        rows = train.builtin_task(2, seed=1)
+        torch.manual_seed(0)
+        completions.append(train.generate(policy, [train.student_prompt(policy, r) for r in rows], rows, args,
+                                          decoding)[0])
+    ids = completions[0]
+    assert any(len(set(row)) < len(row) for row in ids.tolist()), "want a repeated token (seeded)"
+    assert torch.equal(completions[1], ids)
+
+
 def test_sampler_bans_vision_tokens_applies_presence_penalty_to_the_answer_only_and_records_the_result():
     rec = train.SampledLogprobs(temperature=1.0, banned=[3], prompt_length=2, presence_penalty=1.5)
     ids = torch.tensor([[1, 4, 2, 2]])            # prompt [1, 4], answer so far [2, 2]

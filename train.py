@@ -384,6 +384,9 @@ def generate(policy, texts, rows, args, decoding="rollout"):
                                                                  top_p=knobs["top_p"], top_k=knobs["top_k"])))
     ids, logps = [], []
     bs = args.generation_batch_size
+    # generate() fills what gc leaves unset from the model's generation_config.json: a hub repetition_penalty would
+    # shape the rollouts unscored. Sample from gc alone.
+    own, policy.model.generation_config = policy.model.generation_config, GenerationConfig()
     for i in range(0, len(texts), bs):
         enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
         rec = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], knobs.get("presence_penalty"))
@@ -393,6 +396,7 @@ def generate(policy, texts, rows, args, decoding="rollout"):
         comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
         ids.append(comp)
         logps.append(rec.finish(seq))
+    policy.model.generation_config = own
     C = max(c.shape[1] for c in ids)
     ids = torch.cat([torch.nn.functional.pad(c, (0, C - c.shape[1]), value=tok.pad_token_id) for c in ids])  # [B, C]
     logps = torch.cat([torch.nn.functional.pad(l, (0, C - l.shape[1])) for l in logps])                    # [B, C]
