@@ -1562,6 +1562,17 @@ def test_bench_gpu_runs_rlsd_steps_on_the_real_architecture_shrunk_to_cpu_size(o
     assert out["peak_gib"] > 0 and out["tokens"] == 2 * 2 * 6 and 0 < out["teacher"] < out["total"]
 
 
+def test_bench_gpu_prints_the_vllm_log_prob_gap_and_fails_when_it_exceeds_0_05(one_thread, capsys, monkeypatch):
+    """sampling/sampling_logp_difference/mean is the one number that proves the weight push landed (issue 30)."""
+    update = train.update
+    monkeypatch.setattr(train, "update", lambda *a, **k: {**update(*a, **k), bench.GAP: 0.2})
+    with pytest.raises(SystemExit, match=r"sampling_logp_difference/mean reached 0\.2000 > 0\.05"):
+        bench.bench_gpu(bench.main.__globals__["argparse"].Namespace(
+            config=REAL_VL_CONFIG, tiny=True, steps=1, prompts=2, generations=2, completion=4, micro_batch=4,
+            image_size=64, lora_rank=4, dtype="float32", gradient_checkpointing=False))
+    assert "sampling/sampling_logp_difference/mean 0.2000" in capsys.readouterr().out
+
+
 def test_bench_help_is_the_same_for_dash_h_and_double_dash_help():
     runs = [subprocess.run([sys.executable, "bench.py", flag], cwd=os.path.dirname(os.path.abspath(bench.__file__)),
                            capture_output=True, text=True, timeout=60) for flag in ("-h", "--help")]
