@@ -1263,6 +1263,27 @@ def test_images_sit_at_their_image_tags_in_student_and_teacher_inputs(vl):
     assert f"user\n{img}{img}How many squares?" in shown(train.student_prompt(policy, plain))
 
 
+def test_vl_each_prompts_images_are_processed_once_per_step_and_encode_as_the_processor_does(vl, monkeypatch):
+    """Rollout, teacher and update all read a prompt's images, G times each; they are decoded and processed once
+    (issue 30), and the batch is the one the processor builds from scratch."""
+    args = vl_args(vl, vl["root"] / "unused")
+    policy = train.load_policy(args)
+    rows = vl_rows(vl)                                                  # one image, then two
+    texts = [train.student_prompt(policy, r) for r in rows]
+    flat = [train.load_image(im, args.max_pixels) for r in rows for im in r["images"]]
+    want = policy.processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt")
+    got = policy.encode(texts, rows)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    seen, load = [], train.load_image
+    monkeypatch.setattr(train, "load_image", lambda image, *a, **k: (seen.append(image), load(image, *a, **k))[1])
+    train.prepare_for_training(policy, args)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in range(2):
+        train.train_step(policy, opt, sched, train.Teacher(policy, 0), rows, args, step)
+        assert len(seen) == 3 * (step + 1)                          # the three images, once per step
+
+
 @pytest.mark.parametrize("model,words,absent", [
     ("Qwen/Qwen3-VL-8B", ["'Qwen/Qwen3-VL-8B-Instruct'", "the published id for Qwen/Qwen3-VL-8B",
                           "hf download Qwen/Qwen3-VL-8B-Instruct"], []),
