@@ -2581,7 +2581,8 @@ def test_bench_compare_pairs_every_variant_by_seed_resumes_and_summarises(tmp_pa
 # ---------------------------------------------------------------------------------------------------------------------
 # The GPU path, on CPU (issue 19). A CPU build cannot label a tensor "cuda" past its device guards, so a stand-in
 # accelerator is used: real CPU data labelled "meta" (a device every build has guards for). A dispatch mode runs each
-# op on the data and, as CUDA does, raises when a labelled tensor meets a plain CPU tensor of one or more dimensions.
+# op on the data and, as CUDA does, raises when a labelled tensor meets a plain CPU tensor (0-dim: outside pointwise
+# ops only).
 # Every device bug of the kind "CPU advantages meet CUDA log-probs" fails here exactly as it would on a GPU.
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -2621,7 +2622,11 @@ class FakeAccelerator(TorchDispatchMode):
         self.saved = torch.tensor, torch.as_tensor, torch.__future__.get_overwrite_module_params_on_conversion()
 
         def via_cpu(make):  # torch.tensor(..., device=) copies below the dispatcher: make it on the CPU, then move
-            return lambda data, *a, device=None, **k: make(data, *a, **k).to(device) if device else make(data, *a, **k)
+            def made(data, *a, device=None, **k):
+                if isinstance(data, (list, tuple)):  # a list of accelerator scalars is read as CUDA reads it
+                    data = tree_map(lambda x: x.data_ if isinstance(x, OnAccel) else x, data)
+                return make(data, *a, **k).to(device) if device else make(data, *a, **k)
+            return made
 
         torch.tensor, torch.as_tensor = via_cpu(torch.tensor), via_cpu(torch.as_tensor)
         torch.__future__.set_overwrite_module_params_on_conversion(True)  # model.to() makes new OnAccel parameters
@@ -2637,7 +2642,8 @@ class FakeAccelerator(TorchDispatchMode):
         to = kwargs.get("device")
         checked = (args[:1] + args[2:]) if func in self.INDEXING else (args, kwargs)  # CUDA takes CPU indices
         tensors = [a for a in tree_flatten(checked)[0] if isinstance(a, torch.Tensor)]
-        on = {isinstance(a, OnAccel) for a in tensors if isinstance(a, OnAccel) or a.dim() > 0}
+        scalars_mix = torch.Tag.pointwise in func.tags  # CUDA takes a 0-dim CPU tensor in elementwise ops only
+        on = {isinstance(a, OnAccel) for a in tensors if isinstance(a, OnAccel) or a.dim() > 0 or not scalars_mix}
         if len(on) > 1 and not (func in self.COPIES and to is not None) and func != torch.ops.aten.copy_.default:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{ACCEL} and cpu! ({func})")
@@ -2654,11 +2660,6 @@ class FakeAccelerator(TorchDispatchMode):
 def fake_cuda(monkeypatch):
     """train.py's device is the stand-in accelerator; yields a function that moves a tensor there."""
     monkeypatch.setattr(train, "pick_device", lambda: ACCEL)
-    try:  # with the `kernels` package, transformers >= 5.25 kernelizes on model.train(); no kernel fits a stand-in
-        from transformers.integrations import hub_kernels
-        monkeypatch.setattr(hub_kernels, "_kernels_kernelize", lambda *a, **k: None, raising=False)
-    except ImportError:
-        pass
     with FakeAccelerator():
         yield lambda t: t.to(ACCEL)
 
@@ -2697,6 +2698,9 @@ def test_the_stand_in_accelerator_raises_where_cuda_does(fake_cuda):
     with pytest.raises(RuntimeError, match="same device"):
         torch.sign(torch.tensor([1.0, -1.0]))[:, None] * x[:, :2]   # the step-1 crash the review found
     assert (torch.tensor(2.0) * x).device == ACCEL                  # a 0-dim CPU tensor mixes, as on CUDA
+    for op in (lambda: torch.stack([x[0, 0], torch.tensor(1.0)]), lambda: x.index_select(0, torch.tensor(0))):
+        with pytest.raises(RuntimeError, match="same device"):      # but only in elementwise ops
+            op()
     assert x.cpu().device.type == "cpu" and torch.zeros(2, device=ACCEL).device == ACCEL
 
 
@@ -2738,6 +2742,28 @@ def test_training_steps_run_with_the_model_on_fake_cuda_and_collectives_get_acce
     assert fake_nccl and set(fake_nccl) == {ACCEL}
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1, 2] and all(math.isfinite(m["loss"]) for m in metrics[1:])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_vl_training_steps_run_with_the_model_on_fake_cuda(lora, vl, fake_cuda, tmp_path, monkeypatch):
+    """The tiny Qwen3-VL on the stand-in: images through rollout, teacher and update, and the evaluation; with LoRA
+    also the checkpoint (its merged weights come to the CPU) and its reload. Full fine-tuning saves the model's own
+    tensors, which the stand-in has no storage for."""
+    if not lora:
+        monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: None)
+    mixed_rewards(monkeypatch)
+    args = vl_args(vl, tmp_path / "run", "--max-steps", "2", "--eval-steps", "1", "--save-steps", "1",
+                   *(["--lora-rank", "4"] * lora))
+    policy, acc = train.train(args)
+    assert policy.device == ACCEL and acc["final"] is not None
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1, 2] and all(math.isfinite(m["loss"]) for m in metrics[1:])
+    if lora:
+        adapters = lambda p: {n: t.cpu() for n, t in p.model.named_parameters() if ".lora_" in n}
+        reloaded = train.load_policy(args, str(tmp_path / "run" / "checkpoint-2"))
+        assert reloaded.device == ACCEL and adapters(reloaded).keys() == adapters(policy).keys()
+        assert all(torch.equal(t, adapters(policy)[n]) for n, t in adapters(reloaded).items())
 
 
 def test_the_builtin_demo_model_moves_to_the_accelerator(tiny_model, fake_cuda, monkeypatch):
