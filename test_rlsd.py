@@ -2066,6 +2066,42 @@ def test_vl_load_policy_reads_a_saved_qwen3_vl_folder_through_auto_classes_with_
     assert n_pad == h * w // 4                                    # one placeholder per merged 2x2 patch
 
 
+def test_with_use_vllm_a_row_of_more_than_8_images_stops_the_load_naming_the_row(vl, tmp_path):
+    rows = [json.loads(line) for line in open(vl["data"])][:2]
+    rows[1]["images"] = rows[1]["images"] * 9                           # vLLM rejects it mid-run: say so at load
+    data = tmp_path / "nine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = vl_args(vl, tmp_path / "run", "--dataset", str(data))
+    assert len(train.load_rows(args, "train")[1]["images"]) == 9       # generate() takes it
+    with pytest.raises(train.ConfigError, match=r"row 1 of --dataset .* has 9 images; --use-vllm takes at most 8"):
+        train.load_rows(with_args(args, use_vllm=True), "train")
+
+
+def test_the_vllm_engine_is_given_the_cached_model_folder_not_the_hub_id_when_offline(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    """Offline, a hub id sends vLLM to the network; it gets the local snapshot from_pretrained read (issue 30).
+    vLLM is not installed here: a stand-in records what it is given."""
+    import types
+    from huggingface_hub import constants
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_model, repo / "snapshots" / "abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    given = []
+
+    def llm(model, **kw):
+        given.append(model)
+        raise RuntimeError("the stand-in ends here")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=llm))
+    policy, args = tiny_policy(tiny_model)
+    with pytest.raises(RuntimeError, match="the stand-in ends here"):
+        train.VLLMEngine(policy, with_args(args, model="org/tiny"))
+    assert given == [str(repo / "snapshots" / "abc")]
+
+
 def test_vl_load_image_accepts_pil_path_bytes_and_datasets_dicts_and_shrinks_to_max_pixels(tmp_path):
     img = squares_image(3, seed=1, size=96).convert("L")  # grey: load_image must hand back RGB
     path = str(tmp_path / "a.png")
