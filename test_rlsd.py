@@ -1265,7 +1265,7 @@ def test_images_sit_at_their_image_tags_in_student_and_teacher_inputs(vl):
 
 def test_vl_each_prompts_images_are_processed_once_per_step_and_encode_as_the_processor_does(vl, monkeypatch):
     """Rollout, teacher and update all read a prompt's images, G times each; they are decoded and processed once
-    (issue 30), and the batch is the one the processor builds from scratch."""
+    (issue 30), and the batch is the one the processor builds from scratch. Evaluation rows are not kept."""
     args = vl_args(vl, vl["root"] / "unused")
     policy = train.load_policy(args)
     rows = vl_rows(vl)                                                  # one image, then two
@@ -1282,6 +1282,8 @@ def test_vl_each_prompts_images_are_processed_once_per_step_and_encode_as_the_pr
     for step in range(2):
         train.train_step(policy, opt, sched, train.Teacher(policy, 0), rows, args, step)
         assert len(seen) == 3 * (step + 1)                          # the three images, once per step
+    train.evaluate(policy, [dict(r) for r in rows], args)           # evaluation rows, read once, are not kept
+    assert len(policy.images) == len(rows)
 
 
 @pytest.mark.parametrize("model,words,absent", [

@@ -411,7 +411,7 @@ def generate(policy, texts, rows, args, decoding="rollout"):
 def rollout(policy, rows, args):
     """Expand each prompt G times (rows i*G .. i*G+G-1 form group i) and sample one completion per row."""
     G = args.num_generations
-    policy.images.clear()  # a new step: the last one's processed images go
+    policy.images = dict.fromkeys(map(id, rows))  # this step's prompts: each one's images are processed once
     batch = [r for r in rows for _ in range(G)]
     prompts = [student_prompt(policy, r) for r in batch]
     ids, mask, truncated, sample_logp = generate(policy, prompts, batch, args)
@@ -931,7 +931,7 @@ class Policy:
     compute_dtype: torch.dtype = torch.float32  # bf16 on a GPU: the forward runs in it, the weights stay fp32
     train_model: torch.nn.Module = None          # the model wrapped for the update under torchrun + DDP
     source: str = "builtin"                      # where the (base) weights came from: a LoRA checkpoint names it
-    images: dict = dataclasses.field(default_factory=dict)  # id(row) -> its processed images, for one step
+    images: dict = dataclasses.field(default_factory=dict)  # id(row) -> (row, its processed images): this step's
 
     @property
     def tokenizer(self):
@@ -960,8 +960,8 @@ class Policy:
     def encode(self, texts, rows=None):
         """Left-padded prompt batch on the model's device: input_ids [b, P], attention_mask [b, P], and for
         vision-language models the images of `rows` as pixel_values [patches, d] + image_grid_thw [n_img, 3]. A row's
-        images are processed once per step (rollout() empties the cache), not for each of its G copies and passes;
-        each image placeholder then becomes as many image tokens as its grid has, as the processor would do."""
+        images are processed once per step (see row_images), not for each of its G copies and passes; each image
+        placeholder then becomes as many image tokens as its grid has, as the processor would do."""
         images = [self.row_images(r) for r in rows] if self.vl else []
         if images:
             pad, merge = self.processor.image_token, self.processor.image_processor.merge_size ** 2
@@ -975,13 +975,16 @@ class Policy:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def row_images(self, row):
-        """(pixel_values [p, d], image_grid_thw [n, 3]) of the row's images, or None; the row is kept with them, so
-        that its id stays its own while cached."""
-        if id(row) not in self.images:
+        """(pixel_values [p, d], image_grid_thw [n, 3]) of the row's images, or None. Kept for the step's prompts
+        (rollout() names them), not for evaluation rows, read once: 14 MB of pixels per 768x768 image."""
+        kept, out = self.images.get(id(row)) or (None, None)
+        if kept is not row:  # (a row is kept with its images: its id cannot pass to another row meanwhile)
             ims = [load_image(im, self.max_pixels, f"row {row.get('row')}") for im in row.get("images") or []]
             out = self.processor.image_processor(images=ims, return_tensors="pt") if ims else None
-            self.images[id(row)] = row, out and (out["pixel_values"], out["image_grid_thw"])
-        return self.images[id(row)][1]
+            out = out and (out["pixel_values"], out["image_grid_thw"])
+            if id(row) in self.images:
+                self.images[id(row)] = row, out
+        return out
 
 
 def pick_dtype(name):
