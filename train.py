@@ -1684,9 +1684,9 @@ class VLLMEngine:
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
         random.setstate(state)
-        cache = self.llm.llm_engine.vllm_config.cache_config
-        if self.gpu and cache.num_gpu_blocks * cache.block_size < args.generation_batch_size * room:
-            print(f"warning: vLLM's KV cache holds {cache.num_gpu_blocks * cache.block_size // room} sequences of "
+        kv = self.gpu and self.llm.llm_engine.vllm_config.cache_config  # its block count, set by the engine's start
+        if kv and kv.num_gpu_blocks * kv.block_size < args.generation_batch_size * room:
+            print(f"warning: vLLM's KV cache holds {kv.num_gpu_blocks * kv.block_size // room} sequences of "
                   f"{room} tokens, fewer than --generation-batch-size {args.generation_batch_size}; it samples them "
                   f"in waves. Raise --vllm-gpu-memory-utilization if the GPU has room")
 
