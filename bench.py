@@ -703,7 +703,7 @@ def bench_gpu(args):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    steps = []
+    steps, gaps = [], []
     for step in range(args.steps):
         times = {}
         sync()
@@ -718,13 +718,15 @@ def bench_gpu(args):
         teacher_logp = teacher.logprobs(ro, targs)
         sync()
         times["teacher"], t = time.perf_counter() - t, time.perf_counter()
-        train.update(policy, opt, sched, ro, adv, teacher_logp, teacher, targs, step)
+        gaps.append(train.update(policy, opt, sched, ro, adv, teacher_logp, teacher, targs, step).get(GAP))
         sync()
         times["update"] = time.perf_counter() - t
         tokens = int(ro["mask"].sum())
         steps.append(dict(times, tokens=tokens, total=sum(times.values())))
         print(f"step {step + 1}: rollout {times['rollout']:.1f} s ({tokens / times['rollout']:,.0f} tokens/s, "
-              f"{tokens:,} tokens), teacher {times['teacher']:.1f} s, update {times['update']:.1f} s")
+              f"{tokens:,} tokens), teacher {times['teacher']:.1f} s, update {times['update']:.1f} s"
+              + (f", {GAP} {gaps[-1]:.4f}" if gaps[-1] is not None else ""))
+    check_vllm_gap(gaps)
     last = steps[1:] or steps  # the first step also warms up kernels and allocator (and starts a vLLM engine)
     mean = {k: statistics.mean(s[k] for s in last) for k in ("rollout", "teacher", "update", "tokens", "total")}
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else _peak_rss_bytes() / 2 ** 30
@@ -736,6 +738,17 @@ def bench_gpu(args):
     print(f"teacher pass: {mean['teacher']:.2f} s of a {mean['total']:.2f} s step ({mean['teacher'] / mean['total']:.1%})")
     shutil.rmtree(folder, ignore_errors=True)
     return dict(mean, peak_gib=peak)
+
+
+GAP, MAX_GAP = "sampling/sampling_logp_difference/mean", 0.05  # bf16 rounding alone stays near 0.01
+
+
+def check_vllm_gap(gaps):
+    """--use-vllm: the mean |log pi_theta - log pi_vLLM| of each step is the proof that the weight push landed."""
+    gaps = [g for g in gaps if g is not None]
+    if gaps and max(gaps) > MAX_GAP:
+        raise SystemExit(f"bench.py: {GAP} reached {max(gaps):.4f} > {MAX_GAP}: the vLLM engine samples other "
+                         f"weights than the policy's (the weight push did not land)")
 
 
 def bench_gpu_smoke(args):
@@ -771,7 +784,8 @@ def bench_gpu_smoke(args):
            "--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", str(args.completion),
            "--micro-batch-size", "4", "--generation-batch-size", "8", "--eval-size", "2", "--eval-steps", "2",
            "--save-steps", "1", "--reward-fn", "bench:alternating_reward"] + (
-        ["--dtype", "float32", "--min-pixels", "4096", "--max-pixels", "4096"] if args.tiny else [])
+        ["--dtype", "float32", "--min-pixels", "4096", "--max-pixels", "4096"] if args.tiny else []) + (
+        ["--use-vllm"] * getattr(args, "use_vllm", False))
     peak = lambda: (f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda"
                     else f"{_peak_rss_bytes() / 2 ** 30:.1f} GiB peak RSS")
     for name, rank in (("lora", "8"), ("full fine-tuning", "0")):
@@ -786,8 +800,11 @@ def bench_gpu_smoke(args):
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         split = {k: sum(m.get(f"time/{k}", 0) for m in metrics) for k in ("rollout", "reward", "teacher", "update")}
         total = sum(split.values()) or 1.0
+        gaps = [m.get(GAP) for m in metrics]
         print(f"smoke {name}: steps {[m['step'] for m in metrics]}, reloaded checkpoint-2 evaluates to {acc:.3f}, "
-              f"peak memory {peak()}, split " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
+              f"peak memory {peak()}, split " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items())
+              + "".join(f", {GAP} {g:.4f}" for g in gaps if g is not None))
+        check_vllm_gap(gaps)
         del policy
     shutil.rmtree(folder, ignore_errors=True)
     print(f"smoke passed in {time.time() - t0:.0f} s")
@@ -1025,7 +1042,7 @@ def champ_policy(args):
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+                                                 quantization_config=GgufConfig(dequantize=True), use_kernels=False)
     return train.Policy(model.to("cuda" if torch.cuda.is_available() else "cpu"), tok), train.parse_args(
         ["--model", gguf])
 
@@ -1253,6 +1270,19 @@ MUTANTS = [
     ("the prompt's left padding is attended", "train.py", 'attn = torch.cat([enc["attention_mask"], completion_mask',
      'attn = torch.cat([torch.ones_like(enc["attention_mask"]), completion_mask',
      ["test_score_puts_each_completion_token_at_the_same_position_whatever_the_prompt_length_and_padding"]),
+    ("hub kernels left on", "train.py", "local_files_only=offline, use_kernels=False)",
+     "local_files_only=offline, use_kernels=None)",
+     ["test_hub_kernels_stay_off_when_a_loaded_model_sits_on_an_h100_offline"]),
+    ("an overflowing importance weight times 0 (NaN)", "train.py",
+     "torch.where((ratio >= lo) & (ratio <= hi), ratio, 0.0)", "ratio * ((ratio >= lo) & (ratio <= hi))",
+     ["test_a_sequence_weight_whose_log_ratio_overflows_is_masked_to_zero_not_nan"]),
+    ("SIGTERM: each rank reads only its own flag", "train.py", "return int(all_sum(torch.tensor(float(self.signum)))",
+     "return int((torch.tensor(float(self.signum)))", ["test_sigterm_on_one_rank_only_stops_every_rank"]),
+    ("generate() inherits the model's generation_config.json", "train.py",
+     "own, policy.model.generation_config = policy.model.generation_config, GenerationConfig()",
+     "own = policy.model.generation_config", ["test_sampling_ignores_the_models_own_generation_config_json"]),
+    ("the gradient is not clipped", "train.py", "clip_grad_norm_(params, args.max_grad_norm)",
+     "clip_grad_norm_(params, math.inf)", ["test_max_grad_norm_defaults_to_one_and_clips_the_step_to_that_norm"]),
     # verify.py: the core rules
     ("a parser crash, hidden by a catch-all", "verify.py", 'raise _Reject(f"unexpected {tok!r}")',
      'raise ValueError(f"unexpected {tok!r}")', ["test_verify_table", "test_never_raises_and_stays_fast"]),

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1262,6 +1263,29 @@ def test_images_sit_at_their_image_tags_in_student_and_teacher_inputs(vl):
     assert f"user\n{img}{img}How many squares?" in shown(train.student_prompt(policy, plain))
 
 
+def test_vl_each_prompts_images_are_processed_once_per_step_and_encode_as_the_processor_does(vl, monkeypatch):
+    """Rollout, teacher and update all read a prompt's images, G times each; they are decoded and processed once
+    (issue 30), and the batch is the one the processor builds from scratch. Evaluation rows are not kept."""
+    args = vl_args(vl, vl["root"] / "unused")
+    policy = train.load_policy(args)
+    rows = vl_rows(vl)                                                  # one image, then two
+    texts = [train.student_prompt(policy, r) for r in rows]
+    flat = [train.load_image(im, args.max_pixels) for r in rows for im in r["images"]]
+    want = policy.processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt")
+    got = policy.encode(texts, rows)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    seen, load = [], train.load_image
+    monkeypatch.setattr(train, "load_image", lambda image, *a, **k: (seen.append(image), load(image, *a, **k))[1])
+    train.prepare_for_training(policy, args)
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in range(2):
+        train.train_step(policy, opt, sched, train.Teacher(policy, 0), rows, args, step)
+        assert len(seen) == 3 * (step + 1)                          # the three images, once per step
+    train.evaluate(policy, [dict(r) for r in rows], args)           # evaluation rows, read once, are not kept
+    assert len(policy.images) == len(rows)
+
+
 @pytest.mark.parametrize("model,words,absent", [
     ("Qwen/Qwen3-VL-8B", ["'Qwen/Qwen3-VL-8B-Instruct'", "the published id for Qwen/Qwen3-VL-8B",
                           "hf download Qwen/Qwen3-VL-8B-Instruct"], []),
@@ -1404,6 +1428,27 @@ def test_stop_ids_are_the_tokenizers_eos_plus_every_eos_of_the_generation_config
     assert train.stop_ids(policy(9)) == [2, 9] and train.stop_ids(policy(None)) == [2]
 
 
+@pytest.mark.parametrize("decoding", ["rollout", "greedy"])
+def test_sampling_ignores_the_models_own_generation_config_json(decoding, tiny_model, one_thread, tmp_path):
+    """transformers fills every field our GenerationConfig leaves unset from the model's file; a hub
+    repetition_penalty would shape the rollouts and never reach the scoring pass (issue 30)."""
+    hub = tmp_path / "hub-model"
+    shutil.copytree(tiny_model, hub)
+    config = json.load(open(hub / "generation_config.json"))
+    config.update(repetition_penalty=50.0, no_repeat_ngram_size=1)
+    json.dump(config, open(hub / "generation_config.json", "w"))
+    completions = []
+    for folder in (tiny_model, str(hub)):
+        policy, args = tiny_policy(folder, "--max-completion-length", "16", "--temperature", "0.7")
+        rows = train.builtin_task(2, seed=1)
+        torch.manual_seed(0)
+        completions.append(train.generate(policy, [train.student_prompt(policy, r) for r in rows], rows, args,
+                                          decoding)[0])
+    ids = completions[0]
+    assert any(len(set(row)) < len(row) for row in ids.tolist()), "want a repeated token (seeded)"
+    assert torch.equal(completions[1], ids)
+
+
 def test_sampler_bans_vision_tokens_applies_presence_penalty_to_the_answer_only_and_records_the_result():
     rec = train.SampledLogprobs(temperature=1.0, banned=[3], prompt_length=2, presence_penalty=1.5)
     ids = torch.tensor([[1, 4, 2, 2]])            # prompt [1, 4], answer so far [2, 2]
@@ -1538,6 +1583,17 @@ def test_bench_gpu_runs_rlsd_steps_on_the_real_architecture_shrunk_to_cpu_size(o
     for words in ("peak memory:", "tokens/s", "step time split: rollout", "teacher pass:"):
         assert words in said
     assert out["peak_gib"] > 0 and out["tokens"] == 2 * 2 * 6 and 0 < out["teacher"] < out["total"]
+
+
+def test_bench_gpu_prints_the_vllm_log_prob_gap_and_fails_when_it_exceeds_0_05(one_thread, capsys, monkeypatch):
+    """sampling/sampling_logp_difference/mean is the one number that proves the weight push landed (issue 30)."""
+    update = train.update
+    monkeypatch.setattr(train, "update", lambda *a, **k: {**update(*a, **k), bench.GAP: 0.2})
+    with pytest.raises(SystemExit, match=r"sampling_logp_difference/mean reached 0\.2000 > 0\.05"):
+        bench.bench_gpu(bench.main.__globals__["argparse"].Namespace(
+            config=REAL_VL_CONFIG, tiny=True, steps=1, prompts=2, generations=2, completion=4, micro_batch=4,
+            image_size=64, lora_rank=4, dtype="float32", gradient_checkpointing=False))
+    assert "sampling/sampling_logp_difference/mean 0.2000" in capsys.readouterr().out
 
 
 def test_bench_help_is_the_same_for_dash_h_and_double_dash_help():
@@ -2010,6 +2066,42 @@ def test_vl_load_policy_reads_a_saved_qwen3_vl_folder_through_auto_classes_with_
     assert t == 1 and h * w * 16 * 16 <= 64 * 64                  # --max-pixels caps the patches fed to the tower
     n_pad = (enc["input_ids"] == policy.model.config.image_token_id).sum().item()
     assert n_pad == h * w // 4                                    # one placeholder per merged 2x2 patch
+
+
+def test_with_use_vllm_a_row_of_more_than_8_images_stops_the_load_naming_the_row(vl, tmp_path):
+    rows = [json.loads(line) for line in open(vl["data"])][:2]
+    rows[1]["images"] = rows[1]["images"] * 9                           # vLLM rejects it mid-run: say so at load
+    data = tmp_path / "nine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = vl_args(vl, tmp_path / "run", "--dataset", str(data))
+    assert len(train.load_rows(args, "train")[1]["images"]) == 9       # generate() takes it
+    with pytest.raises(train.ConfigError, match=r"row 1 of --dataset .* has 9 images; --use-vllm takes at most 8"):
+        train.load_rows(with_args(args, use_vllm=True), "train")
+
+
+def test_the_vllm_engine_is_given_the_cached_model_folder_not_the_hub_id_when_offline(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    """Offline, a hub id sends vLLM to the network; it gets the local snapshot from_pretrained read (issue 30).
+    vLLM is not installed here: a stand-in records what it is given."""
+    import types
+    from huggingface_hub import constants
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_model, repo / "snapshots" / "abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    given = []
+
+    def llm(model, **kw):
+        given.append(model)
+        raise RuntimeError("the stand-in ends here")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=llm))
+    policy, args = tiny_policy(tiny_model)
+    with pytest.raises(RuntimeError, match="the stand-in ends here"):
+        train.VLLMEngine(policy, with_args(args, model="org/tiny"))
+    assert given == [str(repo / "snapshots" / "abc")]
 
 
 def test_vl_load_image_accepts_pil_path_bytes_and_datasets_dicts_and_shrinks_to_max_pixels(tmp_path):
@@ -2527,7 +2619,8 @@ def test_bench_compare_pairs_every_variant_by_seed_resumes_and_summarises(tmp_pa
 # ---------------------------------------------------------------------------------------------------------------------
 # The GPU path, on CPU (issue 19). A CPU build cannot label a tensor "cuda" past its device guards, so a stand-in
 # accelerator is used: real CPU data labelled "meta" (a device every build has guards for). A dispatch mode runs each
-# op on the data and, as CUDA does, raises when a labelled tensor meets a plain CPU tensor of one or more dimensions.
+# op on the data and, as CUDA does, raises when a labelled tensor meets a plain CPU tensor (0-dim: outside pointwise
+# ops only).
 # Every device bug of the kind "CPU advantages meet CUDA log-probs" fails here exactly as it would on a GPU.
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -2567,7 +2660,11 @@ class FakeAccelerator(TorchDispatchMode):
         self.saved = torch.tensor, torch.as_tensor, torch.__future__.get_overwrite_module_params_on_conversion()
 
         def via_cpu(make):  # torch.tensor(..., device=) copies below the dispatcher: make it on the CPU, then move
-            return lambda data, *a, device=None, **k: make(data, *a, **k).to(device) if device else make(data, *a, **k)
+            def made(data, *a, device=None, **k):
+                if isinstance(data, (list, tuple)):  # a list of accelerator scalars is read as CUDA reads it
+                    data = tree_map(lambda x: x.data_ if isinstance(x, OnAccel) else x, data)
+                return make(data, *a, **k).to(device) if device else make(data, *a, **k)
+            return made
 
         torch.tensor, torch.as_tensor = via_cpu(torch.tensor), via_cpu(torch.as_tensor)
         torch.__future__.set_overwrite_module_params_on_conversion(True)  # model.to() makes new OnAccel parameters
@@ -2583,7 +2680,8 @@ class FakeAccelerator(TorchDispatchMode):
         to = kwargs.get("device")
         checked = (args[:1] + args[2:]) if func in self.INDEXING else (args, kwargs)  # CUDA takes CPU indices
         tensors = [a for a in tree_flatten(checked)[0] if isinstance(a, torch.Tensor)]
-        on = {isinstance(a, OnAccel) for a in tensors if isinstance(a, OnAccel) or a.dim() > 0}
+        scalars_mix = torch.Tag.pointwise in func.tags  # CUDA takes a 0-dim CPU tensor in elementwise ops only
+        on = {isinstance(a, OnAccel) for a in tensors if isinstance(a, OnAccel) or a.dim() > 0 or not scalars_mix}
         if len(on) > 1 and not (func in self.COPIES and to is not None) and func != torch.ops.aten.copy_.default:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{ACCEL} and cpu! ({func})")
@@ -2600,11 +2698,6 @@ class FakeAccelerator(TorchDispatchMode):
 def fake_cuda(monkeypatch):
     """train.py's device is the stand-in accelerator; yields a function that moves a tensor there."""
     monkeypatch.setattr(train, "pick_device", lambda: ACCEL)
-    try:  # with the `kernels` package, transformers >= 5.25 kernelizes on model.train(); no kernel fits a stand-in
-        from transformers.integrations import hub_kernels
-        monkeypatch.setattr(hub_kernels, "_kernels_kernelize", lambda *a, **k: None, raising=False)
-    except ImportError:
-        pass
     with FakeAccelerator():
         yield lambda t: t.to(ACCEL)
 
@@ -2643,6 +2736,9 @@ def test_the_stand_in_accelerator_raises_where_cuda_does(fake_cuda):
     with pytest.raises(RuntimeError, match="same device"):
         torch.sign(torch.tensor([1.0, -1.0]))[:, None] * x[:, :2]   # the step-1 crash the review found
     assert (torch.tensor(2.0) * x).device == ACCEL                  # a 0-dim CPU tensor mixes, as on CUDA
+    for op in (lambda: torch.stack([x[0, 0], torch.tensor(1.0)]), lambda: x.index_select(0, torch.tensor(0))):
+        with pytest.raises(RuntimeError, match="same device"):      # but only in elementwise ops
+            op()
     assert x.cpu().device.type == "cpu" and torch.zeros(2, device=ACCEL).device == ACCEL
 
 
@@ -2686,12 +2782,94 @@ def test_training_steps_run_with_the_model_on_fake_cuda_and_collectives_get_acce
     assert [m["step"] for m in metrics] == [0, 1, 2] and all(math.isfinite(m["loss"]) for m in metrics[1:])
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_vl_training_steps_run_with_the_model_on_fake_cuda(lora, vl, fake_cuda, tmp_path, monkeypatch):
+    """The tiny Qwen3-VL on the stand-in: images through rollout, teacher and update, and the evaluation; with LoRA
+    also the checkpoint (its merged weights come to the CPU) and its reload. Full fine-tuning saves the model's own
+    tensors, which the stand-in has no storage for."""
+    if not lora:
+        monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: None)
+    mixed_rewards(monkeypatch)
+    args = vl_args(vl, tmp_path / "run", "--max-steps", "2", "--eval-steps", "1", "--save-steps", "1",
+                   *(["--lora-rank", "4"] * lora))
+    policy, acc = train.train(args)
+    assert policy.device == ACCEL and acc["final"] is not None
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1, 2] and all(math.isfinite(m["loss"]) for m in metrics[1:])
+    if lora:
+        adapters = lambda p: {n: t.cpu() for n, t in p.model.named_parameters() if ".lora_" in n}
+        reloaded = train.load_policy(args, str(tmp_path / "run" / "checkpoint-2"))
+        assert reloaded.device == ACCEL and adapters(reloaded).keys() == adapters(policy).keys()
+        assert all(torch.equal(t, adapters(policy)[n]) for n, t in adapters(reloaded).items())
+
+
 def test_the_builtin_demo_model_moves_to_the_accelerator(tiny_model, fake_cuda, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     cached = lambda args: train.Policy(AutoModelForCausalLM.from_pretrained(tiny_model),  # as a warm cache gives it
                                        AutoTokenizer.from_pretrained(tiny_model))
     monkeypatch.setattr(train, "builtin_policy", cached)
     assert train.load_policy(train.parse_args([])).device == ACCEL
+
+
+def test_hub_kernels_stay_off_when_a_loaded_model_sits_on_an_h100_offline(tiny_model, monkeypatch):
+    """transformers 5.25 kernelizes from_pretrained's models; on CUDA, train() / eval() then fetch hub kernels, which
+    offline is a crash at the first update (issue 30). Only the device and the capability say "H100" here."""
+    from huggingface_hub import constants
+    from transformers import PreTrainedModel
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    policy, _ = tiny_policy(tiny_model)
+    monkeypatch.setattr(PreTrainedModel, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    policy.model.train()
+    policy.model.eval()
+    assert not policy.model.use_kernels
+
+
+def test_a_sequence_weight_whose_log_ratio_overflows_is_masked_to_zero_not_nan():
+    args = argparse.Namespace(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=None,
+                              vllm_importance_sampling_clip_max=3.0, vllm_importance_sampling_correction=True)
+    mask = torch.ones(2, 4)
+    logp = torch.tensor([[50.0] * 4, [0.1] * 4])                      # row 0: log-ratio sum 200, exp() is inf
+    w = train.VLLMEngine.importance_weights(logp, torch.zeros(2, 4), mask, args, [])
+    assert w.flatten().tolist() == pytest.approx([0.0, math.exp(0.4)])
+
+
+def test_a_lora_checkpoints_merged_weights_are_made_on_rank_0_only_and_land_on_the_cpu(tiny_model, fake_cuda,
+                                                                                      monkeypatch):
+    policy, args = tiny_policy(tiny_model, "--lora-rank", "4")
+    train.prepare_for_training(policy, args)
+    weights = train.full_state_dict(policy, 4)
+    assert weights and {t.device for t in weights.values()} == {torch.device("cpu")}
+    monkeypatch.setattr(train, "dist_rank", lambda: 1)
+    monkeypatch.setattr(train, "merged_weights", lambda model: pytest.fail("rank 1 merged the weights"))
+    assert train.full_state_dict(policy, 4) is None
+
+
+def test_sigterm_on_one_rank_only_stops_every_rank(monkeypatch):
+    """The other rank got the signal: this one must stop after the same step, or the other waits in a collective."""
+    other = float(signal.SIGTERM)
+    monkeypatch.setattr(train, "dist_world", lambda: 2)
+    monkeypatch.setattr(train, "comm_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.add_(other))
+    preemption = train.Preemption()
+    try:
+        assert preemption.requested()
+    finally:
+        preemption.restore()
+
+
+def test_max_grad_norm_defaults_to_one_and_clips_the_step_to_that_norm(tiny_model, one_thread):
+    assert train.parse_args([]).max_grad_norm == 1.0
+    policy, args, *_, ro, adv = _update_parts(tiny_model, "--max-grad-norm", "0.01")
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().flatten() for p in params])
+    opt = torch.optim.SGD(params, lr=1.0)                             # the step is minus the clipped gradient
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    step = torch.cat([p.detach().flatten() for p in params]) - before
+    assert m["grad_norm"] > 0.1 and step.norm().item() == pytest.approx(0.01, rel=1e-3)
 
 
 @pytest.mark.parametrize("eval_size", ["0", "2"])

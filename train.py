@@ -124,6 +124,7 @@ def parse_args(argv=None):
     knob("--lr-scheduler-type", str, "after a 5-step warm-up: constant, or cosine to 0 at --max-steps",
          choices=["constant", "cosine"])
     knob("--weight-decay", float, "AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this")
     knob("--epsilon", float, "PPO clip, lower side")
     knob("--epsilon-high", float, "PPO clip, upper side (clip-higher)")
     knob("--dual-clip", float, "dual clip for A < 0 (0: off)")
@@ -162,7 +163,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; README, 'Faster rollouts with vLLM')")
     g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with a vLLM engine in this "
                    "process (TRL's name)")
-    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="the engine's share of the GPU")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.6, help="the engine's share of the GPU "
+                   "(the trainer keeps ~21 GB of 80 for the 8B model with LoRA, ~23 GB per GPU with FSDP2 on 8)")
     g.add_argument("--vllm-importance-sampling-correction", action=argparse.BooleanOptionalAction, default=True,
                    help="weight each policy-gradient term by pi_theta / pi_vLLM")
     g.add_argument("--vllm-importance-sampling-mode", default="sequence_mask", choices=["token_truncate",
@@ -183,8 +185,8 @@ def parse_args(argv=None):
 
 # Every numeric option's range. Checked at start-up: a bad value fails in a second, not after an hour of rollouts.
 POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batch_size generation_batch_size "
-            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr vllm_gpu_memory_utilization "
-            "vllm_importance_sampling_clip_max").split()
+            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr max_grad_norm "
+            "vllm_gpu_memory_utilization vllm_importance_sampling_clip_max").split()
 NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
                 "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min").split()
 AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0", "vllm_gpu_memory_utilization")
@@ -383,6 +385,9 @@ def generate(policy, texts, rows, args, decoding="rollout"):
                                                                  top_p=knobs["top_p"], top_k=knobs["top_k"])))
     ids, logps = [], []
     bs = args.generation_batch_size
+    # generate() fills what gc leaves unset from the model's generation_config.json: a hub repetition_penalty would
+    # shape the rollouts unscored. Sample from gc alone.
+    own, policy.model.generation_config = policy.model.generation_config, GenerationConfig()
     for i in range(0, len(texts), bs):
         enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
         rec = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], knobs.get("presence_penalty"))
@@ -392,6 +397,7 @@ def generate(policy, texts, rows, args, decoding="rollout"):
         comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
         ids.append(comp)
         logps.append(rec.finish(seq))
+    policy.model.generation_config = own
     C = max(c.shape[1] for c in ids)
     ids = torch.cat([torch.nn.functional.pad(c, (0, C - c.shape[1]), value=tok.pad_token_id) for c in ids])  # [B, C]
     logps = torch.cat([torch.nn.functional.pad(l, (0, C - l.shape[1])) for l in logps])                    # [B, C]
@@ -405,6 +411,7 @@ def generate(policy, texts, rows, args, decoding="rollout"):
 def rollout(policy, rows, args):
     """Expand each prompt G times (rows i*G .. i*G+G-1 form group i) and sample one completion per row."""
     G = args.num_generations
+    policy.images = dict.fromkeys(map(id, rows))  # this step's prompts: each one's images are processed once
     batch = [r for r in rows for _ in range(G)]
     prompts = [student_prompt(policy, r) for r in batch]
     ids, mask, truncated, sample_logp = generate(policy, prompts, batch, args)
@@ -575,7 +582,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
         # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
         add("rlsd/weight_clipped_frac", (w != w_clip)[mask.bool()].sum())
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     lr = sched.get_last_lr()[0]  # the rate this step used
     opt.step()
@@ -782,7 +789,8 @@ def load_rows(args, split):
             imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
             row["images"] = [os.path.join(here, im) if isinstance(im, str) else im for im in imgs]  # relative to file
             try:
-                check_row_images(row, f"row {i} of --dataset {args.dataset!r}")
+                check_row_images(row, f"row {i} of --dataset {args.dataset!r}",
+                                 args.use_vllm and VLLMEngine.IMAGES)
             except ConfigError as e:
                 if not args.skip_bad_rows:
                     raise ConfigError(f"{e}; fix or drop that row, or pass --skip-bad-rows") from None
@@ -830,11 +838,14 @@ def open_dataset(src, split):
                           f"it is valid {kind}") from None
 
 
-def check_row_images(row, where):
-    """Cheap: each image exists and its header decodes (no full decode), and <image> tags, if any, match the count."""
+def check_row_images(row, where, most=None):
+    """Cheap: each image exists and its header decodes (no full decode), <image> tags, if any, match the count, and
+    there are at most `most` images (vLLM's limit per prompt, which rejects a longer row mid-run)."""
     tags, n = row["problem"].count(IMAGE_TAG), len(row["images"])
     if tags and tags != n:
         raise ConfigError(f"{where} has {tags} {IMAGE_TAG} tags but {n} images")
+    if most and n > most:
+        raise ConfigError(f"{where} has {n} images; --use-vllm takes at most {most} per prompt")
     for im in row["images"]:
         header = open_image(im, where)
         if header is not im:
@@ -920,6 +931,7 @@ class Policy:
     compute_dtype: torch.dtype = torch.float32  # bf16 on a GPU: the forward runs in it, the weights stay fp32
     train_model: torch.nn.Module = None          # the model wrapped for the update under torchrun + DDP
     source: str = "builtin"                      # where the (base) weights came from: a LoRA checkpoint names it
+    images: dict = dataclasses.field(default_factory=dict)  # id(row) -> (row, its processed images): this step's
 
     @property
     def tokenizer(self):
@@ -947,15 +959,32 @@ class Policy:
 
     def encode(self, texts, rows=None):
         """Left-padded prompt batch on the model's device: input_ids [b, P], attention_mask [b, P], and for
-        vision-language models the images of `rows` as pixel_values [patches, d] + image_grid_thw [n_img, 3]."""
-        if self.vl:
-            flat = [load_image(im, self.max_pixels, f"row {r.get('row')}") for r in rows
-                    for im in r.get("images") or []] or None
-            enc = self.processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt")
-        else:
-            enc = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                                 add_special_tokens=False)
+        vision-language models the images of `rows` as pixel_values [patches, d] + image_grid_thw [n_img, 3]. A row's
+        images are processed once per step (see row_images), not for each of its G copies and passes; each image
+        placeholder then becomes as many image tokens as its grid has, as the processor would do."""
+        images = [self.row_images(r) for r in rows] if self.vl else []
+        if images:
+            pad, merge = self.processor.image_token, self.processor.image_processor.merge_size ** 2
+            n = iter([int(k) for im in images if im for k in im[1].prod(-1) // merge])
+            texts = [re.sub(re.escape(pad), lambda _: pad * next(n), t) for t in texts]
+        enc = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        if images:
+            enc["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(enc["input_ids"]))
+        if any(images):
+            enc["pixel_values"], enc["image_grid_thw"] = (torch.cat(x) for x in zip(*filter(None, images)))
         return {k: v.to(self.device) for k, v in enc.items()}
+
+    def row_images(self, row):
+        """(pixel_values [p, d], image_grid_thw [n, 3]) of the row's images, or None. Kept for the step's prompts
+        (rollout() names them), not for evaluation rows, read once: 14 MB of pixels per 768x768 image."""
+        kept, out = self.images.get(id(row)) or (None, None)
+        if kept is not row:  # (a row is kept with its images: its id cannot pass to another row meanwhile)
+            ims = [load_image(im, self.max_pixels, f"row {row.get('row')}") for im in row.get("images") or []]
+            out = self.processor.image_processor(images=ims, return_tensors="pt") if ims else None
+            out = out and (out["pixel_values"], out["image_grid_thw"])
+            if id(row) in self.images:
+                self.images[id(row)] = row, out
+        return out
 
 
 def pick_dtype(name):
@@ -1042,7 +1071,8 @@ def load_policy(args, path=None):
     # fp32 weights (our full fine-tuning checkpoints: the master weights) load as fp32, so a resume is exact
     stored = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
     load_dtype = torch.float32 if str(stored).endswith("float32") else dtype
-    model = auto.from_pretrained(path, dtype=load_dtype, local_files_only=offline).to(pick_device())
+    # no hub kernels: on CUDA, train() / eval() would swap in downloaded RMSNorm / RoPE (offline: a crash)
+    model = auto.from_pretrained(path, dtype=load_dtype, local_files_only=offline, use_kernels=False).to(pick_device())
     processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
                  AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
@@ -1260,7 +1290,7 @@ def builtin_policy(args):
     key = hashlib.sha1(json.dumps([DEMO_MODEL, WARM, args.seed, CHAT_TEMPLATE, FORMAT, TEACHER]).encode()).hexdigest()
     folder = os.path.join(args.cache_dir, f"demo-base-{key[:10]}")
     if os.path.isdir(folder):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_kernels=False)
         return Policy(model, AutoTokenizer.from_pretrained(folder))
     torch.manual_seed(args.seed)
     tok = builtin_tokenizer()
@@ -1645,13 +1675,20 @@ class VLLMEngine:
         room = min(room, policy.model.config.get_text_config().max_position_embeddings)
         # vLLM's CPU worker reseeds every RNG, lowers torch's thread count and disables torch.set_num_threads: undo
         threads, set_threads, state = torch.get_num_threads(), torch.set_num_threads, random.getstate()
+        from huggingface_hub import snapshot_download  # the folder the weights came from: offline, no hub id
+        folder = args.model if os.path.isdir(args.model) else snapshot_download(args.model, local_files_only=True)
         with torch.random.fork_rng():
-            self.llm = vllm.LLM(args.model, dtype=str(self.dtype).removeprefix("torch."), load_format="dummy",
+            self.llm = vllm.LLM(folder, dtype=str(self.dtype).removeprefix("torch."), load_format="dummy",
                                 logprobs_mode="processed_logprobs", generation_config="vllm", max_model_len=room,
                                 seed=args.seed + dist_rank(), **kw)
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
         random.setstate(state)
+        kv = self.gpu and self.llm.llm_engine.vllm_config.cache_config  # its block count, set by the engine's start
+        if kv and kv.num_gpu_blocks * kv.block_size < args.generation_batch_size * room:
+            print(f"warning: vLLM's KV cache holds {kv.num_gpu_blocks * kv.block_size // room} sequences of "
+                  f"{room} tokens, fewer than --generation-batch-size {args.generation_batch_size}; it samples them "
+                  f"in waves. Raise --vllm-gpu-memory-utilization if the GPU has room")
 
     def push(self, policy):
         """The policy's weights into the engine; every cache computed from the old ones is dropped."""
@@ -1705,7 +1742,7 @@ class VLLMEngine:
         ratio = (diff.sum(1, keepdim=True) if seq else diff).exp()                                   # [b, 1|C]
         lo, hi = args.vllm_importance_sampling_clip_min or 0.0, args.vllm_importance_sampling_clip_max or math.inf
         ratio = (ratio.clamp(lo, hi) if args.vllm_importance_sampling_mode.endswith("truncate") else
-                 ratio * ((ratio >= lo) & (ratio <= hi)))
+                 torch.where((ratio >= lo) & (ratio <= hi), ratio, 0.0))  # not ratio * 0: inf * 0 is NaN
         gap.append((diff.abs()[m], ratio.flatten() if seq else ratio[m]))
         return ratio if args.vllm_importance_sampling_correction else 1
 
@@ -1840,9 +1877,10 @@ def reshard(model):
 
 
 def full_state_dict(policy, lora_rank):
-    """The weights for a Hugging Face folder: adapters merged in, FSDP2 shards gathered onto rank 0."""
-    if lora_rank:
-        return dict(merged_weights(policy.model))
+    """The weights for a Hugging Face folder, on rank 0's CPU: adapters merged in (one tensor at a time), FSDP2
+    shards gathered."""
+    if lora_rank:  # DDP: every rank holds the weights; only rank 0 writes them
+        return None if dist_rank() else {n: t.cpu() for n, t in merged_weights(policy.model)}
     if dist_world() == 1:
         return None  # save_pretrained takes the model's own
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
