@@ -233,10 +233,9 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
     a = advantages.detach().float().to(w_clipped.device)[:, None]                   # [B, 1]
     scale = 1 + lam * (w_clipped - 1)                                               # [B, T]
-    keep = ~thought.bool() if thought is not None else torch.zeros_like(mask.bool())  # [B, T] tokens that keep A
-    if negative_only:
-        keep = keep | (a >= 0)
-    a_hat = a * torch.where(keep, 1.0, scale)                                        # [B, T]
+    # the tokens the teacher reweights: those in `thought` (default: all), of answers with A < 0 if negative_only
+    reweigh = (mask if thought is None else thought).bool() & ((a < 0) | (not negative_only))      # [B, T]
+    a_hat = a * torch.where(reweigh, scale, 1.0)                                                   # [B, T]
     return torch.where(mask.bool(), a_hat, torch.zeros_like(a_hat))
 
 
@@ -244,45 +243,37 @@ def rlsd_lambda(step, lam0=0.5, decay_steps=50, warmup_steps=0):
     """Weight lam of the teacher's evidence at optimizer step `step` (paper: 0.5 -> 0 over 50 steps).
 
     Linear ramp: lam0 at step 0, 0 at step >= decay_steps. After the ramp RLSD is
-    exactly GRPO. decay_steps <= 0 means no ramp: lam0 at every step.
-    warmup_steps (default 0, the paper): first rise linearly from 0 at step 0 to lam0
-    at step warmup_steps; the decay then counts from there (as the authors' code does),
-    so lam reaches 0 at step warmup_steps + decay_steps.
+    exactly GRPO. decay_steps <= 0 means no ramp: lam0 at every step. warmup_steps (default 0):
+    first 0 -> lam0 linearly; the decay then counts from step warmup_steps (as the authors' code).
     """
     if step < warmup_steps:
         return float(lam0) * step / warmup_steps
-    step -= warmup_steps
     if decay_steps <= 0:
         return float(lam0)
-    return float(lam0) * max(0.0, 1.0 - step / decay_steps)
+    return float(lam0) * max(0.0, 1.0 - (step - warmup_steps) / decay_steps)
+
+
+def _last_match(ids, seq, at_end):
+    """ids [B, T] -> [B, T]: the last position <= t where the token sequence seq ends (at_end) or begins; -1: none."""
+    n = len(seq)
+    padded = torch.nn.functional.pad(ids, (n - 1, 0) if at_end else (0, n - 1), value=-1)   # [B, T + n - 1]
+    hit = (padded.unfold(1, n, 1) == torch.tensor(seq, device=ids.device)).all(-1)           # [B, T]
+    return torch.where(hit, torch.arange(ids.shape[1], device=ids.device), -1).cummax(1).values
 
 
 def thought_mask(ids, open_ids, close_ids):
     """Which sampled tokens lie inside a thinking span, for --rlsd-thought-only: bool [B, T].
 
-    ids:       [B, T] sampled token ids (padding is fine: the caller ands with its mask).
-    open_ids, close_ids: the span markers as token-id lists (Qwen3: the ids of <think>, </think>).
-    A span runs from the end of an open marker to the start of the next close marker; the
-    marker tokens themselves are outside it. Spans do not nest: an open marker inside a span
-    changes nothing (its own tokens stay outside) and the first close marker ends the span.
-    An unclosed span runs to the end of the row (a thought cut off by the length limit).
+    ids: [B, T] sampled token ids; open_ids, close_ids: the span markers as token-id lists
+    (Qwen3: the ids of <think> and </think>). A span runs from the end of an open marker to the
+    start of the next close marker, both outside it. Spans do not nest: inside a span an open
+    marker is just text, and the first close marker ends it. An unclosed span runs to the end
+    of the row (a thought cut off by the length limit).
     """
     if not open_ids or not close_ids:
         raise ValueError(f"thought markers {open_ids} / {close_ids} must each be at least one token")
-    B, T = ids.shape
-    pos = torch.arange(T, device=ids.device).expand(B, T)                  # [B, T]
-    marker = torch.zeros(B, T, dtype=torch.bool, device=ids.device)        # [B, T] a marker's own tokens
-    last = []                                                              # where the latest open / close began
-    for seq in (open_ids, close_ids):
-        n = len(seq)
-        starts = torch.zeros_like(marker)                                  # [B, T] a marker begins here
-        if T >= n:
-            window = ids.unfold(1, n, 1)                                   # [B, T-n+1, n]
-            starts[:, :T - n + 1] = (window == torch.tensor(seq, device=ids.device)).all(-1)
-        for k in range(min(n, T)):
-            marker[:, k:] |= starts[:, :T - k]
-        last.append(torch.where(starts, pos, -1).cummax(1).values)         # [B, T]
-    return (last[0] > last[1]) & ~marker
+    opened = torch.nn.functional.pad(_last_match(ids, open_ids, True), (1, 0), value=-1)[:, :-1]  # [B, T] before t
+    return opened > _last_match(ids, close_ids, False)
 
 
 # -----------------------------------------------------------------------------

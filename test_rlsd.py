@@ -544,7 +544,7 @@ def test_lambda_warm_up_rises_from_0_to_lam0_then_the_papers_decay_counts_from_t
 
 @pytest.mark.parametrize("row, inside", [
     ([5, 1, 7, 8, 2, 9], [0, 0, 1, 1, 0, 0]),           # one span: the markers themselves are outside it
-    ([1, 7, 1, 8, 2, 9, 2], [0, 1, 0, 1, 0, 0, 0]),     # nested: an inner open marker is outside, the first close ends
+    ([1, 7, 1, 8, 2, 9, 2], [0, 1, 1, 1, 0, 0, 0]),     # nested: an inner open marker is text, the first close ends
     ([7, 1, 8, 8], [0, 0, 1, 1]),                       # unclosed: the span runs to the end
     ([7, 2, 8, 2], [0, 0, 0, 0]),                       # a close marker with no open one: no span
     ([7, 8, 9], [0, 0, 0]),                             # no markers: no span
@@ -1493,7 +1493,8 @@ def test_with_no_thinking_span_in_any_answer_a_thought_only_rlsd_step_equals_a_g
 
 def test_thought_frac_is_the_share_of_response_tokens_in_spans_and_only_they_get_the_teachers_weight(
         tiny_model, monkeypatch):
-    policy, args, opt, sched, ro, adv = _update_parts(tiny_model, "--rlsd-thought-only", "--thought-markers", "is,What")
+    markers = ["--rlsd-thought-only", "--thought-markers", "is", "What"]  # two words of the built-in vocabulary
+    policy, args, opt, sched, ro, adv = _update_parts(tiny_model, *markers)
     (o,), (c,), (x,) = (policy.tokenizer.encode(w, add_special_tokens=False) for w in ("is", "What", "1"))
     ro["ids"] = torch.full_like(ro["ids"], x)
     ro["ids"][0] = torch.tensor([x, o, x, x, c])  # row 0 thinks at tokens 2 and 3; the others never do

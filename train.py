@@ -137,14 +137,11 @@ def parse_args(argv=None):
     knob("--scale-rewards", str, "divide advantages by the std of", choices=rlsd.SCALES)
     g.add_argument("--rlsd-negative-only", action="store_true", help="reweight only answers with A < 0")
     g.add_argument("--rlsd-thought-only", action="store_true", help="reweight only tokens inside thinking spans")
-    g.add_argument("--thought-markers", default="<think>,</think>", help="a thinking span's open,close markers")
-    g.add_argument("--mask-truncated-completions", action="store_true", help="answers cut at "
-                   "--max-completion-length get no gradient")
+    g.add_argument("--thought-markers", nargs=2, default=["<think>", "</think>"], help="a thinking span's markers")
+    g.add_argument("--mask-truncated-completions", action="store_true", help="no gradient from truncated answers")
     g.add_argument("--teacher-template", default=TEACHER, help="the teacher's prompt: {question}, {answer}, {format}")
-    g.add_argument("--chat-template-kwargs", type=json_object, default="{}", help="JSON options for the chat "
-                   "template, e.g. '{\"enable_thinking\": false}'")
-    g.add_argument("--teacher-chat-template-kwargs", type=json_object, help="the same for the teacher's prompt "
-                   "(default: the student's)")
+    g.add_argument("--chat-template-kwargs", type=json_object, default="{}", help="JSON options of the chat template")
+    g.add_argument("--teacher-chat-template-kwargs", type=json_object, help="the teacher's (default: the student's)")
     g.add_argument("--reward-fn", help="module:function, fn(completion, reference, row) -> 0.0 or 1.0")
     g.add_argument("--opsd-divergence", default="fkl", choices=rlsd.DIVERGENCES, help="D(P_T || P_S) for opsd")
     g = p.add_argument_group("run")
@@ -169,8 +166,7 @@ def parse_args(argv=None):
     once.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     once.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by A_t/A")
-    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log there "
-                   "(metrics.jsonl is always written)")
+    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="log there too")
     g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; README, 'Faster rollouts with vLLM')")
     g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with a vLLM engine in this "
                    "process (TRL's name)")
@@ -195,24 +191,20 @@ def parse_args(argv=None):
     return args
 
 
-def json_object(text):
-    """--chat-template-kwargs: a JSON object, such as '{"enable_thinking": false}'."""
-    try:
-        out = json.loads(text)
-    except json.JSONDecodeError:
-        out = None
-    if not isinstance(out, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write e.g. '{{\"enable_thinking\": false}}'")
-    return out
+def json_object(text):  # --chat-template-kwargs
+    with contextlib.suppress(json.JSONDecodeError):
+        if isinstance(out := json.loads(text), dict):
+            return out
+    raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write e.g. '{{\"enable_thinking\": false}}'")
 
 
 # Every numeric option's range. Checked at start-up: a bad value fails in a second, not after an hour of rollouts.
 POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batch_size generation_batch_size "
             "max_steps eval_steps save_steps min_pixels max_pixels temperature lr vllm_gpu_memory_utilization "
             "vllm_importance_sampling_clip_max").split()
-NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps lam_warmup_steps "
-                "teacher_sync_steps eval_size "
-                "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min").split()
+NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
+                "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min "
+                "lam_warmup_steps").split()
 AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0", "vllm_gpu_memory_utilization")
 
 
@@ -242,8 +234,6 @@ def check_args(a):
          "--teacher-template must contain both {question} and {answer}")
     need(a.model != "builtin" or a.dataset in (None, "builtin"), "the built-in model only knows the built-in task's "
          "words; pass --model with --dataset")
-    need(len(a.thought_markers.split(",")) == 2 and all(a.thought_markers.split(",")), f"--thought-markers "
-         f"{a.thought_markers!r} must be two markers, open,close: e.g. '<think>,</think>'")
     need(a.report_to == "none" or importlib.util.find_spec(a.report_to), f"--report-to {a.report_to} needs the "
          f"{a.report_to} package: pip install {a.report_to}")
     if a.use_vllm:
@@ -266,8 +256,7 @@ def train_step(policy, opt, sched, teacher, rows, args, step):
     with timed(times, "teacher"):
         teacher.maybe_sync(step)
         teacher_logp = None  # once lambda is 0, RLSD is GRPO: no teacher pass
-        lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
-        if args.algo == "rlsd" and lam > 0:
+        if args.algo == "rlsd" and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps):
             teacher_logp = teacher.logprobs(ro, args)                           # 4. log P_T(y_t | x, r, y<t): [B, C]
             check_finite(teacher_logp, "teacher", step)
     with timed(times, "update"):                                                # 5-6. Eq. 13-15, then Eq. 2
@@ -474,7 +463,6 @@ def reward_fn(spec):
     """'module:function' -> the function (Python imports a module once; check_args tries it at start-up)."""
     module, _, name = spec.partition(":")
     try:
-        import importlib
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
@@ -571,7 +559,7 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
 
     thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
     if args.rlsd_thought_only:
-        markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers.split(",")]
+        markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
         thought = thought & rlsd.thought_mask(ids, *markers)
         add("rlsd/thought_frac", thought.sum())
     policy.model.train()
@@ -1663,7 +1651,6 @@ class VLLMEngine:
     def check(args):
         """What rules the engine out, found before any weight loads."""
         import importlib.metadata
-        import importlib.util
         if args.model == "builtin":
             raise ConfigError("--use-vllm: the built-in demo model keeps generate; pass --model DIR")
         if importlib.util.find_spec("vllm") is None:
