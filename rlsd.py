@@ -244,7 +244,7 @@ def rlsd_lambda(step, lam0=0.5, decay_steps=50, warmup_steps=0):
 
     Linear ramp: lam0 at step 0, 0 at step >= decay_steps. After the ramp RLSD is
     exactly GRPO. decay_steps <= 0 means no ramp: lam0 at every step. warmup_steps (default 0):
-    first 0 -> lam0 linearly; the decay then counts from step warmup_steps (as the authors' code).
+    first 0 -> lam0 linearly; the decay then counts from step warmup_steps, as in the authors' code.
     """
     if step < warmup_steps:
         return float(lam0) * step / warmup_steps

@@ -191,7 +191,7 @@ def parse_args(argv=None):
     return args
 
 
-def json_object(text):  # --chat-template-kwargs
+def json_object(text):  # the type of --chat-template-kwargs: a JSON object, or one line that says so
     with contextlib.suppress(json.JSONDecodeError):
         if isinstance(out := json.loads(text), dict):
             return out
