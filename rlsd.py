@@ -233,7 +233,6 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
     a = advantages.detach().float().to(w_clipped.device)[:, None]                   # [B, 1]
     scale = 1 + lam * (w_clipped - 1)                                               # [B, T]
-    # the tokens the teacher reweights: those in `thought` (default: all), of answers with A < 0 if negative_only
     reweigh = (mask if thought is None else thought).bool() & ((a < 0) | (not negative_only))      # [B, T]
     a_hat = a * torch.where(reweigh, scale, 1.0)                                                   # [B, T]
     return torch.where(mask.bool(), a_hat, torch.zeros_like(a_hat))
@@ -255,9 +254,9 @@ def rlsd_lambda(step, lam0=0.5, decay_steps=50, warmup_steps=0):
 
 def _last_match(ids, seq, at_end):
     """ids [B, T] -> [B, T]: the last position <= t where the token sequence seq ends (at_end) or begins; -1: none."""
-    n = len(seq)
-    padded = torch.nn.functional.pad(ids, (n - 1, 0) if at_end else (0, n - 1), value=-1)   # [B, T + n - 1]
-    hit = (padded.unfold(1, n, 1) == torch.tensor(seq, device=ids.device)).all(-1)           # [B, T]
+    pad = (len(seq) - 1, 0) if at_end else (0, len(seq) - 1)
+    window = torch.nn.functional.pad(ids, pad, value=-1).unfold(1, len(seq), 1)             # [B, T, len(seq)]
+    hit = (window == torch.tensor(seq, device=ids.device)).all(-1)                           # [B, T]
     return torch.where(hit, torch.arange(ids.shape[1], device=ids.device), -1).cummax(1).values
 
 

@@ -141,7 +141,7 @@ def parse_args(argv=None):
     g.add_argument("--mask-truncated-completions", action="store_true", help="no gradient from truncated answers")
     g.add_argument("--teacher-template", default=TEACHER, help="the teacher's prompt: {question}, {answer}, {format}")
     g.add_argument("--chat-template-kwargs", type=json_object, default="{}", help="JSON options of the chat template")
-    g.add_argument("--teacher-chat-template-kwargs", type=json_object, help="the teacher's (default: the student's)")
+    g.add_argument("--teacher-chat-template-kwargs", type=json_object, default="{}", help="the teacher's, over those")
     g.add_argument("--reward-fn", help="module:function, fn(completion, reference, row) -> 0.0 or 1.0")
     g.add_argument("--opsd-divergence", default="fkl", choices=rlsd.DIVERGENCES, help="D(P_T || P_S) for opsd")
     g = p.add_argument_group("run")
@@ -179,8 +179,7 @@ def parse_args(argv=None):
     g.add_argument("--vllm-importance-sampling-clip-min", type=float, default=None, help="lower bound (none)")
     args = p.parse_args(argv)
     args.lr_given = args.lr is not None  # else LoRA scales the default lr (prepare_for_training)
-    if args.teacher_chat_template_kwargs is None:
-        args.teacher_chat_template_kwargs = args.chat_template_kwargs
+    args.teacher_chat_template_kwargs = {**args.chat_template_kwargs, **args.teacher_chat_template_kwargs}
     args.output_dir = args.output_dir or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
     if args.model == "builtin":  # a hub model's default data set waits for its config (setup)
         args.dataset = args.dataset or "builtin"
