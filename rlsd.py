@@ -252,14 +252,6 @@ def rlsd_lambda(step, lam0=0.5, decay_steps=50, warmup_steps=0):
     return float(lam0) * max(0.0, 1.0 - (step - warmup_steps) / decay_steps)
 
 
-def _last_match(ids, seq, at_end):
-    """ids [B, T] -> [B, T]: the last position <= t where the token sequence seq ends (at_end) or begins; -1: none."""
-    pad = (len(seq) - 1, 0) if at_end else (0, len(seq) - 1)
-    window = torch.nn.functional.pad(ids, pad, value=-1).unfold(1, len(seq), 1)             # [B, T, len(seq)]
-    hit = (window == torch.tensor(seq, device=ids.device)).all(-1)                           # [B, T]
-    return torch.where(hit, torch.arange(ids.shape[1], device=ids.device), -1).cummax(1).values
-
-
 def thought_mask(ids, open_ids, close_ids):
     """Which sampled tokens lie inside a thinking span, for --rlsd-thought-only: bool [B, T].
 
@@ -271,8 +263,14 @@ def thought_mask(ids, open_ids, close_ids):
     """
     if not open_ids or not close_ids:
         raise ValueError(f"thought markers {open_ids} / {close_ids} must each be at least one token")
-    opened = torch.nn.functional.pad(_last_match(ids, open_ids, True), (1, 0), value=-1)[:, :-1]  # [B, T] before t
-    return opened > _last_match(ids, close_ids, False)
+    pos = torch.arange(ids.shape[1], device=ids.device)                                   # [T]
+    last = []  # [B, T] each: the last position <= t where an open marker ended / a close marker began; -1: none
+    for seq, pad in ((open_ids, (len(open_ids) - 1, 0)), (close_ids, (0, len(close_ids) - 1))):
+        window = torch.nn.functional.pad(ids, pad, value=-1).unfold(1, len(seq), 1)     # [B, T, len(seq)]
+        hit = (window == torch.tensor(seq, device=ids.device)).all(-1)                   # [B, T]
+        last.append(torch.where(hit, pos, -1).cummax(1).values)
+    opened = torch.nn.functional.pad(last[0], (1, 0), value=-1)[:, :-1]                # [B, T]: ended before t
+    return opened > last[1]
 
 
 # -----------------------------------------------------------------------------
