@@ -17,6 +17,7 @@ Benchmarks, one subcommand each:
                                  # -> results/champ.md (needs pip install champ-dataset==1.0.0 natsort);
                                  # hours on 2 CPU cores; stopped or killed, the same command continues
     python bench.py mutants      # the mutation gate: each planted bug (MUTANTS) must make one of its tests fail
+    python bench.py plot OUTPUT_DIR           # one train.py run's metrics.jsonl as OUTPUT_DIR/metrics.png
 
 compare (the default) needs matplotlib, an extra used only here (pip install matplotlib).
 
@@ -472,6 +473,31 @@ def plot(plt, results, args, path):
     bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+PLOTTED = ["reward", "eval/accuracy", "rlsd/lambda"]  # then every rlsd/* metric the run logged
+
+
+def bench_plot(args):
+    """Reward, held-out accuracy, lambda and the rlsd/* metrics of one train.py run, one panel each, as a PNG."""
+    plt = import_matplotlib()
+    lines = [json.loads(line) for line in open(os.path.join(args.output_dir, "metrics.jsonl"))]
+    keys = PLOTTED + sorted({k for m in lines for k in m if k.startswith("rlsd/")} - set(PLOTTED))
+    keys = [k for k in keys if any(k in m for m in lines)]
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        points = [(m["step"], m[k]) for m in lines if k in m]
+        ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, ms=3)
+        ax.set(title=k, xlabel="optimizer step")
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = args.out or os.path.join(args.output_dir, "metrics.png")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}: {', '.join(keys)}")
+    return path
 
 
 def summary(results, ov, args):
@@ -1217,9 +1243,17 @@ MUTANTS = [
      ["test_evidence_weights_equal_hand_computed_exp_of_sign_A_times_delta_and_its_clip"]),
     ("Eq. 15 with the unclipped w", "rlsd.py", "_, w_clipped = evidence_weights(", "w_clipped, _ = evidence_weights(",
      ["test_token_advantage_equals_hand_computed_eq_15"]),
-    ("negative_only reweights A > 0 instead", "rlsd.py", "torch.where(a < 0, scale, torch.ones_like(scale))",
-     "torch.where(a > 0, scale, torch.ones_like(scale))", ["test_token_advantage_equals_hand_computed_eq_15"]),
-    ("lambda ramps up instead of down", "rlsd.py", "max(0.0, 1.0 - step / decay_steps)", "min(1.0, step / decay_steps)",
+    ("negative_only reweights A > 0 instead", "rlsd.py", "((a < 0) | (not negative_only))",
+     "((a > 0) | (not negative_only))",
+     ["test_token_advantage_equals_hand_computed_eq_15"]),
+    ("thought mask: the open marker counts as inside the span", "rlsd.py",
+     "opened = torch.nn.functional.pad(last[0], (1, 0), value=-1)[:, :-1]", "opened = last[0]",
+     ["test_thought_mask_marks_the_tokens_between_an_open_marker_and_the_next_close_marker"]),
+    ("lambda warm-up: the decay counts from step 0", "rlsd.py", "1.0 - (step - warmup_steps) / decay_steps",
+     "1.0 - step / decay_steps",
+     ["test_lambda_warm_up_rises_from_0_to_lam0_then_the_papers_decay_counts_from_the_end_of_the_warm_up"]),
+    ("lambda ramps up instead of down", "rlsd.py", "max(0.0, 1.0 - (step - warmup_steps) / decay_steps)",
+     "min(1.0, (step - warmup_steps) / decay_steps)",
      ["test_rlsd_lambda_ramps_linearly_from_lam0_to_zero_then_stays_zero"]),
     ("grpo aggregation divides by the padded length", "rlsd.py", "/ m.sum(-1).clamp(min=1)", "/ T",
      ["test_each_loss_type_normalisation_on_hand_computed_example"]),
@@ -1245,14 +1279,26 @@ MUTANTS = [
      ["test_teacher_scores_the_rollout_tokens_with_the_answer_in_its_prompt_and_its_snapshot_weights"]),
     ("policy loss without the global token count", "train.py", "args.loss_type, num_tokens=n_tok,",
      "args.loss_type, num_tokens=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
-    ("policy loss without the global sequence count", "train.py", "num_sequences=B * world)",
+    ("policy loss without the global sequence count", "train.py", "num_sequences=n_seq)",
      "num_sequences=None)", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
+    ("truncated answers counted in the sequence denominator", "train.py", "num_sequences=n_seq)",
+     "num_sequences=B * world)", ["test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them"]),
+    ("--mask-truncated-completions masks nothing", "train.py", 'mask = mask * ~ro["truncated"][:, None]',
+     "mask = mask", ["test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_is_truncated"]),
+    ("--rlsd-thought-only never reaches A_hat", "train.py", "args.rlsd_negative_only, thought[s])",
+     "args.rlsd_negative_only)",
+     ["test_with_no_thinking_span_in_any_answer_a_thought_only_rlsd_step_equals_a_grpo_step_exactly",
+      "test_thought_frac_is_the_share_of_response_tokens_in_spans_and_only_they_get_the_teachers_weight"]),
+    ("the teacher pass ignores the lambda warm-up", "train.py",
+     "and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps):",
+     "and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps):",
+     ["test_during_a_lambda_warm_up_the_teacher_is_skipped_at_lambda_0_and_runs_from_the_first_step_above_0"]),
     ("advantages of the inverted rewards", "train.py",
      "group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3.",
      "group_advantages(1 - rewards, args.num_generations, args.scale_rewards)  # 3.",
      ["test_trainer_gives_update_the_group_advantage_of_each_completions_reward"]),
-    ("update's lambda does not ramp", "train.py", "lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps)",
-     "lam = args.lam0",
+    ("update's lambda does not ramp", "train.py",
+     "lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)", "lam = args.lam0",
      ["test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_at_this_steps_lambda"]),
     ("update swaps teacher and student", "train.py", "(adv[s], teacher_logp[s], logp.detach(), m,",
      "(adv[s], logp.detach(), teacher_logp[s], m,",
@@ -1563,6 +1609,11 @@ def main(argv=None):
     h.add_argument("--out", default=os.path.join("results", "champ.md"), help="the tables; the AUCs of each "
                    "solution go beside it (.jsonl)")
     h.set_defaults(func=bench_champ)
+
+    pl = sub.add_parser("plot", help="one train.py run's reward, held-out accuracy, lambda and rlsd/* metrics as a PNG")
+    pl.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's folder (train.py --output-dir)")
+    pl.add_argument("--out", help="the PNG (default: OUTPUT_DIR/metrics.png)")
+    pl.set_defaults(func=bench_plot)
 
     m = sub.add_parser("mutants", help="the mutation gate: planted bugs, each of which some test must catch")
     m.add_argument("--jobs", type=int, default=2, help="mutants tested at once (one thread each)")

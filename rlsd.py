@@ -208,7 +208,8 @@ def evidence_weights(advantages, teacher_logp, student_logp, eps_w=0.2):
     return w, w.clamp(1 - eps_w, 1 + eps_w)
 
 
-def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps_w=0.2, negative_only=False):
+def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps_w=0.2, negative_only=False,
+                          thought=None):
     """RLSD token advantage A_hat_t, which simply replaces A in the GRPO loss (Eq. 15).
 
     advantages: A [B]; teacher_logp, student_logp, mask: [B, T]; lam in [0, 1]
@@ -220,6 +221,8 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     the teacher only rescales |A| within [1 - lam*eps_w, 1 + lam*eps_w].
     negative_only: reweight only responses with A < 0 (those with A > 0 keep A),
     the authors' released switch against response-length collapse.
+    thought: optional [B, T] bool (see thought_mask): reweight only these tokens, the
+    others keep A (the authors' rlsd_thought_only); an answer with no span is plain GRPO.
     returns: A_hat [B, T] float32, detached, exactly 0 outside the mask.
     (The printed Eq. 16 has no gradient as written; use A_hat as the advantage
     in policy_loss, as the paper's text and code do.)
@@ -230,21 +233,44 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
     a = advantages.detach().float().to(w_clipped.device)[:, None]                   # [B, 1]
     scale = 1 + lam * (w_clipped - 1)                                               # [B, T]
-    if negative_only:
-        scale = torch.where(a < 0, scale, torch.ones_like(scale))
-    a_hat = a * scale                                                               # [B, T]
+    reweigh = (mask if thought is None else thought).bool() & ((a < 0) | (not negative_only))      # [B, T]
+    a_hat = a * torch.where(reweigh, scale, 1.0)                                                   # [B, T]
     return torch.where(mask.bool(), a_hat, torch.zeros_like(a_hat))
 
 
-def rlsd_lambda(step, lam0=0.5, decay_steps=50):
+def rlsd_lambda(step, lam0=0.5, decay_steps=50, warmup_steps=0):
     """Weight lam of the teacher's evidence at optimizer step `step` (paper: 0.5 -> 0 over 50 steps).
 
     Linear ramp: lam0 at step 0, 0 at step >= decay_steps. After the ramp RLSD is
-    exactly GRPO. decay_steps <= 0 means no ramp: lam0 at every step.
+    exactly GRPO. decay_steps <= 0 means no ramp: lam0 at every step. warmup_steps (default 0):
+    first 0 -> lam0 linearly; the decay then counts from step warmup_steps, as in the authors' code.
     """
+    if step < warmup_steps:
+        return float(lam0) * step / warmup_steps
     if decay_steps <= 0:
         return float(lam0)
-    return float(lam0) * max(0.0, 1.0 - step / decay_steps)
+    return float(lam0) * max(0.0, 1.0 - (step - warmup_steps) / decay_steps)
+
+
+def thought_mask(ids, open_ids, close_ids):
+    """Which sampled tokens lie inside a thinking span, for --rlsd-thought-only: bool [B, T].
+
+    ids: [B, T] sampled token ids; open_ids, close_ids: the span markers as token-id lists
+    (Qwen3: the ids of <think> and </think>). A span runs from the end of an open marker to the
+    start of the next close marker, both outside it. Spans do not nest: inside a span an open
+    marker is just text, and the first close marker ends it. An unclosed span runs to the end
+    of the row (a thought cut off by the length limit).
+    """
+    if not open_ids or not close_ids:
+        raise ValueError(f"thought markers {open_ids} / {close_ids} must each be at least one token")
+    pos = torch.arange(ids.shape[1], device=ids.device)                                   # [T]
+    last = []  # [B, T] each: the last position <= t where an open marker ended / a close marker began; -1: none
+    for seq, pad in ((open_ids, (len(open_ids) - 1, 0)), (close_ids, (0, len(close_ids) - 1))):
+        window = torch.nn.functional.pad(ids, pad, value=-1).unfold(1, len(seq), 1)     # [B, T, len(seq)]
+        hit = (window == torch.tensor(seq, device=ids.device)).all(-1)                   # [B, T]
+        last.append(torch.where(hit, pos, -1).cummax(1).values)
+    opened = torch.nn.functional.pad(last[0], (1, 0), value=-1)[:, :-1]                # [B, T]: ended before t
+    return opened > last[1]
 
 
 # -----------------------------------------------------------------------------

@@ -537,6 +537,41 @@ def test_rlsd_lambda_ramps_linearly_from_lam0_to_zero_then_stays_zero():
     assert rlsd.rlsd_lambda(10**6, decay_steps=0) == 0.5   # decay_steps <= 0: constant lam0
 
 
+def test_lambda_warm_up_rises_from_0_to_lam0_then_the_papers_decay_counts_from_the_end_of_the_warm_up():
+    lam = [rlsd.rlsd_lambda(s, 0.5, 50, warmup_steps=10) for s in (0, 5, 10, 35, 60, 100)]
+    assert lam == pytest.approx([0.0, 0.25, 0.5, 0.25, 0.0, 0.0])
+    assert rlsd.rlsd_lambda(3, 0.5, 0, warmup_steps=4) == pytest.approx(0.375) and rlsd.rlsd_lambda(9, 0.5, 0, 4) == 0.5
+
+
+@pytest.mark.parametrize("row, inside", [
+    ([5, 1, 7, 8, 2, 9], [0, 0, 1, 1, 0, 0]),           # one span: the markers themselves are outside it
+    ([1, 7, 1, 8, 2, 9, 2], [0, 1, 1, 1, 0, 0, 0]),     # nested: an inner open marker is text, the first close ends
+    ([7, 1, 8, 8], [0, 0, 1, 1]),                       # unclosed: the span runs to the end
+    ([7, 2, 8, 2], [0, 0, 0, 0]),                       # a close marker with no open one: no span
+    ([7, 8, 9], [0, 0, 0]),                             # no markers: no span
+])
+def test_thought_mask_marks_the_tokens_between_an_open_marker_and_the_next_close_marker(row, inside):
+    assert rlsd.thought_mask(torch.tensor([row]), [1], [2]).int().tolist() == [inside]
+
+
+def test_thought_mask_matches_multi_token_markers_only_as_whole_sequences():
+    ids = torch.tensor([[3, 1, 3, 4, 7, 8, 2, 7, 2, 5, 9],
+                        [1, 7, 2, 9, 3, 1, 9, 9, 9, 9, 9]])  # row 1: pieces of the markers, never a whole one
+    assert rlsd.thought_mask(ids, [1, 3], [2, 5]).int().tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0], [0] * 11]
+    assert rlsd.thought_mask(torch.tensor([[1]]), [1, 3], [2, 5]).tolist() == [[False]]  # shorter than a marker
+
+
+def test_thought_only_reweights_the_tokens_inside_spans_and_every_other_token_keeps_exactly_A():
+    torch.manual_seed(0)
+    A = torch.tensor([1.0, -1.0, 0.5])
+    t, s, mask = torch.randn(3, 6), torch.randn(3, 6), torch.ones(3, 6)
+    thought = torch.tensor([[0, 1, 1, 0, 0, 0], [0] * 6, [1] * 6]).bool()
+    every = rlsd.rlsd_token_advantages(A, t, s, mask, 0.5)
+    only = rlsd.rlsd_token_advantages(A, t, s, mask, 0.5, thought=thought)
+    assert torch.equal(only[thought], every[thought])
+    assert torch.equal(only[~thought], A[:, None].expand(3, 6)[~thought]) and not torch.equal(only, every)
+
+
 _x = torch.zeros(2, 3)
 _m = torch.ones(2, 3, dtype=torch.bool)
 BAD_CALLS = [
@@ -1483,6 +1518,234 @@ def test_negative_only_keeps_plain_A_for_positive_responses_and_reweights_negati
     neg = rlsd.rlsd_token_advantages(A, t, s, mask, 0.5, negative_only=True)
     assert torch.equal(neg[A > 0], A[A > 0, None].expand(2, 6)) and torch.equal(neg[A < 0], both[A < 0])
     assert not torch.equal(both[A > 0], neg[A > 0])
+
+
+# -- issue 31: thought-only credit, lambda warm-up, thinking switches, truncated answers, clip shares, report_to ----
+
+
+def test_with_no_thinking_span_in_any_answer_a_thought_only_rlsd_step_equals_a_grpo_step_exactly(tiny_model):
+    weights = []
+    for algo in ("grpo", "rlsd"):
+        policy, args, _, _, ro, adv = _update_parts(tiny_model, "--algo", algo, "--rlsd-thought-only")
+        opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        far = torch.full(ro["ids"].shape, 50.0) if algo == "rlsd" else None  # would reweight every token with A != 0
+        m = train.update(policy, opt, sched, ro, adv, far, train.Teacher(policy, 0), args, 0)
+        weights.append([p.detach().clone() for p in policy.model.parameters()])
+    assert m["rlsd/thought_frac"] == 0.0 and m["rlsd/clip_high_frac"] > 0  # the teacher did disagree
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_thought_frac_is_the_share_of_response_tokens_in_spans_and_only_they_get_the_teachers_weight(
+        tiny_model, monkeypatch):
+    markers = ["--rlsd-thought-only", "--thought-markers", "is", "What"]  # two words of the built-in vocabulary
+    policy, args, opt, sched, ro, adv = _update_parts(tiny_model, *markers)
+    (o,), (c,), (x,) = (policy.tokenizer.encode(w, add_special_tokens=False) for w in ("is", "What", "1"))
+    ro["ids"] = torch.full_like(ro["ids"], x)
+    ro["ids"][0] = torch.tensor([x, o, x, x, c])  # row 0 thinks at tokens 2 and 3; the others never do
+    seen, loss = [], rlsd.policy_loss
+    monkeypatch.setattr(rlsd, "policy_loss", lambda logp, old, a_hat, *a, **kw: (seen.append(a_hat),
+                                                                                 loss(logp, old, a_hat, *a, **kw))[1])
+    m = train.update(policy, opt, sched, ro, adv, torch.full(ro["ids"].shape, 50.0), train.Teacher(policy, 0), args, 0)
+    assert m["rlsd/thought_frac"] == pytest.approx(2 / 18)
+    expected = adv[:, None] * ro["mask"]
+    expected[0, 2:4] = 1.0 * (0.5 + 0.5 * 1.2)  # A (1 - lam + lam clip(w)): w clipped at 1.2, lam 0.5
+    torch.testing.assert_close(seen[0], expected)
+
+
+def test_during_a_lambda_warm_up_the_teacher_is_skipped_at_lambda_0_and_runs_from_the_first_step_above_0(
+        tiny_model, mixed_verify, one_thread, tmp_path):
+    train.train(tiny_args(tiny_model, tmp_path, "--max-steps", "3", "--lam-warmup-steps", "2"))
+    steps = [m for m in read_metrics(tmp_path) if m["step"] > 0]
+    assert [m["rlsd/lambda"] for m in steps] == pytest.approx([0.0, 0.25, 0.5])
+    assert ["rlsd/weight_mean" in m for m in steps] == [False, True, True]  # the teacher's metrics: its pass ran
+
+
+def test_chat_template_kwargs_switch_qwen3_thinking_for_the_student_and_the_teacher_separately(tmp_path):
+    from transformers import AutoTokenizer
+    folder = save_tiny_qwen3(tmp_path / "qwen3", layers=1)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    row = train.builtin_task(1, seed=0)[0]
+    on, off = "<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # Qwen3's thinking switch
+    no, yes = '{"enable_thinking": false}', '{"enable_thinking": true}'
+    student, teacher = "--chat-template-kwargs", "--teacher-chat-template-kwargs"
+    cases = [([], on, on), ([student, no], off, off), ([teacher, no], on, off), ([student, no, teacher, yes], off, on)]
+    for i, (extra, student_end, teacher_end) in enumerate(cases):
+        policy = train.setup(tiny_args(folder, tmp_path / f"run{i}", *extra))[0]
+        assert train.student_prompt(policy, row).endswith(student_end), extra
+        assert train.teacher_prompt(policy, row).endswith(teacher_end), extra
+
+
+@pytest.mark.parametrize("value", ["{bad", "[1, 2]"])
+def test_chat_template_kwargs_that_are_not_a_json_object_stop_with_one_line_showing_an_example(value):
+    with pytest.raises(train.ConfigError, match=r"is not a JSON object; write e\.g\. '\{\"enable_thinking\": false\}'"):
+        train.parse_args(["--teacher-chat-template-kwargs", value])
+
+
+def test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_is_truncated(tiny_model):
+    policy, args, _, _, ro, adv = _update_parts(tiny_model, "--mask-truncated-completions")
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    ro["truncated"] = torch.ones(4, dtype=torch.bool)
+    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    assert m["loss"] == 0.0 and all(torch.equal(a, p) for a, p in zip(before, policy.model.parameters()))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them(loss_type, tiny_model, monkeypatch):
+    policy, args, opt, sched, ro, adv = _update_parts(tiny_model, "--mask-truncated-completions", "--loss-type",
+                                                      loss_type)
+    grads, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
+        grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
+    ro["truncated"] = torch.tensor([False, True, False, True])
+    train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    kept = [0, 2]
+    rest = {k: v[kept] if torch.is_tensor(v) else [v[i] for i in kept] for k, v in ro.items()}
+    train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_clip_low_and_high_fracs_are_the_shares_of_live_tokens_whose_weight_hit_each_bound(tiny_model):
+    policy, args, opt, sched, _, _ = _update_parts(tiny_model)
+    ro, adv = _synthetic_rollout(policy, args, [1.0, 1.0, 1.0, -1.0])  # row 1 has 3 tokens: 18 live tokens
+    student = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature, 4)
+    teacher = student + torch.tensor([5.0, 5.0, -5.0, 0.1, 0.0])  # A > 0: 2 high, 1 low; A < 0: 2 low, 1 high
+    m = train.update(policy, opt, sched, ro, adv, teacher, train.Teacher(policy, 0), args, 0)
+    assert m["rlsd/clip_high_frac"] == pytest.approx(7 / 18) and m["rlsd/clip_low_frac"] == pytest.approx(5 / 18)
+
+
+def test_report_to_tensorboard_writes_every_scalar_of_metrics_jsonl_at_its_step(tiny_model, mixed_verify, one_thread,
+                                                                                tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train.train(tiny_args(tiny_model, tmp_path, "--max-steps", "2", "--report-to", "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = {(k, m["step"]): v for m in read_metrics(tmp_path) for k, v in m.items() if k != "step"}
+    shown = {(k, e.step): e.value for k in events.Tags()["scalars"] for e in events.Scalars(k)}
+    assert len(logged) > 30 and shown.keys() == logged.keys()
+    assert all(shown[k] == pytest.approx(v, rel=1e-6) for k, v in logged.items())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_report_to_a_tracker_that_is_not_installed_stops_at_start_up_naming_its_pip_package():
+    with pytest.raises(SystemExit) as e:
+        train.main(["--report-to", "wandb"])
+    assert e.value.code == "train.py: error: --report-to wandb needs the wandb package: pip install wandb"
+
+
+def test_bench_plot_draws_reward_accuracy_lambda_and_every_rlsd_metric_of_a_run_into_a_png(tmp_path, capsys):
+    lines = [{"step": 0, "eval/accuracy": 0.25}] + [
+        {"step": s, "reward": 0.1 * s, "loss": 0.0, "rlsd/lambda": 0.5 - 0.01 * s, "rlsd/weight_mean": 1.0,
+         "rlsd/clip_low_frac": 0.01 * s, **({"eval/accuracy": 0.5} if s == 3 else {})} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    path = bench.main(["plot", str(tmp_path)])
+    assert path == str(tmp_path / "metrics.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.strip().endswith(
+        ": reward, eval/accuracy, rlsd/lambda, rlsd/clip_low_frac, rlsd/weight_mean")
+
+
+# Qwen3's chat template (Qwen/Qwen3-8B's tokenizer_config.json), public template data: thinking off ends the
+# generation prompt with an empty <think></think>.
+QWEN3_CHAT_TEMPLATE = (r'''{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with'''
+    r''' function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within'''
+    r''' <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\":'''
+    r''' <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and'''
+    r''' not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content ='''
+    r''' content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') +'''
+    r''' '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}''')
 
 
 # -- --reward-fn: your own binary check --------------------------------------------------------------------------

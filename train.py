@@ -28,6 +28,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -131,11 +132,17 @@ def parse_args(argv=None):
     knob("--eps-w", float, "evidence clip: w_t within [1 - eps_w, 1 + eps_w] (Eq. 15)")
     knob("--lam0", float, "initial lambda (Eq. 15)")
     knob("--lam-decay-steps", int, "lambda falls linearly to 0 over this many steps")
+    g.add_argument("--lam-warmup-steps", type=int, default=0, help="lambda first rises from 0 to --lam0 over these")
     knob("--teacher-sync-steps", int, "re-sync the teacher's snapshot every N steps (0: the live policy)")
     knob("--loss-type", str, "loss aggregation (Eq. 2 is grpo)", choices=rlsd.LOSS_TYPES)
     knob("--scale-rewards", str, "divide advantages by the std of", choices=rlsd.SCALES)
     g.add_argument("--rlsd-negative-only", action="store_true", help="reweight only answers with A < 0")
+    g.add_argument("--rlsd-thought-only", action="store_true", help="reweight only tokens inside thinking spans")
+    g.add_argument("--thought-markers", nargs=2, default=["<think>", "</think>"], help="a thinking span's markers")
+    g.add_argument("--mask-truncated-completions", action="store_true", help="no gradient from truncated answers")
     g.add_argument("--teacher-template", default=TEACHER, help="the teacher's prompt: {question}, {answer}, {format}")
+    g.add_argument("--chat-template-kwargs", type=json_object, default="{}", help="JSON options of the chat template")
+    g.add_argument("--teacher-chat-template-kwargs", type=json_object, default="{}", help="the teacher's, over those")
     g.add_argument("--reward-fn", help="module:function, fn(completion, reference, row) -> 0.0 or 1.0")
     g.add_argument("--opsd-divergence", default="fkl", choices=rlsd.DIVERGENCES, help="D(P_T || P_S) for opsd")
     g = p.add_argument_group("run")
@@ -160,6 +167,7 @@ def parse_args(argv=None):
     once.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     once.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by A_t/A")
+    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="log there too")
     g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; README, 'Faster rollouts with vLLM')")
     g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with a vLLM engine in this "
                    "process (TRL's name)")
@@ -173,6 +181,7 @@ def parse_args(argv=None):
     g.add_argument("--vllm-importance-sampling-clip-min", type=float, default=None, help="lower bound (none)")
     args = p.parse_args(argv)
     args.lr_given = args.lr is not None  # else LoRA scales the default lr (prepare_for_training)
+    args.teacher_chat_template_kwargs = {**args.chat_template_kwargs, **args.teacher_chat_template_kwargs}
     args.output_dir = args.output_dir or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
     if args.model == "builtin":  # a hub model's default data set waits for its config (setup)
         args.dataset = args.dataset or "builtin"
@@ -183,12 +192,20 @@ def parse_args(argv=None):
     return args
 
 
+def json_object(text):  # the type of --chat-template-kwargs: a JSON object, or one line that says so
+    with contextlib.suppress(json.JSONDecodeError):
+        if isinstance(out := json.loads(text), dict):
+            return out
+    raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write e.g. '{{\"enable_thinking\": false}}'")
+
+
 # Every numeric option's range. Checked at start-up: a bad value fails in a second, not after an hour of rollouts.
 POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batch_size generation_batch_size "
             "max_steps eval_steps save_steps min_pixels max_pixels temperature lr max_grad_norm "
             "vllm_gpu_memory_utilization vllm_importance_sampling_clip_max").split()
 NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
-                "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min").split()
+                "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min "
+                "lam_warmup_steps").split()
 AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0", "vllm_gpu_memory_utilization")
 
 
@@ -218,6 +235,8 @@ def check_args(a):
          "--teacher-template must contain both {question} and {answer}")
     need(a.model != "builtin" or a.dataset in (None, "builtin"), "the built-in model only knows the built-in task's "
          "words; pass --model with --dataset")
+    need(a.report_to == "none" or importlib.util.find_spec(a.report_to), f"--report-to {a.report_to} needs the "
+         f"{a.report_to} package: pip install {a.report_to}")
     if a.use_vllm:
         VLLMEngine.check(a)
 
@@ -238,7 +257,7 @@ def train_step(policy, opt, sched, teacher, rows, args, step):
     with timed(times, "teacher"):
         teacher.maybe_sync(step)
         teacher_logp = None  # once lambda is 0, RLSD is GRPO: no teacher pass
-        if args.algo == "rlsd" and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps) > 0:
+        if args.algo == "rlsd" and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps):
             teacher_logp = teacher.logprobs(ro, args)                           # 4. log P_T(y_t | x, r, y<t): [B, C]
             check_finite(teacher_logp, "teacher", step)
     with timed(times, "update"):                                                # 5-6. Eq. 13-15, then Eq. 2
@@ -253,10 +272,12 @@ def train(args):
     policy, opt, sched, teacher, sampler, step, train_rows, eval_rows = setup(args)
     rank, world, first = dist_rank(), dist_world(), step
     log = open(os.path.join(args.output_dir, "metrics.jsonl") if rank == 0 else os.devnull, "a")
+    report = reporter(args) if rank == 0 else lambda metrics: None
     acc = base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
     if base_acc is not None:
         print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
         log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
+        report({"step": 0, "eval/accuracy": base_acc})
     bar = tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True, file=sys.stdout)
     preemption, seen = Preemption(), set()
     while step < args.max_steps:
@@ -273,6 +294,7 @@ def train(args):
                 acc = metrics["eval/accuracy"] = evaluate(policy, eval_rows, args)
         log.write(json.dumps(metrics) + "\n")
         log.flush()
+        report(metrics)
         bar.update(1)
         bar.write(fmt(metrics) + (f" | eval {acc:.3f}" if "eval/accuracy" in metrics else ""))
         if args.log_samples_steps and step % args.log_samples_steps == 0:
@@ -447,7 +469,6 @@ def reward_fn(spec):
     """'module:function' -> the function (Python imports a module once; check_args tries it at start-up)."""
     module, _, name = spec.partition(":")
     try:
-        import importlib
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
@@ -466,7 +487,7 @@ def teacher_prompt(policy, row, template=TEACHER):
     if "{format}" not in template:  # the format instruction ends every prompt
         template += "\n{format}"
     text = template.replace("{question}", row["problem"]).replace("{answer}", answer).replace("{format}", FORMAT)
-    return policy.template(chat(text, len(row.get("images") or []), policy.vl))
+    return policy.template(chat(text, len(row.get("images") or []), policy.vl), teacher=True)
 
 
 class Teacher:
@@ -529,16 +550,24 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
     and cross ranks in one all-reduce after the loop. OPSD's teacher pass is timed into `times`."""
     times = {} if times is None else times
     ids, mask = ro["ids"], ro["mask"].float()                                     # [B, C], [B, C]
+    if args.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens (DAPO)
+        mask = mask * ~ro["truncated"][:, None]
     adv = adv.to(ids.device)                                                       # [B]
     B, mb, world = ids.shape[0], args.micro_batch_size, dist_world()
-    lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps)
+    lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
     n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
+    n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)                               # all ranks' answers that count
     student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
     sums, gap = {}, []  # gap: --use-vllm's sampler/trainer log-prob gaps, per micro-batch
 
     def add(key, value):  # value: a number, or a 0-dim tensor on the device
         sums[key] = sums.get(key, 0.0) + value
 
+    thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
+    if args.rlsd_thought_only:
+        markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
+        thought = thought & rlsd.thought_mask(ids, *markers)
+        add("rlsd/thought_frac", thought.sum())
     policy.model.train()
     for i in range(0, B, mb):
         s = slice(i, i + mb)
@@ -558,12 +587,12 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
         else:
             if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher reweights, the sign stays A's
                 tok_adv = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
-                                                     args.rlsd_negative_only)             # [b, C]
+                                                     args.rlsd_negative_only, thought[s])  # [b, C]
             else:                         # GRPO: every token gets its sequence's advantage (Eq. 2)
                 tok_adv = adv[s, None] * m                                                 # [b, C]
             loss, lm = rlsd.policy_loss(logp, logp.detach(), tok_adv * isw, m, args.epsilon, args.epsilon_high,
                                         args.dual_clip or None, args.loss_type, num_tokens=n_tok,
-                                        max_completion_length=args.max_completion_length, num_sequences=B * world)
+                                        max_completion_length=args.max_completion_length, num_sequences=n_seq)
         if policy.vl and sharded(policy.model) and "pixel_values" not in enc:
             loss = loss + 0.0 * vision_dummy(policy)  # every rank's gradients must cover the same tensors
         (loss * world).backward()  # DDP and FSDP2 average the ranks' gradients; the normalisers are already global
@@ -579,6 +608,8 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
         add("rlsd/mean_abs_delta", (teacher_logp - student).abs()[live].sum())
         add("rlsd/weight_mean", w_clip[live].sum())
         add("rlsd/live_frac", live.sum())  # a count of live tokens here; a share of all once divided below
+        add("rlsd/clip_low_frac", (w < w_clip)[live].sum())   # the authors' clip_low_ratio, over live tokens
+        add("rlsd/clip_high_frac", (w > w_clip)[live].sum())
         # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
         add("rlsd/weight_clipped_frac", (w != w_clip)[mask.bool()].sum())
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -591,12 +622,12 @@ def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times
     keys = list(sums)
     totals = all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=mask.device) for k in keys]))
     sums = dict(zip(keys, totals.tolist()))  # one device sync for every metric
-    ntok, live = n_tok.item(), sums.get("rlsd/live_frac", 0.0)
+    ntok, live = max(n_tok.item(), 1.0), sums.get("rlsd/live_frac", 0.0)
     out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "learning_rate": lr,
            "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
     for k, v in sums.items():
-        per_live = k in ("rlsd/mean_abs_delta", "rlsd/weight_mean")  # means over tokens with A != 0: none, no mean
-        if not (per_live and live == 0):
+        per_live = k in ("rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/clip_low_frac", "rlsd/clip_high_frac")
+        if not (per_live and live == 0):  # means over tokens with A != 0: none, no mean
             out[k] = v / (live if per_live else ntok)
     return {**out, **(VLLMEngine.gap_metrics(gap) if gap else {})}
 
@@ -705,6 +736,7 @@ def setup(args):
             print(f"--dataset {PAPER_DATASET}: the paper's training data (fields problem, answer, images)")
     train_rows, eval_rows = load_data(args)
     policy = load_policy(args, start)  # a LoRA checkpoint: the base model and its adapters
+    policy.template_kwargs = args.chat_template_kwargs, args.teacher_chat_template_kwargs
     random.seed(args.seed)  # after any warm start of the demo model, so a cold cache gives the same run as a warm one
     torch.manual_seed(args.seed)
     args.lora_rank = prepare_for_training(policy, args)
@@ -932,6 +964,7 @@ class Policy:
     train_model: torch.nn.Module = None          # the model wrapped for the update under torchrun + DDP
     source: str = "builtin"                      # where the (base) weights came from: a LoRA checkpoint names it
     images: dict = dataclasses.field(default_factory=dict)  # id(row) -> (row, its processed images): this step's
+    template_kwargs: tuple = ({}, {})            # chat template options: the student's, the teacher's
 
     @property
     def tokenizer(self):
@@ -954,8 +987,9 @@ class Policy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, self.compute_dtype)
 
-    def template(self, messages):
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def template(self, messages, teacher=False):
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **self.template_kwargs[teacher])
 
     def encode(self, texts, rows=None):
         """Left-padded prompt batch on the model's device: input_ids [b, P], attention_mask [b, P], and for
@@ -1357,6 +1391,19 @@ def rollout_metrics(ro, rewards, unparseable, args):
             "completions/unparseable": all_sum(torch.tensor(unparseable)).item() / dist_world()}
 
 
+def reporter(args):
+    """--report-to: a function that sends one line of metrics.jsonl to TensorBoard or Weights & Biases as well."""
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+        return lambda m: ([writer.add_scalar(k, v, m["step"]) for k, v in m.items() if k != "step"], writer.flush())
+    if args.report_to == "wandb":
+        import wandb
+        run = wandb.init(project="rlsd", name=os.path.basename(args.output_dir), dir=args.output_dir, config=vars(args))
+        return lambda m: run.log(m, step=m["step"])
+    return lambda m: None
+
+
 def show_samples(bar, ro, rewards):
     """One right and one wrong completion of this rank's step."""
     for want, name in ((1.0, "right"), (0.0, "wrong")):
@@ -1595,7 +1642,7 @@ def run_files(out):
     """What a run writes into its folder (and all that --overwrite deletes)."""
     names = os.listdir(out) if os.path.isdir(out) else []
     return [os.path.join(out, n) for n in names
-            if re.fullmatch(r"checkpoint-\d+(\.tmp|\.old)?|metrics\.jsonl|credit\.html", n)]
+            if re.fullmatch(r"checkpoint-\d+(\.tmp|\.old)?|metrics\.jsonl|credit\.html|tensorboard|wandb", n)]
 
 
 def reset_output_dir(args, start):
@@ -1633,7 +1680,6 @@ class VLLMEngine:
     def check(args):
         """What rules the engine out, found before any weight loads."""
         import importlib.metadata
-        import importlib.util
         if args.model == "builtin":
             raise ConfigError("--use-vllm: the built-in demo model keeps generate; pass --model DIR")
         if importlib.util.find_spec("vllm") is None:
