@@ -1,27 +1,26 @@
 """
 RLSD: RL with verifiable rewards + self-distillation (arXiv 2604.03128), the objective.
 
-One RLSD step, in pipeline order, and which function does each part:
+One RLSD step, in the order it runs (train.py's train_step has the same six steps), and the function for each:
 
-  1. rollout         sample G responses per prompt from the current policy    (trainer)
-  2. verify          a checker scores each response, R in {0, 1}               (trainer)
-  3. group advantage A = (R - mean_G R) / std_G R, one number per response     group_advantages      Eq. 1
-  4. teacher pass    the same model, with the reference answer r added to the
-                     prompt, scores the *student's* response token by token     token_logprobs        Eq. 13
-  5. token advantage Delta_t = log P_T - log P_S,  w_t = exp(sign(A) Delta_t),
-                     A_hat_t = A (1 - lam + lam clip(w_t))                      evidence_weights,
-                                                                                rlsd_token_advantages Eq. 13-15
-                     with lam ramped from 0.5 to 0 over the first steps         rlsd_lambda
-  6. clipped update  the ordinary PPO/GRPO clipped loss, with A_hat_t in
-                     place of A                                                 policy_loss           Eq. 2
+  1. rollout        sample G answers per prompt from the current policy           (train.py)
+  2. reward         a verifier scores each answer, R in {0, 1}                     (train.py, verify.py)
+  3. group adv.     A = (R - mean_G R) / std_G R, one number per answer            group_advantages       Eq. 1
+  4. teacher pass   the same model, with the reference answer r in its prompt,
+                    scores the *student's* answer token by token, no gradient      token_logprobs
+  5. token credit   Delta_t = log P_T - log P_S, w_t = exp(sign(A) Delta_t),       evidence_weights       Eq. 13-14
+                    Â_t = A ((1 - lam) + lam clip(w_t, 1 - eps_w, 1 + eps_w))      rlsd_token_advantages  Eq. 15
+                    with lam falling from 0.5 to 0 over the first 50 steps         rlsd_lambda
+  6. update         the PPO/GRPO clipped loss, with Â_t in place of A              policy_loss            Eq. 2
 
-The verifier decides the direction of every update (sign(A_hat_t) == sign(A)),
-and the teacher only decides how the credit is shared among a response's tokens.
-opsd_loss is the OPSD baseline (Eq. 6): plain distillation towards the teacher,
-which ignores the reward. It is here for comparison only; RLSD does not use it.
+Sign/magnitude decoupling, the idea in one line: clip(w_t) > 0, so sign(Â_t) == sign(A). The verifier alone picks
+the direction of every token's update; the teacher only moves the size of the credit between an answer's tokens.
+In code Â_t is `a_hat`. opsd_loss is the OPSD baseline (Eq. 6): plain distillation towards the teacher, which
+ignores the reward; it is here for comparison, RLSD does not use it.
 
-Shapes: B responses (rows), T response tokens (padded), V vocabulary size.
-Only depends on torch. Every function is pure: no globals, no in-place edits of inputs.
+Shapes: B answers (rows), T answer tokens (padded), V vocabulary size. Only depends on torch. Every function is
+pure: no globals, no in-place edits of inputs. The one optimisation, computing log-softmaxes in chunks of rows so
+that no float32 [B, T, V] is ever built, sits at the end of the file.
 """
 
 import math
@@ -54,48 +53,6 @@ def _check_choice(name, value, choices):
 def _masked_mean(x, mask):
     """Mean of x [B, T] over mask [B, T] (bool); 0.0 for an empty mask."""
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-class _RowChunked(torch.autograd.Function):
-    """Apply a row-wise fn to x [N, V] chunk by chunk; out [N, K] float32.
-
-    Rows are independent, so neither pass needs more than one chunk of
-    float32 [chunk, V] at a time:
-      forward:  run fn on each chunk with no graph, keep only its small output.
-      backward: rebuild each chunk's graph, backprop through it, write the
-                chunk's gradient into one [N, V] buffer (gradient checkpointing,
-                by hand). `extras` are per-row tensors that get no gradient
-                (token ids, teacher logits).
-    """
-
-    @staticmethod
-    def forward(ctx, x, fn, chunk_size, *extras):
-        ctx.fn, ctx.chunk_size = fn, chunk_size
-        ctx.save_for_backward(x, *extras)
-        outs = [fn(x[i:i + chunk_size], *(e[i:i + chunk_size] for e in extras))
-                for i in range(0, x.shape[0], chunk_size)]
-        return torch.cat(outs)  # [N, K]
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, *extras = ctx.saved_tensors
-        c = ctx.chunk_size
-        grad_x = torch.empty_like(x)  # [N, V], x's dtype: the only full-size allocation
-        for i in range(0, x.shape[0], c):
-            xc = x[i:i + c].detach().requires_grad_()
-            with torch.enable_grad():
-                out = ctx.fn(xc, *(e[i:i + c] for e in extras))  # [c, K]
-            grad_x[i:i + c] = torch.autograd.grad(out, xc, grad_out[i:i + c])[0]
-        return (grad_x, None, None) + (None,) * len(extras)
-
-
-def _chunked_rows(x, fn, chunk_size, *extras):
-    """x [N, V] -> fn applied in chunks of rows -> [N, K] float32 (differentiable in x)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1; try 1024")
-    if x.shape[0] == 0:  # no rows: plain autograd on the empty tensor is free
-        return fn(x, *extras)
-    return _RowChunked.apply(x, fn, chunk_size, *extras)
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +89,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
 
 
 # -----------------------------------------------------------------------------
-# step 4: per-token log-probs of the sampled tokens, chunked
+# step 4 (and 6): per-token log-probs of the sampled tokens
 
 
 def _logp_entropy_rows(x, tokens, temperature, with_entropy):
@@ -210,22 +167,23 @@ def evidence_weights(advantages, teacher_logp, student_logp, eps_w=0.2):
 
 def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps_w=0.2, negative_only=False,
                           thought=None):
-    """RLSD token advantage A_hat_t, which simply replaces A in the GRPO loss (Eq. 15).
+    """RLSD token advantage Â_t (`a_hat`), which simply replaces A in the GRPO loss (Eq. 15).
 
     advantages: A [B]; teacher_logp, student_logp, mask: [B, T]; lam in [0, 1]
     (see rlsd_lambda); eps_w: evidence clip (default 0.2).
-        A_hat_t = A * ((1 - lam) + lam * clip(w_t, 1 - eps_w, 1 + eps_w))   (Eq. 15)
+        Â_t = A * ((1 - lam) + lam * clip(w_t, 1 - eps_w, 1 + eps_w))   (Eq. 15)
     written as A * (1 + lam * (clip(w_t) - 1)), the same number, but exactly A
     when lam = 0 or w_t = 1 (teacher == student), with no float round-off.
-    Since clip(w_t) > 0, sign(A_hat_t) == sign(A): the reward picks the direction,
-    the teacher only rescales |A| within [1 - lam*eps_w, 1 + lam*eps_w].
-    negative_only: reweight only responses with A < 0 (those with A > 0 keep A),
-    the authors' released switch against response-length collapse.
+    Sign/magnitude decoupling: clip(w_t) > 0, so sign(Â_t) == sign(A). The reward picks
+    the direction, the teacher only rescales |A| within [1 - lam*eps_w, 1 + lam*eps_w].
+    negative_only: reweight only answers with A < 0 (those with A > 0 keep A). The
+    authors' released switch against length collapse: answers that grow ever longer,
+    or shorter, when the teacher's credit keeps favouring one kind of token.
     thought: optional [B, T] bool (see thought_mask): reweight only these tokens, the
     others keep A (the authors' rlsd_thought_only); an answer with no span is plain GRPO.
-    returns: A_hat [B, T] float32, detached, exactly 0 outside the mask.
-    (The printed Eq. 16 has no gradient as written; use A_hat as the advantage
-    in policy_loss, as the paper's text and code do.)
+    returns: Â_t [B, T] float32, detached, exactly 0 outside the mask.
+    (The paper also prints the loss as Eq. 16, a product of detached terms that has no
+    gradient as written; use Â_t as the advantage in policy_loss, as its text and code do.)
     """
     if not 0 <= lam <= 1:
         raise ValueError(f"lam={lam} must be in [0, 1]; get it from rlsd_lambda(step)")
@@ -233,8 +191,10 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
     a = advantages.detach().float().to(w_clipped.device)[:, None]                   # [B, 1]
     scale = 1 + lam * (w_clipped - 1)                                               # [B, T]
-    reweigh = (mask if thought is None else thought).bool() & ((a < 0) | (not negative_only))      # [B, T]
-    a_hat = a * torch.where(reweigh, scale, 1.0)                                                   # [B, T]
+    reweighted = mask.bool() if thought is None else thought.bool()                # [B, T]
+    if negative_only:
+        reweighted = reweighted & (a < 0)
+    a_hat = a * torch.where(reweighted, scale, 1.0)                                 # [B, T]
     return torch.where(mask.bool(), a_hat, torch.zeros_like(a_hat))
 
 
@@ -297,11 +257,11 @@ def _aggregate(per_token, mask, loss_type, num_tokens, max_completion_length, nu
 def policy_loss(logp, old_logp, token_advantages, mask, epsilon=0.2, epsilon_high=0.28,
                 dual_clip=3.0, loss_type="dapo", num_tokens=None, max_completion_length=None,
                 num_sequences=None):
-    """PPO/GRPO clipped surrogate (Eq. 2) with clip-higher and dual clip; RLSD passes A_hat_t.
+    """PPO/GRPO clipped surrogate (Eq. 2) with clip-higher and dual clip; RLSD passes Â_t.
 
     logp:             [B, T] log-probs of the sampled tokens under the current policy (has grad).
     old_logp:         [B, T] the same under the rollout policy (no grad).
-    token_advantages: [B, T] A broadcast over tokens (GRPO) or A_hat_t (RLSD).
+    token_advantages: [B, T] A broadcast over tokens (GRPO) or Â_t (RLSD).
     mask:             [B, T] 1 for response tokens, 0 for padding.
     epsilon, epsilon_high: ratio rho clipped to [1 - epsilon, 1 + epsilon_high] (0.2, 0.28).
     dual_clip:        for A < 0 the per-token loss is capped at dual_clip * |A| (3.0; None = off).
@@ -309,6 +269,10 @@ def policy_loss(logp, old_logp, token_advantages, mask, epsilon=0.2, epsilon_hig
                       the global num_tokens (dapo) / num_sequences (grpo, dr_grpo) /
                       max_completion_length (dr_grpo, default T).
     returns: (loss scalar, metrics dict of floats over this micro-batch's mask).
+    With one optimizer step per rollout batch (the paper, train.py) the samples are on-policy:
+    old_logp == logp, the ratio is exactly 1 and the loss's gradient is the plain policy gradient
+    -Â_t grad log pi. epsilon, epsilon_high and dual_clip bind only when the samples are off-policy
+    (another sampler such as vLLM, or several steps per batch).
     """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     _check_same_shape(logp=logp, old_logp=old_logp, token_advantages=token_advantages, mask=mask)
@@ -388,3 +352,49 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
     n = m.sum() if num_tokens is None else num_tokens
     loss = (d * m).sum() / max(float(n), 1.0)
     return loss, {"opsd/divergence": _masked_mean(d.detach(), mask.bool()).item()}
+
+
+# -----------------------------------------------------------------------------
+# optimisation: row-wise functions of [N, V] logits, chunk by chunk (token_logprobs and opsd_loss use it)
+
+
+class _RowChunked(torch.autograd.Function):
+    """Apply a row-wise fn to x [N, V] chunk by chunk; out [N, K] float32.
+
+    Rows are independent, so neither pass needs more than one chunk of
+    float32 [chunk, V] at a time:
+      forward:  run fn on each chunk with no graph, keep only its small output.
+      backward: rebuild each chunk's graph, backprop through it, write the
+                chunk's gradient into one [N, V] buffer (gradient checkpointing,
+                by hand). `extras` are per-row tensors that get no gradient
+                (token ids, teacher logits).
+    """
+
+    @staticmethod
+    def forward(ctx, x, fn, chunk_size, *extras):
+        ctx.fn, ctx.chunk_size = fn, chunk_size
+        ctx.save_for_backward(x, *extras)
+        outs = [fn(x[i:i + chunk_size], *(e[i:i + chunk_size] for e in extras))
+                for i in range(0, x.shape[0], chunk_size)]
+        return torch.cat(outs)  # [N, K]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *extras = ctx.saved_tensors
+        c = ctx.chunk_size
+        grad_x = torch.empty_like(x)  # [N, V], x's dtype: the only full-size allocation
+        for i in range(0, x.shape[0], c):
+            xc = x[i:i + c].detach().requires_grad_()
+            with torch.enable_grad():
+                out = ctx.fn(xc, *(e[i:i + c] for e in extras))  # [c, K]
+            grad_x[i:i + c] = torch.autograd.grad(out, xc, grad_out[i:i + c])[0]
+        return (grad_x, None, None) + (None,) * len(extras)
+
+
+def _chunked_rows(x, fn, chunk_size, *extras):
+    """x [N, V] -> fn applied in chunks of rows -> [N, K] float32 (differentiable in x)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1; try 1024")
+    if x.shape[0] == 0:  # no rows: plain autograd on the empty tensor is free
+        return fn(x, *extras)
+    return _RowChunked.apply(x, fn, chunk_size, *extras)
