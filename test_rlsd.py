@@ -1605,7 +1605,7 @@ def test_the_demo_says_what_it_builds_and_for_how_long_before_the_slow_imports_a
                 train.main(["--cache-dir", {str(tmp_path / "cache")!r}, "--output-dir", {str(tmp_path / "out")!r}])
             except Built as e:
                 said.append(("built", None))
-                __import__("os").makedirs(str(e))  # the second run finds it cached
+                __import__("os").makedirs(str(e), exist_ok=True)  # the second run finds it cached
         sys.stdout.write(repr(said))"""
     r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(train.__file__)),
                        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
