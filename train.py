@@ -1522,11 +1522,11 @@ def checkpoint_step(folder):
 
 def check_output_dir(args):
     """--output-dir is usable: a writable folder that holds no other run, unless --resume (continue it) or
-    --overwrite (start over). Changes nothing. Returns the checkpoint to resume from, or None."""
+    --overwrite (start over). A run stopped before its first step left nothing to lose (a base accuracy alone is
+    measured again): its folder is reused. Changes nothing. Returns the checkpoint to resume from, or None."""
     out, log = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--output-dir {out!r} is a file; pass a folder")
-    # a run stopped before its first step: nothing to lose (a base accuracy alone is measured again)
     unused = run_files(out) == [log] and all(line.startswith('{"step": 0,') for line in open(log) if line.strip())
     if unused and not (args.resume or args.overwrite):
         print(f"--output-dir {out!r} holds no checkpoint and no logged step (a run stopped early): reusing it")
