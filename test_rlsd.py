@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_rlsd.py
 """
 import argparse
+import ast
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -979,10 +980,13 @@ def test_verify_command_line_help_exits_0_with_a_usage_line():
     assert out.startswith("usage: python verify.py")
 
 
-def test_command_line_prints_the_extracted_answer_and_the_verdict():
-    out = subprocess.run([sys.executable, verify.__file__, r"so \boxed{\dfrac{6}{8}}", "0.75"],
-                         capture_output=True, text=True, check=True).stdout
-    assert out == "extracted: '\\\\dfrac{6}{8}'\nverdict  : 1.0\n"
+def test_command_line_prints_the_extracted_answer_and_the_verdict_and_exits_0_if_right_1_if_wrong():
+    right = subprocess.run([sys.executable, verify.__file__, r"so \boxed{\dfrac{6}{8}}", "0.75"],
+                           capture_output=True, text=True)
+    assert right.stdout == "extracted: '\\\\dfrac{6}{8}'\nverdict  : 1.0\n" and right.returncode == 0
+    wrong = subprocess.run([sys.executable, verify.__file__, r"so \boxed{\dfrac{6}{9}}", "0.75"],
+                           capture_output=True, text=True)
+    assert wrong.stdout.endswith("verdict  : 0.0\n") and wrong.returncode == 1
 
 
 def _fast(completion, reference="1", limit=0.05):
@@ -1757,7 +1761,9 @@ def reward_module(tmp_path, monkeypatch):
         "def exact(completion, reference, row):\n    return 1.0 if reference in completion else 0.0\n"
         "def flaky(completion, reference, row):\n    if row['row'] % 2:\n        raise KeyError('boom')\n    return 1.0\n"
         "def half(completion, reference, row):\n    return 0.5\n"
+        "def broken(completion, reference, row):\n    raise ValueError('no digits')\n"
         "NOT_A_FUNCTION = 3\n")
+    (tmp_path / "raises_at_import.py").write_text("raise RuntimeError('needs an API key')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_rewards"
 
@@ -1768,10 +1774,12 @@ def test_reward_fn_scores_with_the_users_check_and_a_raise_scores_zero_with_a_co
     r, _ = train.reward(args, ["it is 7", "it is 7", "9!"], rows)
     assert r.tolist() == [1.0, 0.0, 1.0]
     r, _ = train.reward(argparse_ns(reward_fn=f"{reward_module}:flaky"), ["a", "b", "c"], rows)
-    assert r.tolist() == [1.0, 0.0, 1.0] and "raised on 1 of 3 completions" in capsys.readouterr().out
+    assert r.tolist() == [1.0, 0.0, 1.0] and "raised on 1 of 3 completions, the first KeyError: 'boom'" in (
+        capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("fn,words", [("half", "returned 0.5; it must return 0.0 or 1.0"),
+                                      ("broken", "raised on every completion (ValueError: no digits)"),
                                       ("missing", "cannot import it (AttributeError"),
                                       ("NOT_A_FUNCTION", "is not a function")])
 def test_reward_fn_mistakes_stop_with_one_line_naming_the_spec(reward_module, fn, words):
@@ -1779,6 +1787,36 @@ def test_reward_fn_mistakes_stop_with_one_line_naming_the_spec(reward_module, fn
         train.reward(argparse_ns(reward_fn=f"{reward_module}:{fn}"), ["x"], [{"row": 0, "answer": "1"}])
     with pytest.raises(train.ConfigError, match="'no_such_module:f': cannot import it"):
         train.reward_fn("no_such_module:f")
+    with pytest.raises(train.ConfigError, match=r"cannot import it \(RuntimeError: needs an API key\)"):
+        train.reward_fn("raises_at_import:check")
+
+
+def test_a_reward_fn_raising_on_every_completion_stops_the_run_in_one_line_and_the_next_run_reuses_its_folder(
+        reward_module, tiny_model, one_thread, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", tiny_model, "--output-dir", str(out), *TINY_RUN, "--max-steps", "1",
+                    "--reward-fn", f"{reward_module}:broken"])
+    assert e.value.code == ("train.py: error: --reward-fn my_rewards:broken raised on every completion (ValueError: "
+                            "no digits); fix the function")
+    assert not ckpt_names(out) and read_metrics(out) == []  # stopped before its first step: nothing to lose
+    train.train(tiny_args(tiny_model, out, "--max-steps", "1"))  # no --overwrite needed
+    assert "holds no checkpoint and no logged step" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(out)] == [0, 1]
+
+
+def test_a_folder_without_checkpoint_or_logged_step_is_reused_and_one_with_logged_steps_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    base, step = '{"step": 0, "eval/accuracy": 0.25}\n', '{"step": 1, "reward": 0.5}\n'
+    for log, reused in (("", True), (base, True), (base + step, False), (step, False)):
+        (out / "metrics.jsonl").write_text(log)
+        args = train.parse_args(["--output-dir", str(out)])
+        if reused:
+            assert train.check_output_dir(args) is None and "reusing it" in capsys.readouterr().out
+        else:
+            with pytest.raises(train.ConfigError, match="already holds a run"):
+                train.check_output_dir(args)
 
 
 def argparse_ns(**kw):
@@ -1836,6 +1874,54 @@ def test_the_same_command_gives_the_same_run_with_a_cold_or_a_cached_demo_model(
     train.train(train.parse_args(argv + ["--output-dir", str(tmp_path / "cached")]))
     strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in ms]
     assert strip(read_metrics(tmp_path / "cold")) == strip(read_metrics(tmp_path / "cached"))
+
+
+def test_the_step_line_is_at_most_120_characters_with_every_metric_logged_at_its_widest():
+    metrics = {k: -1234.5678 for k in STEP_KEYS | RLSD_KEYS | {"eval/accuracy", "time/eval", "opsd/divergence",
+                                                               "accuracy", "completions/clipped_ratio"}}
+    line = train.fmt(dict(metrics, step=99999), argparse_ns(max_steps=99999, algo="rlsd"))
+    assert len(line) <= 120, line
+    for field in ("step 99999/99999", "reward", "held-out", "lambda", "loss", " s"):
+        assert field in line, (field, line)
+
+
+def test_a_run_ends_by_naming_its_metrics_file_checkpoints_and_credit_heatmap_which_exist(
+        tiny_model, mixed_verify, one_thread, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(tiny_args(tiny_model, out, "--max-steps", "2", "--save-steps", "1", "--show-credit", "2",
+                          "--num-generations", "4", "--micro-batch-size", "8"))
+    end = capsys.readouterr().out.rstrip("\n").split("\n")[-3:]
+    assert end == [f"metrics: {out / 'metrics.jsonl'}", f"checkpoints: {out / 'checkpoint-1'}, {out / 'checkpoint-2'}",
+                   f"credit: {out / 'credit.html'}"]
+    assert all(os.path.exists(f) for line in end for f in line.split(": ", 1)[1].split(", "))
+
+
+def test_the_demo_says_what_it_builds_and_for_how_long_before_the_slow_imports_and_the_model(tmp_path):
+    """In a fresh interpreter: what train.py printed, and whether transformers was loaded yet, at each print, up to
+    the moment the demo model is built; then again with that model cached."""
+    code = f"""if 1:
+        import sys, train
+        said = []
+        train.print = lambda *a, **k: said.append((" ".join(map(str, a)), "transformers" in sys.modules))
+        class Built(Exception):
+            pass
+        def build(args):
+            raise Built(train.demo_folder(args))
+        train.builtin_policy = build
+        for _ in range(2):
+            try:
+                train.main(["--cache-dir", {str(tmp_path / "cache")!r}, "--output-dir", {str(tmp_path / "out")!r}])
+            except Built as e:
+                said.append(("built", None))
+                __import__("os").makedirs(str(e), exist_ok=True)  # the second run finds it cached
+        sys.stdout.write(repr(said))"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(train.__file__)),
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    said = ast.literal_eval(r.stdout)
+    folder = train.demo_folder(argparse_ns(seed=0, cache_dir=str(tmp_path / "cache")))
+    assert said == [("building the demo model, first run only, about 35 s: a tiny Qwen3 warm-started on worked sums",
+                     False), ("built", None),
+                    (f"loading the cached demo model from {folder}", True), ("built", None)], r.stderr[-2000:]
 
 
 def test_bench_gpu_runs_rlsd_steps_on_the_real_architecture_shrunk_to_cpu_size(one_thread, capsys):
@@ -2087,13 +2173,21 @@ BAD_INPUT = [  # (argv builder, words the message must contain)
     (lambda m, d: ["--model", m, "--dataset", _write(d / "torn.jsonl", '{"problem": "1+1?", "answer": "2"}\n{"pro\n')],
      ["cannot parse --dataset", "at line 2"]),
     (lambda m, d: ["--model", m, "--reward-fn", "no_such_module:check"], ["--reward-fn 'no_such_module:check'"]),
+    (lambda m, d: ["--model", m, "--reward-fn", _write(d / "raising.py", "raise RuntimeError('needs a key')\n")
+                   and "raising:check"], ["--reward-fn 'raising:check'", "(RuntimeError: needs a key)"]),
+    (lambda m, d: ["--max-step", "5"], ["unrecognized arguments: --max-step 5"]),  # no abbreviations
+    (lambda m, d: ["--dual-clip", "0.5"], ["--dual-clip must be > 1, or 0 for off (got 0.5)"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "null.jsonl", '{"problem": "1+1?", "answer": "2"}\n'
+                                                                        '{"problem": "2+2?", "answer": null}\n')],
+     ["row 1 of --dataset", "has no 'answer' (null or empty)", "pass --skip-bad-rows"]),
 ]
 
 
 @pytest.mark.parametrize("make_argv,words", BAD_INPUT)
 def test_bad_input_exits_with_one_line_naming_the_problem_and_the_fix(make_argv, words, tiny_model, tmp_path,
-                                                                      one_thread):
+                                                                      one_thread, monkeypatch):
     argv = ["--output-dir", str(tmp_path / "out"), "--eval-size", "2"] + make_argv(tiny_model, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # for --reward-fn modules written there
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     msg = e.value.code
@@ -2101,6 +2195,28 @@ def test_bad_input_exits_with_one_line_naming_the_problem_and_the_fix(make_argv,
     for w in words:
         assert w in msg, (w, msg)
     assert not (tmp_path / "out").exists()  # nothing half-made is left behind, and no step ran
+
+
+def test_skip_bad_rows_drops_a_row_with_a_null_answer_and_says_so(tiny_model, tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", '{"problem": "1+1?", "answer": null}\n{"problem": "2+2?", "answer": "4"}\n')
+    args = train.parse_args(["--model", tiny_model, "--dataset", data, "--skip-bad-rows"])
+    assert [r["answer"] for r in train.load_rows(args, "train")] == ["4"]
+    assert "skipped 1 bad rows of train (--skip-bad-rows), the first: [0]" in capsys.readouterr().out
+
+
+def test_help_leads_with_example_commands_and_gives_each_option_one_line_of_help(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: python train.py [options]\n")
+    head = out[:out.index("\noptions:")]
+    assert head.count("\n  python train.py") >= 4 and "--resume" in head and "--reward-fn" in head
+    entries = re.split(r"\n(?=  -)", out[out.index("\noptions:"):])[1:]  # one per option
+    assert len(entries) > 50
+    for entry in entries:
+        lines = entry.rstrip("\n").split("\n\n")[0].split("\n")  # (less the next group's heading)
+        assert len(lines) <= 2 and (len(lines) == 1 or "  " not in lines[0].strip()), entry  # its help on one line
 
 
 def test_command_line_error_goes_to_stderr_with_nonzero_exit():
@@ -2702,7 +2818,7 @@ def test_show_credit_writes_html_and_keeps_token_weights_within_the_lambda_eps_b
                                                                                    mixed_verify, one_thread):
     policy, args = tiny_policy(tiny_model, "--num-generations", "4", "--prompts-per-step", "4",
                                "--micro-batch-size", "16", "--max-completion-length", "8")
-    picks, ratio = train.show_credit(policy, train.builtin_task(4, seed=2), args, 2, tmp_path / "c.html")
+    picks, ratio = bench.show_credit(policy, train.builtin_task(4, seed=2), args, 2, tmp_path / "c.html")
     html = open(tmp_path / "c.html").read()
     assert len(picks) == 2 and html.count("<h3>") == 2 and "RIGHT" in html and "WRONG" in html
     band = 0.5 * 0.2  # lam0 x eps_w, the paper's defaults

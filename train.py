@@ -78,9 +78,16 @@ DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128
             save_steps=50, eval_size=256, log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # knobs say "[paper: ..; demo: ..]" themselves
-        return action.help if action.default is None else super()._get_help_string(action)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=40)
+
+    def _get_help_string(self, action):  # knobs say "[paper: ..; demo: ..]" themselves; a flag is off by default
+        shown = action.default is not None and action.default is not False and "\n" not in str(action.default)
+        return super()._get_help_string(action) if shown else action.help
+
+    def _get_default_metavar_for_optional(self, action):  # "--lr X", not "--lr LR": each option fits one line
+        return {int: "N", float: "X"}.get(action.type, "TEXT")
 
 
 class Parser(argparse.ArgumentParser):
@@ -90,28 +97,35 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     """The paper's defaults for a hub model, the demo's for the built-in one (README, "Options", has the detail)."""
-    p = Parser(description="RLSD: GRPO whose token credit is reweighted by a self-teacher that sees the reference "
-               "answer.", formatter_class=HelpFormatter)
+    p = Parser(usage="python train.py [options]", formatter_class=HelpFormatter, allow_abbrev=False, description="""\
+RLSD: GRPO whose token credit is reweighted by a self-teacher that sees the reference answer.
+
+examples:
+  python train.py                                  the offline demo on a CPU (a few minutes)
+  python train.py --algo grpo                      the same without the teacher, to compare
+  python train.py --resume                         continue the last run from its newest checkpoint
+  python train.py --model Qwen/Qwen3-VL-8B         the paper's model and data, on a GPU
+  python train.py --model DIR --dataset data.jsonl --reward-fn my_rewards:check   your model, data and check""")
 
     def knob(name, type, help, **kw):  # default None: the paper's value, or the demo's
         key = name.lstrip("-").replace("-", "_")
-        g.add_argument(name, type=type, default=None, help=f"{help} [paper: {PAPER[key]}; demo: {DEMO[key]}]", **kw)
+        both = f"(default: {PAPER[key]})" if PAPER[key] == DEMO[key] else f"[paper: {PAPER[key]}; demo: {DEMO[key]}]"
+        g.add_argument(name, type=type, default=None, help=f"{help} {both}", **kw)
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="builtin", help="hub id, local folder, or 'builtin' (the offline demo)")
-    g.add_argument("--dataset", help=f"hub id, .jsonl/.json/.parquet file, or 'builtin' (default: {PAPER_DATASET} "
-                   "for vision-language models, else builtin)")
+    g.add_argument("--dataset", help="hub id or .jsonl/.json/.parquet (default: builtin; for VL models the paper's)")
     g.add_argument("--split", default="train", help="split to train on")
     g.add_argument("--eval-split", help="held-out split (default: the last --eval-size training rows)")
     g.add_argument("--prompt-field", default="problem", help="column holding the question")
     g.add_argument("--answer-field", default="answer", help="column holding the reference answer")
     g.add_argument("--privileged-field", help="column the teacher sees instead of the answer")
     g.add_argument("--image-field", help="column holding images, placed at the question's <image> tags")
-    g.add_argument("--skip-bad-rows", action="store_true", help="skip rows with bad images instead of stopping")
+    g.add_argument("--skip-bad-rows", action="store_true", help="skip rows with no answer or bad images, not stop")
     knob("--min-pixels", int, "images are scaled up to at least this many pixels")
     knob("--max-pixels", int, "...and down to at most this many")
     g.add_argument("--cache-dir", default=os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")),
-                   help="where the demo's warm-started base model is cached")
+                   help="where the demo's base model is cached")
     g = p.add_argument_group("algorithm")
     g.add_argument("--algo", choices=["rlsd", "grpo", "opsd"], default="rlsd", help="the method, no teacher, or "
                    "the distillation baseline (Eq. 6)")
@@ -121,8 +135,8 @@ def parse_args(argv=None):
     knob("--max-completion-length", int, "new tokens per completion")
     knob("--temperature", float, "sampling temperature (both passes score at it)")
     knob("--top-p", float, "nucleus sampling")
-    knob("--lr", float, f"AdamW learning rate; when not given, LoRA trains at {LORA_LR_SCALE}x it")
-    knob("--lr-scheduler-type", str, "after a 5-step warm-up: constant, or cosine to 0 at --max-steps",
+    knob("--lr", float, f"AdamW learning rate; LoRA's default is {LORA_LR_SCALE}x")
+    knob("--lr-scheduler-type", str, "5-step warm-up, then constant or cosine to 0",
          choices=["constant", "cosine"])
     knob("--weight-decay", float, "AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this")
@@ -133,7 +147,7 @@ def parse_args(argv=None):
     knob("--lam0", float, "initial lambda (Eq. 15)")
     knob("--lam-decay-steps", int, "lambda falls linearly to 0 over this many steps")
     g.add_argument("--lam-warmup-steps", type=int, default=0, help="lambda first rises from 0 to --lam0 over these")
-    knob("--teacher-sync-steps", int, "re-sync the teacher's snapshot every N steps (0: the live policy)")
+    knob("--teacher-sync-steps", int, "re-sync the teacher's weights every N steps (0: the live policy)")
     knob("--loss-type", str, "loss aggregation (Eq. 2 is grpo)", choices=rlsd.LOSS_TYPES)
     knob("--scale-rewards", str, "divide advantages by the std of", choices=rlsd.SCALES)
     g.add_argument("--rlsd-negative-only", action="store_true", help="reweight only answers with A < 0")
@@ -155,8 +169,8 @@ def parse_args(argv=None):
     knob("--eval-size", int, "held-out prompts")
     knob("--log-samples-steps", int, "print a right and a wrong completion every N steps")
     knob("--gradient-checkpointing", None, "recompute activations in backward", action=argparse.BooleanOptionalAction)
-    g.add_argument("--lora-rank", type=int, help="LoRA adapters of this rank (default: 64 above 3B parameters, else "
-                   "0 = full fine-tuning)")
+    g.add_argument("--lora-rank", type=int, help="LoRA rank (default: 64 above 3B parameters, else 0 = full "
+                   "fine-tuning)")
     g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: 2 x rank)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: "
                    "bf16 on a GPU that has it)")
@@ -169,14 +183,13 @@ def parse_args(argv=None):
     g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by A_t/A")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="log there too")
     g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; README, 'Faster rollouts with vLLM')")
-    g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with a vLLM engine in this "
-                   "process (TRL's name)")
-    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.6, help="the engine's share of the GPU "
-                   "(the trainer keeps ~21 GB of 80 for the 8B model with LoRA, ~23 GB per GPU with FSDP2 on 8)")
+    g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with vLLM in this process")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.6, help="the engine's share of the GPU")
     g.add_argument("--vllm-importance-sampling-correction", action=argparse.BooleanOptionalAction, default=True,
                    help="weight each policy-gradient term by pi_theta / pi_vLLM")
-    g.add_argument("--vllm-importance-sampling-mode", default="sequence_mask", choices=["token_truncate",
-                   "token_mask", "sequence_truncate", "sequence_mask"], help="per token or per answer; clip or mask")
+    g.add_argument("--vllm-importance-sampling-mode", default="sequence_mask", metavar="MODE",
+                   choices=["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"],
+                   help="{token,sequence}_{truncate,mask}")
     g.add_argument("--vllm-importance-sampling-clip-max", type=float, default=3.0, help="upper bound of the weight")
     g.add_argument("--vllm-importance-sampling-clip-min", type=float, default=None, help="lower bound (none)")
     args = p.parse_args(argv)
@@ -228,6 +241,7 @@ def check_args(a):
     rows = a.prompts_per_step * a.num_generations
     need(rows % a.micro_batch_size == 0, f"prompts x num_generations = {rows} must divide by --micro-batch-size "
          f"{a.micro_batch_size}; pick a micro-batch size that divides {rows}")
+    need(a.dual_clip == 0 or a.dual_clip > 1, f"--dual-clip must be > 1, or 0 for off (got {a.dual_clip})")
     need(a.min_pixels <= a.max_pixels, f"--min-pixels {a.min_pixels} is above --max-pixels {a.max_pixels}")
     if a.reward_fn:
         reward_fn(a.reward_fn)  # a typo fails now, not after the model has loaded
@@ -267,7 +281,6 @@ def train_step(policy, opt, sched, teacher, rows, args, step):
 
 def train(args):
     """Set up, run train_step until --max-steps, and log, evaluate and save along the way."""
-    from tqdm import tqdm
     t_start = time.time()
     policy, opt, sched, teacher, sampler, step, train_rows, eval_rows = setup(args)
     rank, world, first = dist_rank(), dist_world(), step
@@ -278,7 +291,6 @@ def train(args):
         print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
         log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
         report({"step": 0, "eval/accuracy": base_acc})
-    bar = tqdm(total=args.max_steps, initial=step, desc=args.algo, dynamic_ncols=True, file=sys.stdout)
     preemption, seen = Preemption(), set()
     while step < args.max_steps:
         share = args.prompts_per_step // world                                  # whole groups per rank
@@ -287,37 +299,39 @@ def train(args):
         step = metrics["step"] = step + 1
         seen |= set(rewards.tolist()) if step <= first + 5 else set()
         if step == first + 5 and len(seen) == 1:
-            bar.write(f"warning: every reward of the first 5 steps was {seen.pop()}, so every advantage is 0 and "
-                      f"nothing trains; check --answer-field (a gold answer reads {train_rows[0]['answer'][:60]!r})")
+            print(f"warning: every reward of the first 5 steps was {seen.pop()}, so every advantage is 0 and "
+                  f"nothing trains; check --answer-field (a gold answer reads {train_rows[0]['answer'][:60]!r})")
         if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
             with timed(metrics, "eval"):
                 acc = metrics["eval/accuracy"] = evaluate(policy, eval_rows, args)
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         report(metrics)
-        bar.update(1)
-        bar.write(fmt(metrics) + (f" | eval {acc:.3f}" if "eval/accuracy" in metrics else ""))
+        print(fmt(metrics, args))
         if args.log_samples_steps and step % args.log_samples_steps == 0:
-            show_samples(bar, ro, rewards.view(world, -1)[rank])
+            show_samples(ro, rewards.view(world, -1)[rank])
         stop = preemption.requested()  # SIGTERM / Ctrl-C: save after this step and exit
         if step % args.save_steps == 0 or step == args.max_steps or stop:
             save_checkpoint(policy, opt, sched, sampler, teacher, step, args, args.lora_rank)
         if stop:
-            bar.close()
             print(f"stopped by a signal after step {step}: saved {args.output_dir}/checkpoint-{step}; continue with "
                   f"--resume")
             preemption.exit()
     preemption.restore()
-    bar.close()
     log.close()
     if args.show_credit:
-        show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
-                    os.path.join(args.output_dir, "credit.html"))
+        import bench  # the heatmap is evidence, not training: it lives with the benchmarks
+        bench.show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
+                          os.path.join(args.output_dir, "credit.html"))
     if step > first and rank == 0:
-        print(time_summary(os.path.join(args.output_dir, "metrics.jsonl"), first))
+        print(time_summary(log.name, first))
     if base_acc is not None:
         print(f"held-out accuracy: base {base_acc:.3f} -> final {acc:.3f} "
               f"({args.algo}, {step} steps, {time.time() - t_start:.0f}s)")
+    credit = [f for f in run_files(args.output_dir) if f.endswith("credit.html")]
+    for what, files in (("metrics", [log.name]), ("checkpoints", checkpoints(args.output_dir)), ("credit", credit)):
+        if files and rank == 0:
+            print(f"{what}: {', '.join(files)}")
     return policy, {"base": base_acc, "final": acc}
 
 
@@ -448,19 +462,22 @@ def rollout(policy, rows, args):
 def reward(args, texts, rows):
     """R [B] in {0, 1} from --reward-fn (verify.verify by default), and the share of answers with no final answer
     found. A user's check that raises on one completion scores it 0 and is counted, so one odd sample does not end a
-    run; one that returns anything but 0 or 1 is a bug, and stops it."""
+    run; one that raises on every completion, or returns anything but 0 or 1, is a bug, and stops it."""
     fn = reward_fn(args.reward_fn) if args.reward_fn else lambda text, gold, row: verify.verify(text, gold)
-    out, failed = [], 0
+    out, failed = [], []
     for text, row in zip(texts, rows):
         try:
             r = fn(text, row["answer"], row)
-        except Exception:
-            r, failed = 0.0, failed + 1
+        except Exception as e:
+            r, failed = 0.0, failed + [f"{type(e).__name__}: {e}"]
         if r not in (0, 1) or isinstance(r, str):
             raise ConfigError(f"--reward-fn {args.reward_fn} returned {r!r}; it must return 0.0 or 1.0")
         out.append(float(r))
+    if failed and len(failed) == len(texts):
+        raise ConfigError(f"--reward-fn {args.reward_fn} raised on every completion ({failed[0]}); fix the function")
     if failed:
-        print(f"warning: --reward-fn {args.reward_fn} raised on {failed} of {len(texts)} completions; scored 0")
+        print(f"warning: --reward-fn {args.reward_fn} raised on {len(failed)} of {len(texts)} completions, the first "
+              f"{failed[0]}; scored 0")
     unparseable = sum(verify.extract_answer(t) is None for t in texts) / max(len(texts), 1)
     return torch.tensor(out), unparseable                                                            # [B]
 
@@ -470,7 +487,7 @@ def reward_fn(spec):
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
+    except Exception as e:  # a module can raise anything at import, not only ImportError
         raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
                           f"module:function with the module on the Python path") from None
     if not callable(fn):
@@ -718,14 +735,18 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
 def setup(args):
     """Process group, model, data, optimizer and, with --resume, the saved state. Returns
     (policy, opt, sched, teacher, sampler, step, train_rows, eval_rows)."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # our own messages say what matters; silence library chatter
     rank, world = init_distributed(args.ddp_timeout)  # (0, 1) without torchrun
     if args.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
-    path, config = resolve_model(args)
     start = check_output_dir(args)                  # the checkpoint to resume from, or None
+    if args.model == "builtin" and not start:  # said before the slow imports, or a first run is silent a minute
+        folder = demo_folder(args)
+        print(f"loading the cached demo model from {folder}" if os.path.isdir(folder) else
+              "building the demo model, first run only, about 35 s: a tiny Qwen3 warm-started on worked sums")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # our own messages say what matters; silence library chatter
+    path, config = resolve_model(args)
     if start and folder_size(start) > shutil.disk_usage(args.output_dir).free:  # say so before the steps are spent
         print(f"warning: {args.output_dir!r} has {shutil.disk_usage(args.output_dir).free / 1e9:.2f} GB free, less "
               f"than one checkpoint ({folder_size(start) / 1e9:.2f} GB): the next save will fail; free space first")
@@ -812,22 +833,23 @@ def load_rows(args, split):
     rows, bad = [], []
     from tqdm import tqdm
     for i, r in enumerate(tqdm(ds, f"checking {split} rows", disable=not args.image_field, file=sys.stdout)):
-        text = str(r[args.answer_field]).strip()
+        text, where = str(r[args.answer_field]).strip(), f"row {i} of --dataset {args.dataset!r}"
         # a worked solution (GSM8K's '#### 72', a final \boxed{}) grades by its final answer; the teacher sees it all
         row = {"row": i, "problem": str(r[args.prompt_field]), "answer": verify.extract_answer(text) or text,
                "privileged": str(r[args.privileged_field or args.answer_field]).strip()}
-        if args.image_field:
-            imgs = r[args.image_field]
-            imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
-            row["images"] = [os.path.join(here, im) if isinstance(im, str) else im for im in imgs]  # relative to file
-            try:
-                check_row_images(row, f"row {i} of --dataset {args.dataset!r}",
-                                 args.use_vllm and VLLMEngine.IMAGES)
-            except ConfigError as e:
-                if not args.skip_bad_rows:
-                    raise ConfigError(f"{e}; fix or drop that row, or pass --skip-bad-rows") from None
-                bad.append(i)
-                continue
+        try:
+            if r[args.answer_field] is None or not text:  # else it would train on the gold answer 'None'
+                raise ConfigError(f"{where} has no {args.answer_field!r} (null or empty)")
+            if args.image_field:
+                imgs = r[args.image_field]
+                imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+                row["images"] = [os.path.join(here, im) if isinstance(im, str) else im for im in imgs]  # relative
+                check_row_images(row, where, args.use_vllm and VLLMEngine.IMAGES)
+        except ConfigError as e:
+            if not args.skip_bad_rows:
+                raise ConfigError(f"{e}; fix or drop that row, or pass --skip-bad-rows") from None
+            bad.append(i)
+            continue
         rows.append(row)
     if bad:
         print(f"skipped {len(bad)} bad rows of {split} (--skip-bad-rows), the first: {bad[:5]}")
@@ -1321,8 +1343,7 @@ def builtin_tokenizer():
 def builtin_policy(args):
     """Load the cached warm-started demo model, or build and warm-start it (about a minute on 2 CPU cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-    key = hashlib.sha1(json.dumps([DEMO_MODEL, WARM, args.seed, CHAT_TEMPLATE, FORMAT, TEACHER]).encode()).hexdigest()
-    folder = os.path.join(args.cache_dir, f"demo-base-{key[:10]}")
+    folder = demo_folder(args)
     if os.path.isdir(folder):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_kernels=False)
         return Policy(model, AutoTokenizer.from_pretrained(folder))
@@ -1335,6 +1356,11 @@ def builtin_policy(args):
     warm_start(policy, args)
     save_atomic(folder, lambda tmp: (policy.model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return policy
+
+
+def demo_folder(args):
+    key = hashlib.sha1(json.dumps([DEMO_MODEL, WARM, args.seed, CHAT_TEMPLATE, FORMAT, TEACHER]).encode()).hexdigest()
+    return os.path.join(args.cache_dir, f"demo-base-{key[:10]}")
 
 
 WARM = dict(lr=3e-3, batch=32, steps=200)  # a fixed cost (about a minute on 2 cores), not a noisy stopping rule
@@ -1404,12 +1430,12 @@ def reporter(args):
     return lambda m: None
 
 
-def show_samples(bar, ro, rewards):
+def show_samples(ro, rewards):
     """One right and one wrong completion of this rank's step."""
     for want, name in ((1.0, "right"), (0.0, "wrong")):
         i = next((i for i, r in enumerate(rewards.tolist()) if r == want), None)
         if i is not None:
-            bar.write(f"  [{name}, reward {want}] {ro['rows'][i]['problem']!r} -> {ro['texts'][i]!r}")
+            print(f"  [{name}, reward {want}] {ro['rows'][i]['problem']!r} -> {ro['texts'][i]!r}")
 
 
 def time_summary(path, first):
@@ -1421,60 +1447,13 @@ def time_summary(path, first):
                                                                           for k, v in phases.items())
 
 
-def fmt(metrics):
-    keys = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "loss", "grad_norm",
-            "rlsd/lambda", "rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/weight_clipped_frac"]
-    short = lambda k: k.split("/")[-1].replace("completions/", "")
-    parts = [f"{short(k)} {metrics[k]:.3g}" for k in keys if k in metrics]
-    parts.append("time " + "/".join(f"{metrics.get('time/' + p, 0):.1f}" for p in ("rollout", "reward", "teacher",
-                                                                                   "update")) + "s")
-    return f"step {metrics['step']:>4} | " + " | ".join(parts)
-
-
-def show_credit(policy, rows, args, n, path):
-    """Render n rollouts (a right and a wrong one per prompt) with each token coloured by A_t / A (Eq. 15 at
-    lambda = lam0): where the teacher moved credit. Prints ANSI colours and writes a self-contained HTML file.
-    Green = reinforced (A > 0), red = penalised (A < 0); the stronger the colour, the more weight the token got."""
-    import html
-    policy.model.eval()
-    ro = rollout(policy, rows, args)
-    rewards, _ = reward(args, ro["texts"], ro["rows"])
-    adv = rlsd.group_advantages(rewards.to(ro["ids"].device), args.num_generations, args.scale_rewards)  # [B]
-    student = score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature,
-                    args.micro_batch_size)                                                      # [B, C]
-    teacher = Teacher(policy, 0).logprobs(ro, args)                                              # [B, C]
-    ratio = rlsd.rlsd_token_advantages(adv, teacher, student, ro["mask"], args.lam0, args.eps_w)
-    ratio = ratio / adv.masked_fill(adv == 0, 1)[:, None]                                        # [B, C]
-    G, picks = args.num_generations, []
-    for g in range(0, len(adv), G):  # a right and a wrong answer to the same prompt, then the next prompt
-        a = adv[g:g + G].tolist()
-        if max(a) > 0 > min(a):
-            picks += [g + a.index(max(a)), g + a.index(min(a))]
-    picks = picks[:n]
-    span = args.lam0 * args.eps_w or 1.0       # A_t / A lies in [1 - span, 1 + span]
-    tok, lines, blocks = policy.tokenizer, [], []
-    for i in picks:
-        good = adv[i] > 0
-        head = f"{'RIGHT' if good else 'WRONG'} A={adv[i]:+.2f}  {ro['rows'][i]['problem']}"
-        ansi, spans = [], []
-        for t in range(int(ro["mask"][i].sum())):
-            piece, r = tok.decode([int(ro["ids"][i, t])]), float(ratio[i, t])
-            level = max(0.0, min(1.0, (r - (1 - span)) / (2 * span)))      # 0 = least weight, 1 = most
-            shade = 232 + round(level * 23)                                  # ANSI grey ramp
-            ansi.append(f"\033[38;5;{shade}m\033[4{'2' if good else '1'}m{piece}\033[0m")
-            rgb = "40,167,69" if good else "220,53,69"
-            spans.append(f'<span title="{r:.3f}" style="background:rgba({rgb},{level:.2f})">'
-                         f"{html.escape(piece)}</span>")
-        lines.append(head + "\n" + "".join(ansi))
-        blocks.append(f"<h3>{html.escape(head)}</h3><pre>{''.join(spans)}</pre>")
-    print("\n\n".join(lines))
-    legend = (f"Each token's background is A_t/A (Eq. 15, lambda = {args.lam0}): pale = {1 - span:.2f}, "
-              f"full = {1 + span:.2f}. Green: reinforced (A > 0); red: penalised (A < 0). Hover for the value.")
-    with open(path if dist_rank() == 0 else os.devnull, "w") as f:
-        f.write(f"<!doctype html><meta charset=utf-8><title>RLSD token credit</title>"
-                f"<body style='font-family:sans-serif;max-width:60em'><h2>RLSD token credit</h2><p>{legend}</p>"
-                + "".join(blocks) + "</body>")
-    return picks, ratio
+def fmt(metrics, args):
+    """The step's line: a few numbers a reader follows (the rest is in metrics.jsonl), at most 120 characters."""
+    parts = [f"step {metrics['step']:>{len(str(args.max_steps))}}/{args.max_steps}", f"reward {metrics['reward']:.3f}"]
+    parts += [f"held-out {metrics['eval/accuracy']:.3f}"] if "eval/accuracy" in metrics else []
+    parts += [f"lambda {metrics['rlsd/lambda']:.2f}"] if args.algo == "rlsd" else []
+    seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
+    return " | ".join(parts + [f"loss {metrics['loss']:+.4f}", f"{seconds:.1f} s"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1618,11 +1597,15 @@ def checkpoint_step(folder):
 
 def check_output_dir(args):
     """--output-dir is usable: a writable folder that holds no other run, unless --resume (continue it) or
-    --overwrite (start over). Changes nothing. Returns the checkpoint to resume from, or None."""
-    out = args.output_dir
+    --overwrite (start over). A run stopped before its first step left nothing to lose (a base accuracy alone is
+    measured again): its folder is reused. Changes nothing. Returns the checkpoint to resume from, or None."""
+    out, log = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--output-dir {out!r} is a file; pass a folder")
-    if run_files(out) and not (args.resume or args.overwrite):
+    unused = run_files(out) == [log] and all(line.startswith('{"step": 0,') for line in open(log) if line.strip())
+    if unused and not (args.resume or args.overwrite):
+        print(f"--output-dir {out!r} holds no checkpoint and no logged step (a run stopped early): reusing it")
+    elif run_files(out) and not (args.resume or args.overwrite):
         raise ConfigError(f"--output-dir {out!r} already holds a run ({len(checkpoints(out))} checkpoints, "
                           f"metrics.jsonl); pass --resume to continue it, --overwrite to start over, or another folder")
     made = not os.path.isdir(out)
@@ -1934,6 +1917,7 @@ def full_state_dict(policy, lora_rank):
 
 
 def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also through a pipe
     try:
         args = parse_args(argv)
         train(args)

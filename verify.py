@@ -605,8 +605,11 @@ def verify(completion: str, reference: str) -> float:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:                          # --help: usage on stdout, exit 0; misuse: stderr, exit 1
+    if len(sys.argv) != 3:                          # --help: usage on stdout, exit 0; misuse: stderr, exit 2
         asked = sys.argv[1:] in (["-h"], ["--help"])
-        print('usage: python verify.py "COMPLETION" "REFERENCE"', file=sys.stdout if asked else sys.stderr)
-        sys.exit(0 if asked else 1)
-    print(f"extracted: {extract_answer(sys.argv[1])!r}\nverdict  : {verify(*sys.argv[1:])}")
+        print('usage: python verify.py "COMPLETION" "REFERENCE"  (exit 0: right, 1: wrong)',
+              file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
+    verdict = verify(*sys.argv[1:])
+    print(f"extracted: {extract_answer(sys.argv[1])!r}\nverdict  : {verdict}")
+    sys.exit(0 if verdict else 1)                   # like grep: a script can test the verdict
