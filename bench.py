@@ -231,8 +231,8 @@ def teacher_sees(transform):
     original = train.Teacher
 
     class Control(original):
-        def logprobs(self, ro, args):
-            return super().logprobs(dict(ro, rows=transform(ro["rows"], args.num_generations)), args)
+        def logprobs(self, rollouts, args):
+            return super().logprobs(dict(rollouts, rows=transform(rollouts["rows"], args.num_generations)), args)
 
     train.Teacher = Control
     try:
@@ -247,23 +247,24 @@ def credit_localisation(policy, rows, args, seed):
     with a wrong step (least credit), with how many completions each mean is over."""
     policy.model.eval()
     torch.manual_seed(seed)
-    ro = train.rollout(policy, rows, args)
-    rewards, _ = train.reward(args, ro["texts"], ro["rows"])
-    student = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature,
-                          args.micro_batch_size)                                                 # [B, C]
+    rollouts = train.rollout(policy, rows, args)
+    rewards, _ = train.reward(args, rollouts["texts"], rollouts["rows"])
+    student = train.score(policy, rollouts["prompts"], rollouts["rows"], rollouts["ids"], rollouts["mask"],
+                          args.temperature, args.micro_batch_size)                                # [B, C]
     cases = []  # (row index, error token, +1 for a right answer / -1 for a wrong one, kind)
     for i, r in enumerate(rewards.tolist()):
-        n = int(ro["mask"][i].sum())
-        pieces = [policy.tokenizer.decode([t], skip_special_tokens=True) for t in ro["ids"][i, :n].tolist()]
-        err = first_error(ro["rows"][i]["problem"], pieces)
+        n = int(rollouts["mask"][i].sum())
+        pieces = [policy.tokenizer.decode([t], skip_special_tokens=True) for t in rollouts["ids"][i, :n].tolist()]
+        err = first_error(rollouts["rows"][i]["problem"], pieces)
         if err:
             cases.append((i, err[0], 1 if r > 0 else -1, err[1]))
     out = {"wrong": sum(c[2] < 0 for c in cases), "right_wrong_step": sum(c[2] > 0 for c in cases),
            "kinds": {k: sum(c[3] == k for c in cases if c[2] < 0) for k in ("term", "sum", "running total",
                                                                                "answer", "format")}}
     for name, transform in CONTROLS.items():
-        teacher = train.Teacher(policy, 0).logprobs(dict(ro, rows=transform(ro["rows"], args.num_generations)), args)
-        aucs = error_aucs(teacher - student, ro["mask"].sum(1).tolist(), cases)                 # Delta [B, C]
+        shown = dict(rollouts, rows=transform(rollouts["rows"], args.num_generations))
+        teacher = train.Teacher(policy, 0).logprobs(shown, args)
+        aucs = error_aucs(teacher - student, rollouts["mask"].sum(1).tolist(), cases)                 # Delta [B, C]
         out.update({f"{name}/{key}": auc for key, auc in aucs.items()})
     return out
 
@@ -379,20 +380,20 @@ def overhead(args, repeats=5):
     for _ in range(repeats):
         t = time.perf_counter()
         policy.model.eval()
-        ro = train.rollout(policy, rows, targs)
+        rollouts = train.rollout(policy, rows, targs)
         times["rollout"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        rewards, _ = train.reward(targs, ro["texts"], ro["rows"])
+        rewards, _ = train.reward(targs, rollouts["texts"], rollouts["rows"])
         adv = rlsd.group_advantages(rewards, targs.num_generations)
         times["reward"].append(time.perf_counter() - t)
         teacher.maybe_sync(0)
         t = time.perf_counter()
-        teacher_logp = teacher.logprobs(ro, targs)
+        teacher_logp = teacher.logprobs(rollouts, targs)
         times["teacher"].append(time.perf_counter() - t)
         for algo in ("grpo", "rlsd"):
             targs.algo = algo
             t = time.perf_counter()
-            train.update(policy, opt, sched, ro, adv, teacher_logp, teacher, targs, step=0)
+            train.update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, targs, step=0)
             times[f"update_{algo}"].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     grpo = med["rollout"] + med["reward"] + med["update_grpo"]
@@ -596,13 +597,13 @@ def show_credit(policy, rows, args, n, path):
     Green = reinforced (A > 0), red = penalised (A < 0); the stronger the colour, the more weight the token got."""
     import html
     policy.model.eval()
-    ro = train.rollout(policy, rows, args)
-    rewards, _ = train.reward(args, ro["texts"], ro["rows"])
-    adv = rlsd.group_advantages(rewards.to(ro["ids"].device), args.num_generations, args.scale_rewards)  # [B]
-    student = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature,
-                          args.micro_batch_size)                                                # [B, C]
-    teacher = train.Teacher(policy, 0).logprobs(ro, args)                                        # [B, C]
-    ratio = rlsd.rlsd_token_advantages(adv, teacher, student, ro["mask"], args.lam0, args.eps_w)
+    rollouts = train.rollout(policy, rows, args)
+    rewards, _ = train.reward(args, rollouts["texts"], rollouts["rows"])
+    adv = rlsd.group_advantages(rewards.to(rollouts["ids"].device), args.num_generations, args.scale_rewards)  # [B]
+    student = train.score(policy, rollouts["prompts"], rollouts["rows"], rollouts["ids"], rollouts["mask"],
+                          args.temperature, args.micro_batch_size)                               # [B, C]
+    teacher = train.Teacher(policy, 0).logprobs(rollouts, args)                                  # [B, C]
+    ratio = rlsd.rlsd_token_advantages(adv, teacher, student, rollouts["mask"], args.lam0, args.eps_w)
     ratio = ratio / adv.masked_fill(adv == 0, 1)[:, None]                                        # [B, C]
     G, picks = args.num_generations, []
     for g in range(0, len(adv), G):  # a right and a wrong answer to the same prompt, then the next prompt
@@ -614,10 +615,10 @@ def show_credit(policy, rows, args, n, path):
     tok, lines, blocks = policy.tokenizer, [], []
     for i in picks:
         good = adv[i] > 0
-        head = f"{'RIGHT' if good else 'WRONG'} A={adv[i]:+.2f}  {ro['rows'][i]['problem']}"
+        head = f"{'RIGHT' if good else 'WRONG'} A={adv[i]:+.2f}  {rollouts['rows'][i]['problem']}"
         ansi, spans = [], []
-        for t in range(int(ro["mask"][i].sum())):
-            piece, r = tok.decode([int(ro["ids"][i, t])]), float(ratio[i, t])
+        for t in range(int(rollouts["mask"][i].sum())):
+            piece, r = tok.decode([int(rollouts["ids"][i, t])]), float(ratio[i, t])
             level = max(0.0, min(1.0, (r - (1 - span)) / (2 * span)))      # 0 = least weight, 1 = most
             shade = 232 + round(level * 23)                                  # ANSI grey ramp
             ansi.append(f"\033[38;5;{shade}m\033[4{'2' if good else '1'}m{piece}\033[0m")
@@ -781,19 +782,19 @@ def bench_gpu(args):
         sync()
         t = time.perf_counter()
         policy.model.eval()
-        ro = train.rollout(policy, rows, targs)
+        rollouts = train.rollout(policy, rows, targs)
         sync()
         times["rollout"], t = time.perf_counter() - t, time.perf_counter()
-        rewards, _ = train.reward(targs, ro["texts"], ro["rows"])
+        rewards, _ = train.reward(targs, rollouts["texts"], rollouts["rows"])
         adv = rlsd.group_advantages(rewards, targs.num_generations)
         teacher.maybe_sync(step)
-        teacher_logp = teacher.logprobs(ro, targs)
+        teacher_logp = teacher.logprobs(rollouts, targs)
         sync()
         times["teacher"], t = time.perf_counter() - t, time.perf_counter()
-        gaps.append(train.update(policy, opt, sched, ro, adv, teacher_logp, teacher, targs, step).get(GAP))
+        gaps.append(train.update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, targs, step).get(GAP))
         sync()
         times["update"] = time.perf_counter() - t
-        tokens = int(ro["mask"].sum())
+        tokens = int(rollouts["mask"].sum())
         steps.append(dict(times, tokens=tokens, total=sum(times.values())))
         print(f"step {step + 1}: rollout {times['rollout']:.1f} s ({tokens / times['rollout']:,.0f} tokens/s, "
               f"{tokens:,} tokens), teacher {times['teacher']:.1f} s, update {times['update']:.1f} s"
@@ -1323,15 +1324,15 @@ MUTANTS = [
      ["test_teacher_scores_the_rollout_tokens_with_the_answer_in_its_prompt_and_its_snapshot_weights"]),
     ("the teacher pass runs the live weights", "train.py", "with self.active():", "with contextlib.nullcontext():",
      ["test_teacher_scores_the_rollout_tokens_with_the_answer_in_its_prompt_and_its_snapshot_weights"]),
-    ("policy loss without the global token count", "train.py", "args.loss_type, num_tokens=n_tok,",
-     "args.loss_type, num_tokens=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
-    ("policy loss without the global sequence count", "train.py", "num_sequences=n_seq)",
-     "num_sequences=None)", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
-    ("truncated answers counted in the sequence denominator", "train.py", "num_sequences=n_seq)",
-     "num_sequences=B * world)", ["test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them"]),
-    ("--mask-truncated-completions masks nothing", "train.py", 'mask = mask * ~ro["truncated"][:, None]',
+    ("policy loss without the global token count", "train.py", "num_tokens=n_tok, num_sequences",
+     "num_tokens=None, num_sequences", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
+    ("policy loss without the global sequence count", "train.py", "num_sequences=n_seq,",
+     "num_sequences=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
+    ("truncated answers counted in the sequence denominator", "train.py", "num_sequences=n_seq,",
+     "num_sequences=B * world,", ["test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them"]),
+    ("--mask-truncated-completions masks nothing", "train.py", 'mask = mask * ~rollouts["truncated"][:, None]',
      "mask = mask", ["test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_is_truncated"]),
-    ("--rlsd-thought-only never reaches A_hat", "train.py", "args.rlsd_negative_only, thought[s])",
+    ("--rlsd-thought-only never reaches a_hat", "train.py", "args.rlsd_negative_only, thought[s])",
      "args.rlsd_negative_only)",
      ["test_with_no_thinking_span_in_any_answer_a_thought_only_rlsd_step_equals_a_grpo_step_exactly",
       "test_thought_frac_is_the_share_of_response_tokens_in_spans_and_only_they_get_the_teachers_weight"]),
@@ -1349,8 +1350,8 @@ MUTANTS = [
     ("update swaps teacher and student", "train.py", "(adv[s], teacher_logp[s], logp.detach(), m,",
      "(adv[s], logp.detach(), teacher_logp[s], m,",
      ["test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_at_this_steps_lambda"]),
-    ("update trains on padding tokens", "train.py", 'mask = ro["ids"], ro["mask"].float()',
-     'mask = ro["ids"], torch.ones_like(ro["mask"]).float()',
+    ("update trains on padding tokens", "train.py", 'mask = rollouts["ids"], rollouts["mask"].float()',
+     'mask = rollouts["ids"], torch.ones_like(rollouts["mask"]).float()',
      ["test_clipped_weight_share_counts_all_response_tokens_and_no_live_token_means_no_weight_mean"]),
     ("the completion mask drops its EOS", "train.py", "mask = (is_eos.int().cumsum(1) - is_eos.int()) == 0",
      "mask = is_eos.int().cumsum(1) == 0", ["test_rollout_logprobs_recorded_while_sampling_match_a_rescoring_pass"]),
@@ -1516,16 +1517,16 @@ def bench_rollout(args):
         for name, sargs in samplers.items():
             sync()
             t = time.perf_counter()
-            ro = train.rollout(policy, rows, sargs)
+            rollouts = train.rollout(policy, rows, sargs)
             sync()
-            times[name], tokens[name] = time.perf_counter() - t, int(ro["mask"].sum())
+            times[name], tokens[name] = time.perf_counter() - t, int(rollouts["mask"].sum())
         t = time.perf_counter()
-        rewards, _ = train.reward(vargs, ro["texts"], ro["rows"])
+        rewards, _ = train.reward(vargs, rollouts["texts"], rollouts["rows"])
         teacher.maybe_sync(step)
-        teacher_logp = teacher.logprobs(ro, vargs)
+        teacher_logp = teacher.logprobs(rollouts, vargs)
         sync()
         times["teacher"], t = time.perf_counter() - t, time.perf_counter()
-        train.update(policy, opt, sched, ro, rlsd.group_advantages(rewards, vargs.num_generations), teacher_logp,
+        train.update(policy, opt, sched, rollouts, rlsd.group_advantages(rewards, vargs.num_generations), teacher_logp,
                      teacher, vargs, step)
         sync()
         times["update"] = time.perf_counter() - t

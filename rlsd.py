@@ -269,10 +269,9 @@ def policy_loss(logp, old_logp, token_advantages, mask, epsilon=0.2, epsilon_hig
                       the global num_tokens (dapo) / num_sequences (grpo, dr_grpo) /
                       max_completion_length (dr_grpo, default T).
     returns: (loss scalar, metrics dict of floats over this micro-batch's mask).
-    With one optimizer step per rollout batch (the paper, train.py) the samples are on-policy:
-    old_logp == logp, the ratio is exactly 1 and the loss's gradient is the plain policy gradient
-    -Â_t grad log pi. epsilon, epsilon_high and dual_clip bind only when the samples are off-policy
-    (another sampler such as vLLM, or several steps per batch).
+    With one optimizer step per rollout batch (the paper, train.py) old_logp is logp itself: the
+    ratio is exactly 1 and the gradient is the plain policy gradient -Â_t grad log pi. epsilon,
+    epsilon_high and dual_clip bind only in trainers that take several steps on one batch.
     """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     _check_same_shape(logp=logp, old_logp=old_logp, token_advantages=token_advantages, mask=mask)

@@ -6,19 +6,19 @@ train.py: RLSD end to end, in one file that reads top to bottom.
     python train.py --model Qwen/Qwen3-VL-8B           # the paper's model and data, on a GPU
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen3-VL-8B --lora-rank 0      # full fine-tuning, FSDP2
 
-Read `train_step` first: it is the paper's Algorithm 1, one line per stage, and the functions after it follow
-in the order they run:
-    1. rollout    sample G completions per prompt from the policy
-    2. reward     verify.verify() (or --reward-fn): 1.0 if the final answer is right, else 0.0
-    3. advantage  group-relative A = (R - mean_G R) / std_G R                         (Eq. 1)
-    4. teacher    the same model, with the reference answer in its prompt, scores
-                  the very same completion tokens, without gradient                    (Sec. 3)
-    5. credit     A_t = A * ((1-lam) + lam * clip(exp(sign(A) * (log P_T - log P_S)))) (Eq. 13-15)
-    6. update     the PPO/GRPO clipped surrogate with A_t in place of A               (Eq. 2)
-The reward sets the direction of every token's update, the teacher only its size. Everything below the banner
-"plumbing: skip on a first read" (data, images, model loading, LoRA, the demo model, checkpoints, the optional
-vLLM sampler, torchrun) is there to make the step run on real data and hardware; none of it changes what the step
-computes.
+Read `train_step` first: it is the paper's Algorithm 1, one line per step, and the functions after it follow
+in the order they run (rlsd.py numbers its sections the same way):
+    1. rollout        sample G completions per prompt from the policy
+    2. reward         verify.verify() (or --reward-fn): 1.0 if the final answer is right, else 0.0
+    3. group adv.     A = (R - mean_G R) / std_G R, one number per completion                      (Eq. 1)
+    4. teacher pass   the same model, with the reference answer in its prompt, scores the very same
+                      completion tokens, without gradient
+    5. token credit   Â_t = A * ((1-lam) + lam * clip(exp(sign(A) * (log P_T - log P_S))))       (Eq. 13-15)
+    6. update         the PPO/GRPO clipped surrogate with Â_t in place of A                       (Eq. 2)
+Sign/magnitude decoupling: the reward sets the sign of every token's update, the teacher only its size. In code
+Â_t is `a_hat`. Everything below the banner "plumbing: skip on a first read" (the command line, data, images, model
+loading, LoRA, the demo model, checkpoints, the optional vLLM sampler, torchrun) is there to make the step run on
+real data and hardware; none of it changes what the step computes.
 """
 
 
@@ -62,7 +62,7 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Config
+# Config: the paper's defaults, and the demo's
 # ---------------------------------------------------------------------------------------------------------------------
 # The paper's defaults (spec §2), and the few the built-in CPU demo changes so that it learns within minutes.
 PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, max_completion_length=4096,
@@ -78,11 +78,472 @@ DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128
             save_steps=50, eval_size=256, log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
 
+# The command line (parse_args, check_args) fills `args` from these; it is plumbing, below the banner.
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step (Algorithm 1), and the loop around it
+# ---------------------------------------------------------------------------------------------------------------------
+def train_step(policy, opt, sched, teacher, rows, args, step):
+    """One RLSD step on this process's prompts (the paper's Algorithm 1). Returns (metrics, rollout, rewards)."""
+    world, rank, times = dist_world(), dist_rank(), {}
+    with timed(times, "rollout"):
+        rollouts = rollout(policy, rows, args)                              # 1. G completions per prompt: [B, C]
+    with timed(times, "reward"):
+        rewards, unparseable = reward(args, rollouts["texts"], rollouts["rows"])        # 2. R in {0, 1}: [B]
+        rewards = all_gather(rewards.to(rollouts["ids"].device))                        # every rank's: [world * B]
+        adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3. Eq. 1: [world * B]
+        adv = adv.view(world, -1)[rank]                                                 # this rank's: [B]
+    with timed(times, "teacher"):
+        teacher.maybe_sync(step)
+        teacher_logp = None  # while lambda is 0, RLSD is GRPO: no teacher pass
+        if args.algo == "rlsd" and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps):
+            teacher_logp = teacher.logprobs(rollouts, args)                 # 4. log P_T(y_t | x, r, y<t): [B, C]
+            check_finite(teacher_logp, "teacher", step)
+    with timed(times, "update"):                                            # 5. Â_t (Eq. 13-15), 6. Eq. 2
+        metrics = update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step, times=times)
+    return {**metrics, **times, **rollout_metrics(rollouts, rewards, unparseable, args)}, rollouts, rewards
+
+
+def train(args):
+    """Set up, run train_step until --max-steps, and log, evaluate and save along the way."""
+    t_start = time.time()
+    policy, opt, sched, teacher, sampler, step, train_rows, eval_rows = setup(args)
+    rank, world, first = dist_rank(), dist_world(), step
+    log = open(os.path.join(args.output_dir, "metrics.jsonl") if rank == 0 else os.devnull, "a")
+    report = reporter(args) if rank == 0 else lambda metrics: None
+    acc = base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
+    if base_acc is not None:
+        print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
+        log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
+        report({"step": 0, "eval/accuracy": base_acc})
+    preemption, seen = Preemption(), set()
+    while step < args.max_steps:
+        share = args.prompts_per_step // world                                  # whole groups per rank
+        rows = [train_rows[i] for i in sampler.next(args.prompts_per_step)[rank * share:(rank + 1) * share]]
+        metrics, rollouts, rewards = train_step(policy, opt, sched, teacher, rows, args, step)
+        step = metrics["step"] = step + 1
+        seen |= set(rewards.tolist()) if step <= first + 5 else set()
+        if step == first + 5 and len(seen) == 1:
+            print(f"warning: every reward of the first 5 steps was {seen.pop()}, so every advantage is 0 and "
+                  f"nothing trains; check --answer-field (a gold answer reads {train_rows[0]['answer'][:60]!r})")
+        if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
+            with timed(metrics, "eval"):
+                acc = metrics["eval/accuracy"] = evaluate(policy, eval_rows, args)
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        report(metrics)
+        print(fmt(metrics, args))
+        if args.log_samples_steps and step % args.log_samples_steps == 0:
+            show_samples(rollouts, rewards.view(world, -1)[rank])
+        stop = preemption.requested()  # SIGTERM / Ctrl-C: save after this step and exit
+        if step % args.save_steps == 0 or step == args.max_steps or stop:
+            save_checkpoint(policy, opt, sched, sampler, teacher, step, args, args.lora_rank)
+        if stop:
+            print(f"stopped by a signal after step {step}: saved {args.output_dir}/checkpoint-{step}; continue with "
+                  f"--resume")
+            preemption.exit()
+    preemption.restore()
+    log.close()
+    if args.show_credit:
+        import bench  # the heatmap is evidence, not training: it lives with the benchmarks
+        bench.show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
+                          os.path.join(args.output_dir, "credit.html"))
+    if step > first and rank == 0:
+        print(time_summary(log.name, first))
+    if base_acc is not None:
+        print(f"held-out accuracy: base {base_acc:.3f} -> final {acc:.3f} "
+              f"({args.algo}, {step} steps, {time.time() - t_start:.0f}s)")
+    credit = [f for f in run_files(args.output_dir) if f.endswith("credit.html")]
+    for what, files in (("metrics", [log.name]), ("checkpoints", checkpoints(args.output_dir)), ("credit", credit)):
+        if files and rank == 0:
+            print(f"{what}: {', '.join(files)}")
+    return policy, {"base": base_acc, "final": acc}
+
+
+@contextlib.contextmanager
+def timed(times, phase):
+    """times['time/' + phase] += the block's wall seconds. A timed block inside another counts in its own phase only
+    (OPSD's teacher pass runs inside the update)."""
+    before, t0 = sum(v for k, v in times.items() if k.startswith("time/")), time.perf_counter()
+    yield
+    nested = sum(v for k, v in times.items() if k.startswith("time/")) - before
+    times["time/" + phase] = times.get("time/" + phase, 0.0) + time.perf_counter() - t0 - nested
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step 1, rollout: the student's prompt, and G completions sampled for it
+# ---------------------------------------------------------------------------------------------------------------------
+IMAGE_TAG = "<image>"
+
+
+def chat(text, n_images=0, vl=False):
+    """One user turn. Vision-language processors want typed content parts: each image goes where the text has an
+    <image> tag (as in the paper's data), or all of them first when it has none."""
+    if not vl:
+        return [{"role": "user", "content": text}]
+    pieces = text.split(IMAGE_TAG)
+    if len(pieces) == 1:
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+    content = []
+    for i, piece in enumerate(pieces):
+        content += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
+    return [{"role": "user", "content": content}]
+
+
+def student_prompt(policy, row):
+    msgs = chat(f"{row['problem']}\n{FORMAT}", len(row.get("images") or []), policy.vl)
+    return policy.template(msgs)
+
+
+class SampledLogprobs:
+    """A logits processor that shapes and records the sampler's distribution. generate() calls it with the raw logits
+    of step t (before its own temperature / top-k / top-p) and the ids up to t-1. It bans the policy's banned ids,
+    applies an optional presence penalty (evaluation only), and records log pi(y_t) of each sampled token at the
+    sampling temperature, holding one [b, V] row of log-probs at a time (never [b, C, V])."""
+
+    def __init__(self, temperature, banned=(), prompt_length=0, presence_penalty=0.0):
+        self.T, self.banned, self.P, self.penalty = temperature, list(banned), prompt_length, presence_penalty
+        self.prev, self.out = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:  # the token sampled at the previous call is input_ids' last one
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]))                     # [b, 1]
+        scores[:, self.banned] = float("-inf")
+        if self.penalty and input_ids.shape[1] > self.P:  # minus penalty for every token the answer already holds
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, self.P:], True)
+            scores = scores - self.penalty * seen
+        self.prev = torch.log_softmax(scores.float() / self.T, dim=-1)                 # [b, V]
+        return scores
+
+    def finish(self, sequences):
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, sequences[:, -1:]))
+        return torch.cat(self.out, dim=1) if self.out else sequences.new_zeros(sequences.shape[0], 0).float()
+
+
+def stop_ids(policy):
+    """Token ids that end a completion: the tokenizer's EOS plus any the model's generation config adds
+    (Qwen3-VL-Instruct stops on both <|im_end|> and <|endoftext|>)."""
+    extra = getattr(policy.model.generation_config, "eos_token_id", None)
+    extra = extra if isinstance(extra, list) else [extra] if extra is not None else []
+    return sorted({policy.tokenizer.eos_token_id, *extra})
+
+
+@torch.no_grad()
+def generate(policy, texts, rows, args, decoding="rollout"):
+    """Completions for prompts `texts`: ids [B, C], mask [B, C] (1 up to and including EOS), truncated [B] and the
+    sampler's log-probs [B, C]. decoding 'rollout' is pure temperature / top-p sampling: no top-k, no penalties,
+    so the sampler is the distribution the loss scores. 'greedy' and 'sampled' (the authors' EVAL_SAMPLING) are
+    for evaluation."""
+    if args.use_vllm:  # a colocated vLLM engine samples instead, with the same contract (plumbing, VLLMEngine)
+        return VLLMEngine.of(policy, args).generate(policy, texts, rows, args, decoding)
+    from transformers import GenerationConfig, LogitsProcessorList
+    tok = policy.tokenizer
+    sampling = EVAL_SAMPLING if decoding == "sampled" else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
+    gc = GenerationConfig(do_sample=decoding != "greedy", max_new_tokens=args.max_completion_length,
+                          eos_token_id=stop_ids(policy), pad_token_id=tok.pad_token_id,
+                          **({} if decoding == "greedy" else dict(temperature=sampling["temperature"],
+                                                                 top_p=sampling["top_p"], top_k=sampling["top_k"])))
+    ids, logps, penalty = [], [], sampling.get("presence_penalty")
+    bs = args.generation_batch_size
+    # generate() fills what gc leaves unset from the model's generation_config.json: a hub repetition_penalty would
+    # shape the rollouts unscored. Sample from gc alone.
+    own, policy.model.generation_config = policy.model.generation_config, GenerationConfig()
+    for i in range(0, len(texts), bs):
+        enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
+        recorder = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], penalty)
+        with policy.autocast():
+            seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([recorder]),
+                                        synced_gpus=sharded(policy.model))
+        comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
+        ids.append(comp)
+        logps.append(recorder.finish(seq))
+    policy.model.generation_config = own
+    C = max(c.shape[1] for c in ids)
+    ids = torch.cat([torch.nn.functional.pad(c, (0, C - c.shape[1]), value=tok.pad_token_id) for c in ids])  # [B, C]
+    logps = torch.cat([torch.nn.functional.pad(l, (0, C - l.shape[1])) for l in logps])                    # [B, C]
+    is_eos = torch.isin(ids, torch.tensor(stop_ids(policy), device=ids.device))
+    # keep tokens up to and including the first EOS; everything after it is padding
+    mask = (is_eos.int().cumsum(1) - is_eos.int()) == 0                                                    # [B, C]
+    truncated = ~is_eos.any(1)                                                                             # [B]
+    return ids, mask.long(), truncated, logps * mask
+
+
+def rollout(policy, rows, args):
+    """Expand each prompt G times (rows i*G .. i*G+G-1 form group i) and sample one completion per row."""
+    G = args.num_generations
+    policy.images = dict.fromkeys(map(id, rows))  # this step's prompts: each one's images are processed once
+    batch = [r for r in rows for _ in range(G)]
+    prompts = [student_prompt(policy, r) for r in batch]
+    ids, mask, truncated, sample_logp = generate(policy, prompts, batch, args)
+    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    return dict(rows=batch, prompts=prompts, ids=ids, mask=mask, truncated=truncated,
+                sample_logp=sample_logp, texts=texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step 2, reward: the verifier alone decides right or wrong
+# ---------------------------------------------------------------------------------------------------------------------
+def reward(args, texts, rows):
+    """R [B] in {0, 1} from --reward-fn (verify.verify by default), and the share of answers with no final answer
+    found. A user's check that raises on one completion scores it 0 and is counted, so one odd sample does not end a
+    run; one that raises on every completion, or returns anything but 0 or 1, is a bug, and stops it."""
+    fn = reward_fn(args.reward_fn) if args.reward_fn else lambda text, gold, row: verify.verify(text, gold)
+    out, failed = [], []
+    for text, row in zip(texts, rows):
+        try:
+            r = fn(text, row["answer"], row)
+        except Exception as e:
+            r, failed = 0.0, failed + [f"{type(e).__name__}: {e}"]
+        if r not in (0, 1) or isinstance(r, str):
+            raise ConfigError(f"--reward-fn {args.reward_fn} returned {r!r}; it must return 0.0 or 1.0")
+        out.append(float(r))
+    if failed and len(failed) == len(texts):
+        raise ConfigError(f"--reward-fn {args.reward_fn} raised on every completion ({failed[0]}); fix the function")
+    if failed:
+        print(f"warning: --reward-fn {args.reward_fn} raised on {len(failed)} of {len(texts)} completions, the first "
+              f"{failed[0]}; scored 0")
+    unparseable = sum(verify.extract_answer(t) is None for t in texts) / max(len(texts), 1)
+    return torch.tensor(out), unparseable                                                            # [B]
+
+
+def reward_fn(spec):
+    """'module:function' -> the function (Python imports a module once; check_args tries it at start-up)."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as e:  # a module can raise anything at import, not only ImportError
+        raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
+                          f"module:function with the module on the Python path") from None
+    if not callable(fn):
+        raise ConfigError(f"--reward-fn {spec!r} is not a function")
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step 4, teacher pass: a frozen snapshot of the policy, seeing the reference answer, scores the same tokens
+# ---------------------------------------------------------------------------------------------------------------------
+def teacher_prompt(policy, row, template=TEACHER):
+    """Same template, same images; only the text differs: it also carries the reference (spec §3)."""
+    answer = row.get("privileged", row["answer"]).replace(IMAGE_TAG, "")  # the images belong to the question
+    if "{format}" not in template:  # the format instruction ends every prompt
+        template += "\n{format}"
+    text = template.replace("{question}", row["problem"]).replace("{answer}", answer).replace("{format}", FORMAT)
+    return policy.template(chat(text, len(row.get("images") or []), policy.vl), teacher=True)
+
+
+class Teacher:
+    """The teacher is the policy's own weights at the last sync. Instead of a second model we keep a copy of only the
+    trainable tensors (all weights for full fine-tuning, just the adapters under LoRA) and swap it in for the
+    teacher pass. sync_steps = 0 means the live policy (no copy at all)."""
+
+    def __init__(self, policy, sync_steps):
+        self.policy, self.sync_steps, self.weights, self.synced_at = policy, sync_steps, None, None
+
+    def params(self):
+        reshard(self.policy.model)  # under FSDP2: this rank's shards, as the snapshot holds them
+        return [(n, p) for n, p in self.policy.model.named_parameters() if p.requires_grad]
+
+    def maybe_sync(self, step):
+        if self.sync_steps > 0 and (self.weights is None or step - self.synced_at >= self.sync_steps):
+            self.weights = {n: p.detach().clone() for n, p in self.params()}
+            self.synced_at = step
+
+    def swap(self):  # in place, one tensor at a time: FSDP2 reads its shards from the parameters' own storage
+        if self.weights is not None:
+            for n, p in self.params():
+                live = p.detach().clone()
+                p.detach().copy_(self.weights[n])
+                self.weights[n].copy_(live)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within this block the policy's weights are the teacher's; the live ones come back after, even on error."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
+    def logprobs(self, rollouts, args):
+        """log P_T(y_t | x, r, y_<t): [B, C], no grad, at the sampling temperature."""
+        texts = [teacher_prompt(self.policy, r, args.teacher_template) for r in rollouts["rows"]]
+        G, micro = args.num_generations, args.micro_batch_size
+        inputs = (self.policy, texts, rollouts["rows"], rollouts["ids"], rollouts["mask"], args.temperature, micro)
+        with self.active():
+            return score(*inputs) if self.policy.vl or micro % G else score_grouped(*inputs, G)
+
+    def state(self):
+        return {"weights": self.weights, "synced_at": self.synced_at}
+
+    def load(self, state):
+        self.weights, self.synced_at = state["weights"], state["synced_at"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Steps 5 and 6, token credit and update: Â_t, then the clipped surrogate, micro-batched with a global normaliser
+# ---------------------------------------------------------------------------------------------------------------------
+def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step, times=None):
+    """One optimizer step over the whole rollout batch: Â_t (Eq. 13-15), then the clipped surrogate (Eq. 2).
+    Returns metrics.
+
+    Micro-batch losses are normalised by global counts (tokens, sequences) so that their gradients add up to the
+    full batch's gradient whatever the micro-batch size (spec §5). OPSD's teacher pass is timed into `times`."""
+    times = {} if times is None else times
+    ids, mask = rollouts["ids"], rollouts["mask"].float()                          # [B, C], [B, C]
+    if args.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens (DAPO)
+        mask = mask * ~rollouts["truncated"][:, None]
+    adv = adv.to(ids.device)                                                       # [B]
+    B, micro, world = ids.shape[0], args.micro_batch_size, dist_world()
+    lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
+    n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
+    n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)                               # all ranks' answers that count
+    thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
+    if args.rlsd_thought_only:
+        markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
+        thought = thought & rlsd.thought_mask(ids, *markers)
+    student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
+    sums, gap = {}, []  # the sums behind the metrics, on the device; --use-vllm's sampler/trainer gaps
+    policy.model.train()
+    for i in range(0, B, micro):
+        s = slice(i, i + micro)
+        m = mask[s]                                                                # [b, C]
+        if args.algo == "opsd":  # the baseline needs the teacher's full distribution at every position
+            with timed(times, "teacher"), torch.no_grad(), teacher.active():
+                prompts = [teacher_prompt(policy, r, args.teacher_template) for r in rollouts["rows"][s]]
+                teacher_enc = policy.encode(prompts, rollouts["rows"][s])
+                teacher_logits = completion_logits(policy, teacher_enc, ids[s], rollouts["mask"][s])  # [b, C, V]
+        enc = policy.encode(rollouts["prompts"][s], rollouts["rows"][s])
+        logits = completion_logits(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, V]
+        logp, ent = rlsd.token_logprobs(logits, ids[s], args.temperature, return_entropy=True)  # [b, C] each
+        student[s] = logp.detach()
+        is_weight = (VLLMEngine.importance_weights(logp.detach(), rollouts["sample_logp"][s], m, args, gap)
+                     if args.use_vllm else 1)  # another sampler drew the tokens: pi_theta / pi_vLLM (TRL's fix)
+        if args.algo == "opsd":
+            loss, loss_metrics = rlsd.opsd_loss(logits, teacher_logits, m, args.temperature, args.opsd_divergence,
+                                                num_tokens=n_tok)
+        else:
+            if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher rescales, the sign stays A's
+                a_hat = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
+                                                   args.rlsd_negative_only, thought[s])  # [b, C]
+            else:                         # GRPO: every token gets its sequence's advantage (Eq. 2)
+                a_hat = adv[s, None] * m                                                 # [b, C]
+            # One optimizer step per rollout: old_logp is logp itself, so the PPO ratio is exactly 1 and --epsilon,
+            # --epsilon-high and --dual-clip never bind here; they matter to trainers that reuse a batch.
+            loss, loss_metrics = rlsd.policy_loss(logp, logp.detach(), a_hat * is_weight, m, args.epsilon,
+                                                  args.epsilon_high, args.dual_clip or None, args.loss_type,
+                                                  num_tokens=n_tok, num_sequences=n_seq,
+                                                  max_completion_length=args.max_completion_length)
+        if policy.vl and sharded(policy.model) and "pixel_values" not in enc:
+            loss = loss + 0.0 * vision_dummy(policy)  # every rank's gradients must cover the same tensors
+        (loss * world).backward()  # DDP and FSDP2 average the ranks' gradients; the normalisers are already global
+        add_sums(sums, {"loss": loss.detach(), "entropy": (ent.detach() * m).sum(),
+                        "rollout/logp_mismatch": ((logp.detach() - rollouts["sample_logp"][s]).abs() * m).sum(),
+                        **{k: v * m.sum() for k, v in loss_metrics.items()}})  # token-weighted: / n_tok below
+    check_finite(student, "student", step)  # before the weights move
+    if teacher_logp is not None:
+        add_sums(sums, credit_sums(adv, teacher_logp, student, mask, thought if args.rlsd_thought_only else None,
+                                   args.eps_w))
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    lr = sched.get_last_lr()[0]  # the rate this step used
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    out = {"grad_norm": grad_norm.item(), "learning_rate": lr, "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
+    return {**out, **step_means(sums, n_tok), **(VLLMEngine.gap_metrics(gap) if gap else {})}
+
+
+def check_finite(x, what, step):
+    """Student log-probs of sampled tokens must be finite; a teacher may say -inf (evidence_weights clips it)."""
+    bad = torch.isnan(x) | (x == float("inf")) | ((x == float("-inf")) if what == "student" else False)
+    if bad.any():
+        raise FloatingPointError(f"NaN/inf {what} log-probs at step {step}: the model diverged or the dtype "
+                                 f"overflowed; lower --lr, or use --dtype bfloat16/float32 instead of float16")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward passes (steps 4 and 6): log-probs of completion tokens given a prompt
+# ---------------------------------------------------------------------------------------------------------------------
+def completion_logits(policy, enc, completion_ids, completion_mask, model=None):
+    """Logits that predict each completion token: [b, C, V] for completion_ids [b, C].
+
+    The input is [left-padded prompt ‖ right-padded completion], less the completion's last token, which predicts
+    nothing we score: then the last C positions predict the C completion tokens, and the model returns exactly
+    those logits, contiguous (a slice of C + 1 would be copied by every reshape after it). Position ids come from
+    the attention mask, so a row's completion sits at the same positions whatever its padding; vision-language
+    models compute their own M-RoPE positions from the same mask and the image grid."""
+    C = completion_ids.shape[1]
+    ids = torch.cat([enc["input_ids"], completion_ids[:, :-1]], dim=1)                              # [b, P+C-1]
+    attn = torch.cat([enc["attention_mask"], completion_mask[:, :-1].to(enc["attention_mask"])], dim=1)  # [b, P+C-1]
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in extra:  # Qwen3-VL marks image tokens; completion tokens are text (0)
+        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, C - 1))
+    if not policy.vl:
+        extra["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)                                 # [b, P+C-1]
+    with policy.autocast():
+        out = (model or policy.model)(input_ids=ids, attention_mask=attn, logits_to_keep=C, use_cache=False, **extra)
+    logits = out.logits                           # position P-1+t predicts completion token t: [b, C, V]
+    logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
+    return logits
+
+
+def score(policy, texts, rows, completion_ids, completion_mask, temperature, micro_batch):
+    """No-grad log-probs of completion tokens under `texts` as prompts, micro-batched: [B, C] float32."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), micro_batch):
+            s = slice(i, i + micro_batch)
+            enc = policy.encode(texts[s], rows[s])
+            logits = completion_logits(policy, enc, completion_ids[s], completion_mask[s])
+            out.append(rlsd.token_logprobs(logits, completion_ids[s], temperature))
+    return torch.cat(out)
+
+
+def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperature, micro_batch, G):
+    """score() for rows in groups of G that share one prompt (the teacher pass): run each prompt once, then
+    its G completions on top of a copy of its KV cache. Same numbers, fewer FLOPs: the prompt, often the
+    longer part, is computed once per group instead of G times. Text models only (M-RoPE caches differ)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), micro_batch):
+            s = slice(i, i + micro_batch)
+            ids, mask = completion_ids[s], completion_mask[s]                           # [b, C]
+            enc = policy.encode(texts[s][::G], rows[s][::G])                            # [b/G, P]
+            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)                  # [b/G, P]
+            with policy.autocast():
+                pre = policy.model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
+            logits = pre.logits.repeat_interleave(G, 0)                                 # [b, 1, V]: predicts y_0
+            if ids.shape[1] > 1:
+                cache = pre.cache
+                cache.batch_repeat_interleave(G)
+                attn = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask.to(pos)], 1)  # [b, P+C]
+                cpos = (attn.cumsum(-1) - 1).clamp(min=0)[:, pos.shape[1]:]                          # [b, C]
+                with policy.autocast():
+                    rest = policy.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
+                                        position_ids=cpos[:, :-1], cache=cache, use_cache=True)
+                logits = torch.cat([logits, rest.logits], 1)                            # [b, C, V]
+            out.append(rlsd.token_logprobs(logits, ids, temperature))
+    return torch.cat(out)
+
+
+# =====================================================================================================================
+# plumbing: skip on a first read. The command line, setup, data and images, model loading and LoRA, the demo model,
+# evaluation and logging, checkpoints and output folders, the vLLM sampler, and torchrun. None of it changes what a
+# step computes.
+# =====================================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line: the paper's or the demo's defaults, every value checked before anything loads
+# ---------------------------------------------------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     def __init__(self, prog):
         super().__init__(prog, max_help_position=40)
 
-    def _get_help_string(self, action):  # knobs say "[paper: ..; demo: ..]" themselves; a flag is off by default
+    def _get_help_string(self, action):  # preset options say "[paper: ..; demo: ..]"; a flag is off by default
         shown = action.default is not None and action.default is not False and "\n" not in str(action.default)
         return super()._get_help_string(action) if shown else action.help
 
@@ -107,7 +568,7 @@ examples:
   python train.py --model Qwen/Qwen3-VL-8B         the paper's model and data, on a GPU
   python train.py --model DIR --dataset data.jsonl --reward-fn my_rewards:check   your model, data and check""")
 
-    def knob(name, type, help, **kw):  # default None: the paper's value, or the demo's
+    def preset_option(name, type, help, **kw):  # default None: the paper's value, or the demo's
         key = name.lstrip("-").replace("-", "_")
         both = f"(default: {PAPER[key]})" if PAPER[key] == DEMO[key] else f"[paper: {PAPER[key]}; demo: {DEMO[key]}]"
         g.add_argument(name, type=type, default=None, help=f"{help} {both}", **kw)
@@ -122,34 +583,34 @@ examples:
     g.add_argument("--privileged-field", help="column the teacher sees instead of the answer")
     g.add_argument("--image-field", help="column holding images, placed at the question's <image> tags")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip rows with no answer or bad images, not stop")
-    knob("--min-pixels", int, "images are scaled up to at least this many pixels")
-    knob("--max-pixels", int, "...and down to at most this many")
+    preset_option("--min-pixels", int, "images are scaled up to at least this many pixels")
+    preset_option("--max-pixels", int, "...and down to at most this many")
     g.add_argument("--cache-dir", default=os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")),
                    help="where the demo's base model is cached")
     g = p.add_argument_group("algorithm")
     g.add_argument("--algo", choices=["rlsd", "grpo", "opsd"], default="rlsd", help="the method, no teacher, or "
                    "the distillation baseline (Eq. 6)")
-    knob("--num-generations", int, "G, completions per prompt")
-    knob("--prompts-per-step", int, "prompts per optimizer step")
-    knob("--max-prompt-length", int, "longer prompts are dropped")
-    knob("--max-completion-length", int, "new tokens per completion")
-    knob("--temperature", float, "sampling temperature (both passes score at it)")
-    knob("--top-p", float, "nucleus sampling")
-    knob("--lr", float, f"AdamW learning rate; LoRA's default is {LORA_LR_SCALE}x")
-    knob("--lr-scheduler-type", str, "5-step warm-up, then constant or cosine to 0",
+    preset_option("--num-generations", int, "G, completions per prompt")
+    preset_option("--prompts-per-step", int, "prompts per optimizer step")
+    preset_option("--max-prompt-length", int, "longer prompts are dropped")
+    preset_option("--max-completion-length", int, "new tokens per completion")
+    preset_option("--temperature", float, "sampling temperature (both passes score at it)")
+    preset_option("--top-p", float, "nucleus sampling")
+    preset_option("--lr", float, f"AdamW learning rate; LoRA's default is {LORA_LR_SCALE}x")
+    preset_option("--lr-scheduler-type", str, "5-step warm-up, then constant or cosine to 0",
          choices=["constant", "cosine"])
-    knob("--weight-decay", float, "AdamW weight decay")
+    preset_option("--weight-decay", float, "AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this")
-    knob("--epsilon", float, "PPO clip, lower side")
-    knob("--epsilon-high", float, "PPO clip, upper side (clip-higher)")
-    knob("--dual-clip", float, "dual clip for A < 0 (0: off)")
-    knob("--eps-w", float, "evidence clip: w_t within [1 - eps_w, 1 + eps_w] (Eq. 15)")
-    knob("--lam0", float, "initial lambda (Eq. 15)")
-    knob("--lam-decay-steps", int, "lambda falls linearly to 0 over this many steps")
+    preset_option("--epsilon", float, "PPO clip, lower side")
+    preset_option("--epsilon-high", float, "PPO clip, upper side (clip-higher)")
+    preset_option("--dual-clip", float, "dual clip for A < 0 (0: off)")
+    preset_option("--eps-w", float, "evidence clip: w_t within [1 - eps_w, 1 + eps_w] (Eq. 15)")
+    preset_option("--lam0", float, "initial lambda (Eq. 15)")
+    preset_option("--lam-decay-steps", int, "lambda falls linearly to 0 over this many steps")
     g.add_argument("--lam-warmup-steps", type=int, default=0, help="lambda first rises from 0 to --lam0 over these")
-    knob("--teacher-sync-steps", int, "re-sync the teacher's weights every N steps (0: the live policy)")
-    knob("--loss-type", str, "loss aggregation (Eq. 2 is grpo)", choices=rlsd.LOSS_TYPES)
-    knob("--scale-rewards", str, "divide advantages by the std of", choices=rlsd.SCALES)
+    preset_option("--teacher-sync-steps", int, "re-sync the teacher's weights every N steps (0: the live policy)")
+    preset_option("--loss-type", str, "loss aggregation (Eq. 2 is grpo)", choices=rlsd.LOSS_TYPES)
+    preset_option("--scale-rewards", str, "divide advantages by the std of", choices=rlsd.SCALES)
     g.add_argument("--rlsd-negative-only", action="store_true", help="reweight only answers with A < 0")
     g.add_argument("--rlsd-thought-only", action="store_true", help="reweight only tokens inside thinking spans")
     g.add_argument("--thought-markers", nargs=2, default=["<think>", "</think>"], help="a thinking span's markers")
@@ -160,15 +621,16 @@ examples:
     g.add_argument("--reward-fn", help="module:function, fn(completion, reference, row) -> 0.0 or 1.0")
     g.add_argument("--opsd-divergence", default="fkl", choices=rlsd.DIVERGENCES, help="D(P_T || P_S) for opsd")
     g = p.add_argument_group("run")
-    knob("--max-steps", int, "optimizer steps")
-    knob("--micro-batch-size", int, "rows per forward/backward")
-    knob("--generation-batch-size", int, "rows per generate() call")
-    knob("--eval-steps", int, "held-out accuracy every N steps (and at the end)")
-    knob("--eval-decoding", str, "greedy, or sampled as the authors evaluate", choices=["greedy", "sampled"])
-    knob("--save-steps", int, "checkpoint every N steps (and at the end)")
-    knob("--eval-size", int, "held-out prompts")
-    knob("--log-samples-steps", int, "print a right and a wrong completion every N steps")
-    knob("--gradient-checkpointing", None, "recompute activations in backward", action=argparse.BooleanOptionalAction)
+    preset_option("--max-steps", int, "optimizer steps")
+    preset_option("--micro-batch-size", int, "rows per forward/backward")
+    preset_option("--generation-batch-size", int, "rows per generate() call")
+    preset_option("--eval-steps", int, "held-out accuracy every N steps (and at the end)")
+    preset_option("--eval-decoding", str, "greedy, or sampled as the authors evaluate", choices=["greedy", "sampled"])
+    preset_option("--save-steps", int, "checkpoint every N steps (and at the end)")
+    preset_option("--eval-size", int, "held-out prompts")
+    preset_option("--log-samples-steps", int, "print a right and a wrong completion every N steps")
+    preset_option("--gradient-checkpointing", None, "recompute activations in backward",
+                  action=argparse.BooleanOptionalAction)
     g.add_argument("--lora-rank", type=int, help="LoRA rank (default: 64 above 3B parameters, else 0 = full "
                    "fine-tuning)")
     g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: 2 x rank)")
@@ -180,7 +642,7 @@ examples:
     once = g.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     once.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
-    g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by A_t/A")
+    g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by Â_t/A")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="log there too")
     g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; README, 'Faster rollouts with vLLM')")
     g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with vLLM in this process")
@@ -253,480 +715,6 @@ def check_args(a):
          f"{a.report_to} package: pip install {a.report_to}")
     if a.use_vllm:
         VLLMEngine.check(a)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 2. One step, and the loop around it
-# ---------------------------------------------------------------------------------------------------------------------
-def train_step(policy, opt, sched, teacher, rows, args, step):
-    """One RLSD step on this process's prompts (the paper's Algorithm 1). Returns (metrics, rollout, rewards)."""
-    world, rank, times = dist_world(), dist_rank(), {}
-    with timed(times, "rollout"):
-        ro = rollout(policy, rows, args)                                        # 1. G completions per prompt: [B, C]
-    with timed(times, "reward"):
-        rewards, unparseable = reward(args, ro["texts"], ro["rows"])            # 2. R in {0, 1}: [B]
-        rewards = all_gather(rewards.to(ro["ids"].device))                      # every rank's: [world * B]
-        adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3. Eq. 1: [world * B]
-        adv = adv.view(world, -1)[rank]                                         # this rank's: [B]
-    with timed(times, "teacher"):
-        teacher.maybe_sync(step)
-        teacher_logp = None  # once lambda is 0, RLSD is GRPO: no teacher pass
-        if args.algo == "rlsd" and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps):
-            teacher_logp = teacher.logprobs(ro, args)                           # 4. log P_T(y_t | x, r, y<t): [B, C]
-            check_finite(teacher_logp, "teacher", step)
-    with timed(times, "update"):                                                # 5-6. Eq. 13-15, then Eq. 2
-        metrics = update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times=times)
-    return {**metrics, **times, **rollout_metrics(ro, rewards, unparseable, args)}, ro, rewards
-
-
-def train(args):
-    """Set up, run train_step until --max-steps, and log, evaluate and save along the way."""
-    t_start = time.time()
-    policy, opt, sched, teacher, sampler, step, train_rows, eval_rows = setup(args)
-    rank, world, first = dist_rank(), dist_world(), step
-    log = open(os.path.join(args.output_dir, "metrics.jsonl") if rank == 0 else os.devnull, "a")
-    report = reporter(args) if rank == 0 else lambda metrics: None
-    acc = base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
-    if base_acc is not None:
-        print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
-        log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
-        report({"step": 0, "eval/accuracy": base_acc})
-    preemption, seen = Preemption(), set()
-    while step < args.max_steps:
-        share = args.prompts_per_step // world                                  # whole groups per rank
-        rows = [train_rows[i] for i in sampler.next(args.prompts_per_step)[rank * share:(rank + 1) * share]]
-        metrics, ro, rewards = train_step(policy, opt, sched, teacher, rows, args, step)
-        step = metrics["step"] = step + 1
-        seen |= set(rewards.tolist()) if step <= first + 5 else set()
-        if step == first + 5 and len(seen) == 1:
-            print(f"warning: every reward of the first 5 steps was {seen.pop()}, so every advantage is 0 and "
-                  f"nothing trains; check --answer-field (a gold answer reads {train_rows[0]['answer'][:60]!r})")
-        if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
-            with timed(metrics, "eval"):
-                acc = metrics["eval/accuracy"] = evaluate(policy, eval_rows, args)
-        log.write(json.dumps(metrics) + "\n")
-        log.flush()
-        report(metrics)
-        print(fmt(metrics, args))
-        if args.log_samples_steps and step % args.log_samples_steps == 0:
-            show_samples(ro, rewards.view(world, -1)[rank])
-        stop = preemption.requested()  # SIGTERM / Ctrl-C: save after this step and exit
-        if step % args.save_steps == 0 or step == args.max_steps or stop:
-            save_checkpoint(policy, opt, sched, sampler, teacher, step, args, args.lora_rank)
-        if stop:
-            print(f"stopped by a signal after step {step}: saved {args.output_dir}/checkpoint-{step}; continue with "
-                  f"--resume")
-            preemption.exit()
-    preemption.restore()
-    log.close()
-    if args.show_credit:
-        import bench  # the heatmap is evidence, not training: it lives with the benchmarks
-        bench.show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
-                          os.path.join(args.output_dir, "credit.html"))
-    if step > first and rank == 0:
-        print(time_summary(log.name, first))
-    if base_acc is not None:
-        print(f"held-out accuracy: base {base_acc:.3f} -> final {acc:.3f} "
-              f"({args.algo}, {step} steps, {time.time() - t_start:.0f}s)")
-    credit = [f for f in run_files(args.output_dir) if f.endswith("credit.html")]
-    for what, files in (("metrics", [log.name]), ("checkpoints", checkpoints(args.output_dir)), ("credit", credit)):
-        if files and rank == 0:
-            print(f"{what}: {', '.join(files)}")
-    return policy, {"base": base_acc, "final": acc}
-
-
-@contextlib.contextmanager
-def timed(times, phase):
-    """times['time/' + phase] += the block's wall seconds. A timed block inside another counts in its own phase only
-    (OPSD's teacher pass runs inside the update)."""
-    before, t0 = sum(v for k, v in times.items() if k.startswith("time/")), time.perf_counter()
-    yield
-    nested = sum(v for k, v in times.items() if k.startswith("time/")) - before
-    times["time/" + phase] = times.get("time/" + phase, 0.0) + time.perf_counter() - t0 - nested
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 3. Rollout: the student's prompt, and G completions sampled for it
-# ---------------------------------------------------------------------------------------------------------------------
-IMAGE_TAG = "<image>"
-
-
-def chat(text, n_images=0, vl=False):
-    """One user turn. Vision-language processors want typed content parts: each image goes where the text has an
-    <image> tag (as in the paper's data), or all of them first when it has none."""
-    if not vl:
-        return [{"role": "user", "content": text}]
-    pieces = text.split(IMAGE_TAG)
-    if len(pieces) == 1:
-        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
-    content = []
-    for i, piece in enumerate(pieces):
-        content += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
-    return [{"role": "user", "content": content}]
-
-
-def student_prompt(policy, row):
-    msgs = chat(f"{row['problem']}\n{FORMAT}", len(row.get("images") or []), policy.vl)
-    return policy.template(msgs)
-
-
-class SampledLogprobs:
-    """A logits processor that shapes and records the sampler's distribution. generate() calls it with the raw logits
-    of step t (before its own temperature / top-k / top-p) and the ids up to t-1. It bans the policy's banned ids,
-    applies an optional presence penalty (evaluation only), and records log pi(y_t) of each sampled token at the
-    sampling temperature, holding one [b, V] row of log-probs at a time (never [b, C, V])."""
-
-    def __init__(self, temperature, banned=(), prompt_length=0, presence_penalty=0.0):
-        self.T, self.banned, self.P, self.penalty = temperature, list(banned), prompt_length, presence_penalty
-        self.prev, self.out = None, []
-
-    def __call__(self, input_ids, scores):
-        if self.prev is not None:  # the token sampled at the previous call is input_ids' last one
-            self.out.append(self.prev.gather(1, input_ids[:, -1:]))                     # [b, 1]
-        scores[:, self.banned] = float("-inf")
-        if self.penalty and input_ids.shape[1] > self.P:  # minus penalty for every token the answer already holds
-            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, self.P:], True)
-            scores = scores - self.penalty * seen
-        self.prev = torch.log_softmax(scores.float() / self.T, dim=-1)                 # [b, V]
-        return scores
-
-    def finish(self, sequences):
-        if self.prev is not None:
-            self.out.append(self.prev.gather(1, sequences[:, -1:]))
-        return torch.cat(self.out, dim=1) if self.out else sequences.new_zeros(sequences.shape[0], 0).float()
-
-
-def stop_ids(policy):
-    """Token ids that end a completion: the tokenizer's EOS plus any the model's generation config adds
-    (Qwen3-VL-Instruct stops on both <|im_end|> and <|endoftext|>)."""
-    extra = getattr(policy.model.generation_config, "eos_token_id", None)
-    extra = extra if isinstance(extra, list) else [extra] if extra is not None else []
-    return sorted({policy.tokenizer.eos_token_id, *extra})
-
-
-@torch.no_grad()
-def generate(policy, texts, rows, args, decoding="rollout"):
-    """Completions for prompts `texts`: ids [B, C], mask [B, C] (1 up to and including EOS), truncated [B] and the
-    sampler's log-probs [B, C]. decoding 'rollout' is pure temperature / top-p sampling: no top-k, no penalties,
-    so the sampler is the distribution the loss scores. 'greedy' and 'sampled' (the authors' EVAL_SAMPLING) are
-    for evaluation."""
-    if args.use_vllm:  # a colocated vLLM engine samples instead, with the same contract (plumbing, VLLMEngine)
-        return VLLMEngine.of(policy, args).generate(policy, texts, rows, args, decoding)
-    from transformers import GenerationConfig, LogitsProcessorList
-    tok = policy.tokenizer
-    knobs = EVAL_SAMPLING if decoding == "sampled" else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
-    gc = GenerationConfig(do_sample=decoding != "greedy", max_new_tokens=args.max_completion_length,
-                          eos_token_id=stop_ids(policy), pad_token_id=tok.pad_token_id,
-                          **({} if decoding == "greedy" else dict(temperature=knobs["temperature"],
-                                                                 top_p=knobs["top_p"], top_k=knobs["top_k"])))
-    ids, logps = [], []
-    bs = args.generation_batch_size
-    # generate() fills what gc leaves unset from the model's generation_config.json: a hub repetition_penalty would
-    # shape the rollouts unscored. Sample from gc alone.
-    own, policy.model.generation_config = policy.model.generation_config, GenerationConfig()
-    for i in range(0, len(texts), bs):
-        enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
-        rec = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], knobs.get("presence_penalty"))
-        with policy.autocast():
-            seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([rec]),
-                                        synced_gpus=sharded(policy.model))
-        comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
-        ids.append(comp)
-        logps.append(rec.finish(seq))
-    policy.model.generation_config = own
-    C = max(c.shape[1] for c in ids)
-    ids = torch.cat([torch.nn.functional.pad(c, (0, C - c.shape[1]), value=tok.pad_token_id) for c in ids])  # [B, C]
-    logps = torch.cat([torch.nn.functional.pad(l, (0, C - l.shape[1])) for l in logps])                    # [B, C]
-    is_eos = torch.isin(ids, torch.tensor(stop_ids(policy), device=ids.device))
-    # keep tokens up to and including the first EOS; everything after it is padding
-    mask = (is_eos.int().cumsum(1) - is_eos.int()) == 0                                                    # [B, C]
-    truncated = ~is_eos.any(1)                                                                             # [B]
-    return ids, mask.long(), truncated, logps * mask
-
-
-def rollout(policy, rows, args):
-    """Expand each prompt G times (rows i*G .. i*G+G-1 form group i) and sample one completion per row."""
-    G = args.num_generations
-    policy.images = dict.fromkeys(map(id, rows))  # this step's prompts: each one's images are processed once
-    batch = [r for r in rows for _ in range(G)]
-    prompts = [student_prompt(policy, r) for r in batch]
-    ids, mask, truncated, sample_logp = generate(policy, prompts, batch, args)
-    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
-    return dict(rows=batch, prompts=prompts, ids=ids, mask=mask, truncated=truncated,
-                sample_logp=sample_logp, texts=texts)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. Reward: the verifier alone decides right or wrong
-# ---------------------------------------------------------------------------------------------------------------------
-def reward(args, texts, rows):
-    """R [B] in {0, 1} from --reward-fn (verify.verify by default), and the share of answers with no final answer
-    found. A user's check that raises on one completion scores it 0 and is counted, so one odd sample does not end a
-    run; one that raises on every completion, or returns anything but 0 or 1, is a bug, and stops it."""
-    fn = reward_fn(args.reward_fn) if args.reward_fn else lambda text, gold, row: verify.verify(text, gold)
-    out, failed = [], []
-    for text, row in zip(texts, rows):
-        try:
-            r = fn(text, row["answer"], row)
-        except Exception as e:
-            r, failed = 0.0, failed + [f"{type(e).__name__}: {e}"]
-        if r not in (0, 1) or isinstance(r, str):
-            raise ConfigError(f"--reward-fn {args.reward_fn} returned {r!r}; it must return 0.0 or 1.0")
-        out.append(float(r))
-    if failed and len(failed) == len(texts):
-        raise ConfigError(f"--reward-fn {args.reward_fn} raised on every completion ({failed[0]}); fix the function")
-    if failed:
-        print(f"warning: --reward-fn {args.reward_fn} raised on {len(failed)} of {len(texts)} completions, the first "
-              f"{failed[0]}; scored 0")
-    unparseable = sum(verify.extract_answer(t) is None for t in texts) / max(len(texts), 1)
-    return torch.tensor(out), unparseable                                                            # [B]
-
-
-def reward_fn(spec):
-    """'module:function' -> the function (Python imports a module once; check_args tries it at start-up)."""
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except Exception as e:  # a module can raise anything at import, not only ImportError
-        raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
-                          f"module:function with the module on the Python path") from None
-    if not callable(fn):
-        raise ConfigError(f"--reward-fn {spec!r} is not a function")
-    return fn
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 5. Teacher: a frozen snapshot of the policy, seeing the reference answer, scores the same tokens
-# ---------------------------------------------------------------------------------------------------------------------
-def teacher_prompt(policy, row, template=TEACHER):
-    """Same template, same images; only the text differs: it also carries the reference (spec §3)."""
-    answer = row.get("privileged", row["answer"]).replace(IMAGE_TAG, "")  # the images belong to the question
-    if "{format}" not in template:  # the format instruction ends every prompt
-        template += "\n{format}"
-    text = template.replace("{question}", row["problem"]).replace("{answer}", answer).replace("{format}", FORMAT)
-    return policy.template(chat(text, len(row.get("images") or []), policy.vl), teacher=True)
-
-
-class Teacher:
-    """The teacher is the policy's own weights at the last sync. Instead of a second model we keep a copy of only the
-    trainable tensors (all weights for full fine-tuning, just the adapters under LoRA) and swap it in for the
-    teacher pass. sync_steps = 0 means the live policy (no copy at all)."""
-
-    def __init__(self, policy, sync_steps):
-        self.policy, self.sync_steps, self.weights, self.synced_at = policy, sync_steps, None, None
-
-    def params(self):
-        reshard(self.policy.model)  # under FSDP2: this rank's shards, as the snapshot holds them
-        return [(n, p) for n, p in self.policy.model.named_parameters() if p.requires_grad]
-
-    def maybe_sync(self, step):
-        if self.sync_steps > 0 and (self.weights is None or step - self.synced_at >= self.sync_steps):
-            self.weights = {n: p.detach().clone() for n, p in self.params()}
-            self.synced_at = step
-
-    def swap(self):  # in place, one tensor at a time: FSDP2 reads its shards from the parameters' own storage
-        if self.weights is not None:
-            for n, p in self.params():
-                live = p.detach().clone()
-                p.detach().copy_(self.weights[n])
-                self.weights[n].copy_(live)
-
-    @contextlib.contextmanager
-    def active(self):
-        """Within this block the policy's weights are the teacher's; the live ones come back after, even on error."""
-        self.swap()
-        try:
-            yield
-        finally:
-            self.swap()
-
-    def logprobs(self, ro, args):
-        """log P_T(y_t | x, r, y_<t): [B, C], no grad, at the sampling temperature."""
-        texts = [teacher_prompt(self.policy, r, args.teacher_template) for r in ro["rows"]]
-        G, mb = args.num_generations, args.micro_batch_size
-        with self.active():
-            if self.policy.vl or mb % G:
-                return score(self.policy, texts, ro["rows"], ro["ids"], ro["mask"], args.temperature, mb)
-            return score_grouped(self.policy, texts, ro["rows"], ro["ids"], ro["mask"], args.temperature, mb, G)
-
-    def state(self):
-        return {"weights": self.weights, "synced_at": self.synced_at}
-
-    def load(self, state):
-        self.weights, self.synced_at = state["weights"], state["synced_at"]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 6. Update: token advantages, then the clipped surrogate, micro-batched with a global normaliser
-# ---------------------------------------------------------------------------------------------------------------------
-def update(policy, opt, sched, ro, adv, teacher_logp, teacher, args, step, times=None):
-    """One optimizer step over the whole rollout batch. Returns metrics.
-
-    Micro-batch losses are normalised by global counts (tokens, sequences) so that their gradients add up to the
-    full batch's gradient whatever the micro-batch size (spec §5). The sums behind the metrics stay on the device
-    and cross ranks in one all-reduce after the loop. OPSD's teacher pass is timed into `times`."""
-    times = {} if times is None else times
-    ids, mask = ro["ids"], ro["mask"].float()                                     # [B, C], [B, C]
-    if args.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens (DAPO)
-        mask = mask * ~ro["truncated"][:, None]
-    adv = adv.to(ids.device)                                                       # [B]
-    B, mb, world = ids.shape[0], args.micro_batch_size, dist_world()
-    lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
-    n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
-    n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)                               # all ranks' answers that count
-    student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
-    sums, gap = {}, []  # gap: --use-vllm's sampler/trainer log-prob gaps, per micro-batch
-
-    def add(key, value):  # value: a number, or a 0-dim tensor on the device
-        sums[key] = sums.get(key, 0.0) + value
-
-    thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
-    if args.rlsd_thought_only:
-        markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
-        thought = thought & rlsd.thought_mask(ids, *markers)
-        add("rlsd/thought_frac", thought.sum())
-    policy.model.train()
-    for i in range(0, B, mb):
-        s = slice(i, i + mb)
-        m = mask[s]
-        if args.algo == "opsd":  # the baseline needs the teacher's full distribution at every position
-            with timed(times, "teacher"), torch.no_grad(), teacher.active():
-                t_enc = policy.encode([teacher_prompt(policy, r, args.teacher_template) for r in ro["rows"][s]],
-                                      ro["rows"][s])
-                t_logits = completion_logits(policy, t_enc, ids[s], ro["mask"][s])            # [b, C, V]
-        enc = policy.encode(ro["prompts"][s], ro["rows"][s])
-        logits = completion_logits(policy, enc, ids[s], ro["mask"][s], policy.train_model)  # [b, C, V]
-        logp, ent = rlsd.token_logprobs(logits, ids[s], args.temperature, return_entropy=True)  # [b, C] each
-        student[s] = logp.detach()
-        isw = VLLMEngine.importance_weights(logp.detach(), ro["sample_logp"][s], m, args, gap) if args.use_vllm else 1
-        if args.algo == "opsd":
-            loss, lm = rlsd.opsd_loss(logits, t_logits, m, args.temperature, args.opsd_divergence, num_tokens=n_tok)
-        else:
-            if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher reweights, the sign stays A's
-                tok_adv = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
-                                                     args.rlsd_negative_only, thought[s])  # [b, C]
-            else:                         # GRPO: every token gets its sequence's advantage (Eq. 2)
-                tok_adv = adv[s, None] * m                                                 # [b, C]
-            loss, lm = rlsd.policy_loss(logp, logp.detach(), tok_adv * isw, m, args.epsilon, args.epsilon_high,
-                                        args.dual_clip or None, args.loss_type, num_tokens=n_tok,
-                                        max_completion_length=args.max_completion_length, num_sequences=n_seq)
-        if policy.vl and sharded(policy.model) and "pixel_values" not in enc:
-            loss = loss + 0.0 * vision_dummy(policy)  # every rank's gradients must cover the same tensors
-        (loss * world).backward()  # DDP and FSDP2 average the ranks' gradients; the normalisers are already global
-        for k, v in lm.items():  # means over this micro-batch: token-weighted, divided by n_tok below
-            add(k, v * m.sum())
-        add("loss", loss.detach())
-        add("entropy", (ent.detach() * m).sum())
-        add("rollout/logp_mismatch", ((logp.detach() - ro["sample_logp"][s]).abs() * m).sum())
-    check_finite(student, "student", step)  # before the weights move
-    if teacher_logp is not None:  # the teacher's effect, over the whole batch at once
-        w, w_clip = rlsd.evidence_weights(adv, teacher_logp, student, args.eps_w)         # [B, C] each
-        live = mask.bool() & (adv != 0)[:, None]  # tokens whose credit the teacher can move
-        add("rlsd/mean_abs_delta", (teacher_logp - student).abs()[live].sum())
-        add("rlsd/weight_mean", w_clip[live].sum())
-        add("rlsd/live_frac", live.sum())  # a count of live tokens here; a share of all once divided below
-        add("rlsd/clip_low_frac", (w < w_clip)[live].sum())   # the authors' clip_low_ratio, over live tokens
-        add("rlsd/clip_high_frac", (w > w_clip)[live].sum())
-        # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
-        add("rlsd/weight_clipped_frac", (w != w_clip)[mask.bool()].sum())
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    lr = sched.get_last_lr()[0]  # the rate this step used
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    keys = list(sums)
-    totals = all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=mask.device) for k in keys]))
-    sums = dict(zip(keys, totals.tolist()))  # one device sync for every metric
-    ntok, live = max(n_tok.item(), 1.0), sums.get("rlsd/live_frac", 0.0)
-    out = {"loss": sums.pop("loss"), "grad_norm": grad_norm.item(), "learning_rate": lr,
-           "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
-    for k, v in sums.items():
-        per_live = k in ("rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/clip_low_frac", "rlsd/clip_high_frac")
-        if not (per_live and live == 0):  # means over tokens with A != 0: none, no mean
-            out[k] = v / (live if per_live else ntok)
-    return {**out, **(VLLMEngine.gap_metrics(gap) if gap else {})}
-
-
-def check_finite(x, what, step):
-    """Student log-probs of sampled tokens must be finite; a teacher may say -inf (evidence_weights clips it)."""
-    bad = torch.isnan(x) | (x == float("inf")) | ((x == float("-inf")) if what == "student" else False)
-    if bad.any():
-        raise FloatingPointError(f"NaN/inf {what} log-probs at step {step}: the model diverged or the dtype "
-                                 f"overflowed; lower --lr, or use --dtype bfloat16/float32 instead of float16")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 7. Forward passes: log-probs of completion tokens given a prompt
-# ---------------------------------------------------------------------------------------------------------------------
-def completion_logits(policy, enc, completion_ids, completion_mask, model=None):
-    """Logits that predict each completion token: [b, C, V] for completion_ids [b, C].
-
-    The input is [left-padded prompt ‖ right-padded completion], less the completion's last token, which predicts
-    nothing we score: then the last C positions predict the C completion tokens, and the model returns exactly
-    those logits, contiguous (a slice of C + 1 would be copied by every reshape after it). Position ids come from
-    the attention mask, so a row's completion sits at the same positions whatever its padding; vision-language
-    models compute their own M-RoPE positions from the same mask and the image grid."""
-    C = completion_ids.shape[1]
-    ids = torch.cat([enc["input_ids"], completion_ids[:, :-1]], dim=1)                              # [b, P+C-1]
-    attn = torch.cat([enc["attention_mask"], completion_mask[:, :-1].to(enc["attention_mask"])], dim=1)  # [b, P+C-1]
-    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    if "mm_token_type_ids" in extra:  # Qwen3-VL marks image tokens; completion tokens are text (0)
-        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, C - 1))
-    if not policy.vl:
-        extra["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)                                 # [b, P+C-1]
-    with policy.autocast():
-        out = (model or policy.model)(input_ids=ids, attention_mask=attn, logits_to_keep=C, use_cache=False, **extra)
-    logits = out.logits                           # position P-1+t predicts completion token t: [b, C, V]
-    logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
-    return logits
-
-
-def score(policy, texts, rows, completion_ids, completion_mask, temperature, micro_batch):
-    """No-grad log-probs of completion tokens under `texts` as prompts, micro-batched: [B, C] float32."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), micro_batch):
-            s = slice(i, i + micro_batch)
-            enc = policy.encode(texts[s], rows[s])
-            logits = completion_logits(policy, enc, completion_ids[s], completion_mask[s])
-            out.append(rlsd.token_logprobs(logits, completion_ids[s], temperature))
-    return torch.cat(out)
-
-
-def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperature, micro_batch, G):
-    """score() for rows in groups of G that share one prompt (the teacher pass): run each prompt once, then
-    its G completions on top of a copy of its KV cache. Same numbers, fewer FLOPs: the prompt, often the
-    longer part, is computed once per group instead of G times. Text models only (M-RoPE caches differ)."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), micro_batch):
-            s = slice(i, i + micro_batch)
-            ids, mask = completion_ids[s], completion_mask[s]                           # [b, C]
-            enc = policy.encode(texts[s][::G], rows[s][::G])                            # [b/G, P]
-            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)                  # [b/G, P]
-            with policy.autocast():
-                pre = policy.model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
-            logits = pre.logits.repeat_interleave(G, 0)                                 # [b, 1, V]: predicts y_0
-            if ids.shape[1] > 1:
-                cache = pre.cache
-                cache.batch_repeat_interleave(G)
-                attn = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask.to(pos)], 1)  # [b, P+C]
-                cpos = (attn.cumsum(-1) - 1).clamp(min=0)[:, pos.shape[1]:]                          # [b, C]
-                with policy.autocast():
-                    rest = policy.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
-                                        position_ids=cpos[:, :-1], cache=cache, use_cache=True)
-                logits = torch.cat([logits, rest.logits], 1)                            # [b, C, V]
-            out.append(rlsd.token_logprobs(logits, ids, temperature))
-    return torch.cat(out)
-
-
-# =====================================================================================================================
-# plumbing: skip on a first read. Setup, data and images, model loading and LoRA, the demo model, evaluation and
-# logging, checkpoints and output folders, the credit heatmap, the vLLM sampler, and torchrun. None of it changes
-# what a step computes.
-# =====================================================================================================================
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1406,15 +1394,52 @@ def evaluate(policy, rows, args):
     return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)  # (all_sum moves it where NCCL wants)
 
 
-def rollout_metrics(ro, rewards, unparseable, args):
+def rollout_metrics(rollouts, rewards, unparseable, args):
     """TRL's reward and completion metrics, over every rank's rollouts."""
     groups = rewards.view(-1, args.num_generations)                                  # [world * P, G]
-    lengths, cut = all_gather(ro["mask"].sum(1).float()), all_gather(ro["truncated"].float())  # [world * B]
+    lengths, cut = all_gather(rollouts["mask"].sum(1).float()), all_gather(rollouts["truncated"].float())  # [world * B]
     return {"reward": rewards.mean().item(), "accuracy": rewards.mean().item(),
             "reward_std": groups.std(1).mean().item(),
             "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
             "completions/mean_length": lengths.mean().item(), "completions/clipped_ratio": cut.mean().item(),
             "completions/unparseable": all_sum(torch.tensor(unparseable)).item() / dist_world()}
+
+
+def add_sums(sums, values):
+    """sums[k] += v for each metric's running sum (a number, or a 0-dim tensor kept on the device)."""
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + v
+
+
+# Metrics that are means over the live tokens (A != 0, where the teacher can move credit), not over all tokens
+PER_LIVE = ("rlsd/mean_abs_delta", "rlsd/weight_mean", "rlsd/clip_low_frac", "rlsd/clip_high_frac")
+
+
+def credit_sums(adv, teacher_logp, student, mask, thought, eps_w):
+    """The teacher's effect on the step, summed over the whole batch: how far it moved the log-probs, the mean
+    evidence weight, how often the clip of Eq. 15 bit (at each bound), and the live and thinking tokens."""
+    w, w_clip = rlsd.evidence_weights(adv, teacher_logp, student, eps_w)         # [B, C] each
+    live = mask.bool() & (adv != 0)[:, None]                                      # [B, C]
+    sums = {"rlsd/mean_abs_delta": (teacher_logp - student).abs()[live].sum(), "rlsd/weight_mean": w_clip[live].sum(),
+            "rlsd/live_frac": live.sum(), "rlsd/clip_low_frac": (w < w_clip)[live].sum(),  # the authors' clip_low_ratio
+            "rlsd/clip_high_frac": (w > w_clip)[live].sum(),
+            # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
+            "rlsd/weight_clipped_frac": (w != w_clip)[mask.bool()].sum()}
+    return sums if thought is None else {**sums, "rlsd/thought_frac": thought.sum()}
+
+
+def step_means(sums, n_tok):
+    """Every rank's sums in one all-reduce (one device sync), then each a mean: the loss as it is, the per-live
+    metrics over the live tokens (none: no mean), the rest over all response tokens."""
+    keys = list(sums)
+    totals = all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=n_tok.device) for k in keys]))
+    sums = dict(zip(keys, totals.tolist()))
+    ntok, live = max(n_tok.item(), 1.0), sums.get("rlsd/live_frac", 0.0)
+    out = {"loss": sums.pop("loss")}
+    for k, v in sums.items():
+        if not (k in PER_LIVE and live == 0):
+            out[k] = v / (live if k in PER_LIVE else ntok)
+    return out
 
 
 def reporter(args):
@@ -1430,12 +1455,12 @@ def reporter(args):
     return lambda m: None
 
 
-def show_samples(ro, rewards):
+def show_samples(rollouts, rewards):
     """One right and one wrong completion of this rank's step."""
     for want, name in ((1.0, "right"), (0.0, "wrong")):
         i = next((i for i, r in enumerate(rewards.tolist()) if r == want), None)
         if i is not None:
-            print(f"  [{name}, reward {want}] {ro['rows'][i]['problem']!r} -> {ro['texts'][i]!r}")
+            print(f"  [{name}, reward {want}] {rollouts['rows'][i]['problem']!r} -> {rollouts['texts'][i]!r}")
 
 
 def time_summary(path, first):
@@ -1739,9 +1764,9 @@ class VLLMEngine:
         and top-p applied. All prompts go in one call: vLLM batches them itself."""
         from vllm import SamplingParams
         self.push(policy)
-        knobs = (EVAL_SAMPLING if decoding == "sampled" else dict(temperature=0.0) if decoding == "greedy" else
+        sampling = (EVAL_SAMPLING if decoding == "sampled" else dict(temperature=0.0) if decoding == "greedy" else
                  dict(temperature=args.temperature, top_p=args.top_p, top_k=0))
-        sp = SamplingParams(**knobs, max_tokens=args.max_completion_length, logprobs=0, detokenize=False,
+        sp = SamplingParams(**sampling, max_tokens=args.max_completion_length, logprobs=0, detokenize=False,
                             stop_token_ids=stop_ids(policy), logit_bias=dict.fromkeys(policy.banned, -100.0) or None)
         if policy.vl:  # the text with its <image> placeholders; vLLM's processor expands them
             prompts = [{"prompt": t, "multi_modal_data": {"image": [
