@@ -3580,6 +3580,30 @@ def test_every_measured_number_in_the_readme_is_in_the_results_file_its_block_na
     assert not loose, f"numbers in results/README.md outside any measured/arithmetic/pending block: {loose}"
 
 
+def output_shape(line, out):
+    """A printed line with its numbers, spacing, output folder and sampled text made generic."""
+    line = re.sub(r"'[^']*' -> '[^']*'", "'Q' -> 'A'", line.replace(str(out), "runs/builtin") if out else line)
+    return re.sub(r" +", " ", re.sub(r"[+-]?\d+(\.\d+)?", "9", line)).strip()
+
+
+def test_the_readmes_sample_output_is_every_kind_of_line_python_train_py_prints(one_thread, tmp_path, monkeypatch,
+                                                                                capsys):
+    """The README's sample, shape by shape: the demo at test size prints no line the sample lacks, and the sample
+    shows no line that no longer prints (the right/wrong answer lines depend on the rewards, so may be absent)."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(train.__file__)), "README.md")).read()
+    sample = text.split("<!-- SAMPLE OUTPUT -->")[1].split("<!-- /SAMPLE OUTPUT -->")[0].split("```")[1]
+    shown = {output_shape(line, None) for line in sample.splitlines() if line not in ("", "...", "$ python train.py")}
+    monkeypatch.setattr(train, "WARM", dict(train.WARM, steps=50, batch=4))
+    out = tmp_path / "run"
+    train.main(["--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out), "--prompts-per-step", "2",
+                "--num-generations", "2", "--micro-batch-size", "4", "--generation-batch-size", "4", "--eval-size",
+                "4", "--max-steps", "3", "--eval-steps", "2", "--log-samples-steps", "2", "--save-steps", "2",
+                "--max-completion-length", "8"])
+    printed = {output_shape(line, out) for line in capsys.readouterr().out.splitlines() if line.strip()}
+    answers = {s for s in shown if s.startswith("[")}
+    assert printed - shown == set() and shown - answers - printed == set()
+
+
 def test_the_readme_fits_in_12_kb_and_links_every_docs_page():
     root = Path(__file__).parent
     readme = (root / "README.md").read_bytes()
