@@ -540,9 +540,6 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
 # The command line: the paper's or the demo's defaults, every value checked before anything loads
 # ---------------------------------------------------------------------------------------------------------------------
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=40)
-
     def _get_help_string(self, action):  # preset options say "[paper: ..; demo: ..]"; a flag is off by default
         shown = action.default is not None and action.default is not False and "\n" not in str(action.default)
         return super()._get_help_string(action) if shown else action.help
@@ -558,7 +555,8 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     """The paper's defaults for a hub model, the demo's for the built-in one (README, "Options", has the detail)."""
-    p = Parser(usage="python train.py [options]", formatter_class=HelpFormatter, allow_abbrev=False, description="""\
+    wide = functools.partial(HelpFormatter, max_help_position=40)
+    p = Parser(usage="python train.py [options]", formatter_class=wide, allow_abbrev=False, description="""\
 RLSD: GRPO whose token credit is reweighted by a self-teacher that sees the reference answer.
 
 examples:
@@ -597,8 +595,7 @@ examples:
     preset_option("--temperature", float, "sampling temperature (both passes score at it)")
     preset_option("--top-p", float, "nucleus sampling")
     preset_option("--lr", float, f"AdamW learning rate; LoRA's default is {LORA_LR_SCALE}x")
-    preset_option("--lr-scheduler-type", str, "5-step warm-up, then constant or cosine to 0",
-         choices=["constant", "cosine"])
+    preset_option("--lr-scheduler-type", str, "5-step warm-up then flat or cosine to 0", choices=["constant", "cosine"])
     preset_option("--weight-decay", float, "AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this")
     preset_option("--epsilon", float, "PPO clip, lower side")
@@ -629,10 +626,8 @@ examples:
     preset_option("--save-steps", int, "checkpoint every N steps (and at the end)")
     preset_option("--eval-size", int, "held-out prompts")
     preset_option("--log-samples-steps", int, "print a right and a wrong completion every N steps")
-    preset_option("--gradient-checkpointing", None, "recompute activations in backward",
-                  action=argparse.BooleanOptionalAction)
-    g.add_argument("--lora-rank", type=int, help="LoRA rank (default: 64 above 3B parameters, else 0 = full "
-                   "fine-tuning)")
+    preset_option("--gradient-checkpointing", None, "recompute activations", action=argparse.BooleanOptionalAction)
+    g.add_argument("--lora-rank", type=int, help="LoRA rank (default: 64 above 3B params, else 0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: 2 x rank)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (auto: "
                    "bf16 on a GPU that has it)")
@@ -721,8 +716,7 @@ def check_args(a):
 # Setup: everything that can be wrong with the command is checked before the minutes the weights take to load
 # ---------------------------------------------------------------------------------------------------------------------
 def setup(args):
-    """Process group, model, data, optimizer and, with --resume, the saved state. Returns
-    (policy, opt, sched, teacher, sampler, step, train_rows, eval_rows)."""
+    """Process group, model, data, optimizer and, with --resume, the saved state, as train() unpacks them."""
     rank, world = init_distributed(args.ddp_timeout)  # (0, 1) without torchrun
     if args.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
@@ -751,8 +745,7 @@ def setup(args):
     args.lora_rank = prepare_for_training(policy, args)
     distribute(policy, args.lora_rank)
     torch.manual_seed(args.seed + rank)  # each rank samples its own answers
-    if world > 1 and len(eval_rows) % world:
-        eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % world]  # as many rows per rank: in lockstep
+    eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % world]  # as many rows per rank: in lockstep
     lengths = [len(x) for x in policy.tokenizer([student_prompt(policy, r) for r in train_rows]).input_ids]
     if max(lengths) > args.max_prompt_length:
         print(f"dropping {sum(n > args.max_prompt_length for n in lengths)} prompts longer than "
@@ -781,7 +774,7 @@ def setup(args):
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         step, planned = state["step"], state["args"]["max_steps"]
         print(f"resumed from {start} at step {step}")
-        if args.lr_scheduler_type == "cosine" and planned != args.max_steps:
+        if cosine and planned != args.max_steps:
             print(f"warning: the cosine lr now falls to 0 at step {args.max_steps}, not {planned}: this run will not "
                   f"match one started with --max-steps {args.max_steps}")
     return policy, opt, sched, teacher, sampler, step, train_rows, eval_rows
@@ -807,8 +800,7 @@ def load_rows(args, split):
     """Rows as dicts: 'problem', 'answer' (the verifier's gold), 'privileged' (what the teacher sees) and, with
     images, 'images' (a list). Every row is checked here, before the model loads. Raises ConfigError on bad data."""
     if args.dataset == "builtin":
-        n = 4000 if split == "train" else args.eval_size
-        return builtin_task(n, seed=args.seed + (0 if split == "train" else 10_000))
+        return builtin_task(4000, args.seed) if split == "train" else builtin_task(args.eval_size, args.seed + 10_000)
     ds = open_dataset(args.dataset, split)
     for field in (args.prompt_field, args.answer_field, args.privileged_field, args.image_field):
         if field and field not in ds.column_names:
@@ -842,8 +834,7 @@ def load_rows(args, split):
     if bad:
         print(f"skipped {len(bad)} bad rows of {split} (--skip-bad-rows), the first: {bad[:5]}")
     if not rows:
-        raise ConfigError(f"--dataset {args.dataset!r} split {split!r} is empty; point it at data with at least one "
-                          "row")
+        raise ConfigError(f"--dataset {args.dataset!r} split {split!r} is empty; point it at data that has rows")
     return rows
 
 
@@ -889,7 +880,7 @@ def check_row_images(row, where, most=None):
     if most and n > most:
         raise ConfigError(f"{where} has {n} images; --use-vllm takes at most {most} per prompt")
     for im in row["images"]:
-        header = open_image(im, where)
+        header = load_image(im, None, where)
         if header is not im:
             header.close()  # 123K rows: no file is left open
 
@@ -907,11 +898,11 @@ def undecoded(feature):
     return feature
 
 
-def open_image(image, where):
-    """A PIL image from a PIL image, a path, raw bytes or a datasets {'bytes', 'path'} dict. Lazy: this reads the
-    header only, which is enough to tell a missing or non-image file."""
+def load_image(image, max_pixels, where="a row"):
+    """A PIL image, path, bytes or datasets {'bytes', 'path'} dict, decoded upright in RGB, shrunk to at most max_pixels
+    (a big image must not fill the memory first); max_pixels=None: the header only, enough to tell a bad file."""
     import io
-    from PIL import Image
+    from PIL import Image, ImageOps
     try:
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
@@ -921,21 +912,13 @@ def open_image(image, where):
             image = Image.open(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"unsupported image type {type(image).__name__}")
-        return image
-    except Exception as e:
-        raise ConfigError(f"cannot read the image of {where} ({type(e).__name__}: {e})") from None
-
-
-def load_image(image, max_pixels, where="a row"):
-    """The image decoded as upright RGB, shrunk to at most max_pixels: one big image must not blow up memory before
-    the processor's own resize."""
-    from PIL import ImageOps
-    image = open_image(image, where)
-    try:
+        if max_pixels is None:
+            return image
         image = ImageOps.exif_transpose(image)  # upright, as datasets' own decoding gives it
         image = image.convert("RGB")  # forces a full decode, so a truncated file fails here
     except Exception as e:
-        raise ConfigError(f"cannot read the image of {where} ({type(e).__name__}: {e}); fix or drop that row") from None
+        fix = "" if max_pixels is None else "; fix or drop that row"  # (load_rows says how for its own check)
+        raise ConfigError(f"cannot read the image of {where} ({type(e).__name__}: {e}){fix}") from None
     w, h = image.size
     if w * h > max_pixels:
         r = math.sqrt(max_pixels / (w * h))
@@ -988,9 +971,8 @@ class Policy:
     def banned(self):
         """Token ids a completion must never hold: the vision markers a sampled answer could otherwise contain, which
         make the next forward pass look for images that are not there. Sampler and scorer both leave them out."""
-        c = self.model.config
         return [i for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-                if (i := getattr(c, k, None)) is not None]
+                if (i := getattr(self.model.config, k, None)) is not None]
 
     def autocast(self):  # fp32 compute: nothing to do
         if self.compute_dtype == torch.float32:
@@ -1003,9 +985,8 @@ class Policy:
 
     def encode(self, texts, rows=None):
         """Left-padded prompt batch on the model's device: input_ids [b, P], attention_mask [b, P], and for
-        vision-language models the images of `rows` as pixel_values [patches, d] + image_grid_thw [n_img, 3]. A row's
-        images are processed once per step (see row_images), not for each of its G copies and passes; each image
-        placeholder then becomes as many image tokens as its grid has, as the processor would do."""
+        vision-language models the images of `rows` as pixel_values [patches, d] + image_grid_thw [n_img, 3], each
+        processed once per step (row_images); each placeholder becomes as many image tokens as the processor's."""
         images = [self.row_images(r) for r in rows] if self.vl else []
         if images:
             pad, merge = self.processor.image_token, self.processor.image_processor.merge_size ** 2
@@ -1055,18 +1036,15 @@ def resolve_model(args):
     if re.fullmatch(r"Qwen/Qwen3-VL-\d+B", path):  # the design card's name; only -Instruct/-Thinking are published
         path = args.model = path + "-Instruct"
         alias = f" (the published id for {path[:-9]}: the paper's model)"
-    if os.path.isdir(path):
-        try:
-            return path, AutoConfig.from_pretrained(path)
-        except Exception as e:
-            raise ConfigError(f"--model {path!r} is a folder without a usable config.json ({e})") from None
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
+    local = os.path.isdir(path)
+    if not local and (not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith(".")):
         raise ConfigError(f"--model {path!r}: no such folder; pass a local model folder or a hub id like "
                           f"Qwen/Qwen3-VL-8B-Instruct")
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=not hub_reachable())
-    except Exception:
-        raise ConfigError(f"cannot load --model {path!r}{alias}: not in the local cache, and the hub is unreachable "
+        config = AutoConfig.from_pretrained(path, local_files_only=not local and not hub_reachable())
+    except Exception as e:
+        raise ConfigError(f"--model {path!r} is a folder without a usable config.json ({e})" if local else
+                          f"cannot load --model {path!r}{alias}: not in the local cache, and the hub is unreachable "
                           f"or has no such model; where there is network run 'hf download {path} --local-dir DIR', "
                           f"then pass the local folder as --model DIR") from None
     if alias:
@@ -1090,15 +1068,13 @@ def hub_reachable(timeout=3.0):
 
 
 def load_policy(args, path=None):
-    """Weights for --model (or a checkpoint folder), on this process's device: vision-language or text-only as the
-    config says. A LoRA checkpoint loads as its base model plus its adapters (exact: the merged bf16 weights beside
-    them round a small learned change away)."""
+    """Weights for --model (or a checkpoint folder) on this process's device, vision-language or text as the config
+    says. A LoRA checkpoint: its base model plus its exact adapters (the merged bf16 weights round changes away)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     path, config = resolve_model(args) if path is None else (path, None)
     adapter = os.path.join(path, "adapter")
     if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        return load_adapter(load_policy(args, json.load(open(os.path.join(adapter, "adapter_config.json")))
-                                        ["base_model_name_or_path"]), adapter)
+        return load_adapter(args, adapter)
     if path == "builtin":  # under torchrun, rank 0 warm-starts and caches it first; the others then load it
         if dist_rank():
             barrier()
@@ -1120,17 +1096,15 @@ def load_policy(args, path=None):
     processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
                  AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok.pad_token = tok.pad_token or tok.eos_token
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise ConfigError(f"{path!r} has no chat template; use an instruct/chat model or add one to its tokenizer")
     return Policy(model, processor, vl, args.max_pixels, dtype, source=path)
 
 
 def load_processor(path, min_pixels, max_pixels, offline=False):
-    """The model's own processor, resizing each image into [min_pixels, max_pixels]. Qwen's stock processor also
-    builds a video processor that needs torchvision; without torchvision we assemble an image-only one from the
-    same parts."""
+    """The model's own processor, sizing images into [min_pixels, max_pixels]; without torchvision (which Qwen's
+    video processor needs) an image-only one made of the same parts."""
     from transformers import AutoProcessor
     try:
         proc = AutoProcessor.from_pretrained(path, local_files_only=offline)
@@ -1142,10 +1116,9 @@ def load_processor(path, min_pixels, max_pixels, offline=False):
 
 
 def image_only_processor_class():
-    """Qwen3-VL's processor minus its video half (which needs torchvision): the library reads the list of
-    sub-processors off __init__'s signature, so a subclass without `video_processor` keeps all the image logic,
-    and its from_pretrained still finds the folder's image processor, tokenizer and chat template. The video
-    settings are carried along unused, so that a saved checkpoint still loads with AutoProcessor elsewhere."""
+    """Qwen3-VL's processor minus its video half (which needs torchvision): the library reads the sub-processors off
+    __init__'s signature, so a subclass without `video_processor` keeps all the image logic and still loads the
+    folder's parts. The video settings ride along unused: a saved checkpoint still loads with AutoProcessor."""
     from transformers import Qwen3VLProcessor
     from transformers.video_processing_utils import BaseVideoProcessor
 
@@ -1158,10 +1131,8 @@ def image_only_processor_class():
         @classmethod
         def from_pretrained(cls, path, **kwargs):
             proc = super().from_pretrained(path, **kwargs)
-            try:
+            with contextlib.suppress(OSError):  # the folder may have none
                 proc.video_config = BaseVideoProcessor.get_video_processor_dict(path)[0]
-            except OSError:  # the folder has none
-                pass
             return proc
 
         def to_dict(self):
@@ -1217,11 +1188,12 @@ def save_adapter(model, folder, base):
                for n, m in lora for k in "AB"}, os.path.join(folder, "adapter_model.safetensors"))
 
 
-def load_adapter(policy, folder):
-    """The base policy with the saved adapters (fp32, unmerged) on top."""
+def load_adapter(args, folder):
+    """The base policy that the adapters' config names, with the saved adapters (fp32, unmerged) on top."""
     from safetensors.torch import load_file
-    config, weights = json.load(open(os.path.join(folder, "adapter_config.json"))), load_file(
-        os.path.join(folder, "adapter_model.safetensors"))
+    config = json.load(open(os.path.join(folder, "adapter_config.json")))
+    policy = load_policy(args, config["base_model_name_or_path"])
+    weights = load_file(os.path.join(folder, "adapter_model.safetensors"))
     add_lora(policy.model, config["r"], config["lora_alpha"])
     state = {k[len("base_model.model."):-len(".weight")]: v for k, v in weights.items()}  # our parameter names
     missing = set(n for n, p in policy.model.named_parameters() if ".lora_" in n) - set(state)
@@ -1251,16 +1223,10 @@ def prepare_for_training(policy, args):
     n = sum(p.numel() for p in policy.model.parameters())
     loaded = [m.lora_A.shape[0] for m in policy.model.modules() if isinstance(m, LoRALinear)]  # a LoRA checkpoint
     rank = loaded[0] if loaded else args.lora_rank if args.lora_rank is not None else (64 if n > 3e9 else 0)
-    if rank > 0:
-        if loaded:  # keep training its adapters
-            policy.model.requires_grad_(False)
-            for m in policy.model.modules():
-                if isinstance(m, LoRALinear):
-                    m.lora_A.requires_grad_(True), m.lora_B.requires_grad_(True)
-        else:
-            add_lora(policy.model, rank, args.lora_alpha or 2.0 * rank)
-        if not args.lr_given:
-            args.lr *= LORA_LR_SCALE
+    if rank > 0 and not loaded:  # a LoRA checkpoint's adapters train on: load_adapter left only them trainable
+        add_lora(policy.model, rank, args.lora_alpha or 2.0 * rank)
+    if rank > 0 and not args.lr_given:
+        args.lr *= LORA_LR_SCALE
     # Mixed precision: what trains is kept in fp32, so that AdamW's moments are fp32 and an update of 1e-6 is not
     # rounded away (bf16 keeps 8 bits of mantissa); the forward runs in bf16 under autocast (Policy.autocast).
     # Frozen weights (a LoRA base) need no more than the compute dtype.
@@ -1285,21 +1251,16 @@ def builtin_task(n, seed):
     """A multi-step written calculation: the sum of 3-5 numbers from 1 to 5, worked as a chain of partial sums.
     One wrong partial sum spoils every later step, so some tokens deserve more credit than others."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        terms = [rng.randint(1, 5) for _ in range(rng.randint(3, 5))]
-        rows.append({"problem": "What is " + "+".join(map(str, terms)) + "?", "answer": str(sum(terms))})
-    return rows
+    problems = [[rng.randint(1, 5) for _ in range(rng.randint(3, 5))] for _ in range(n)]
+    return [{"problem": "What is " + "+".join(map(str, terms)) + "?", "answer": str(sum(terms))} for terms in problems]
 
 
 def builtin_solution(problem):
     """The worked solution the warm start imitates: '3+5=8. 8+2=10. <answer>10</answer>'."""
     terms = [int(t) for t in re.findall(r"\d+", problem)]
-    steps, total = [], terms[0]
-    for t in terms[1:]:
-        steps.append(f"{total}+{t}={total + t}.")
-        total += t
-    return " ".join(steps) + f" <answer>{total}</answer>"
+    partial = [sum(terms[:i + 1]) for i in range(len(terms))]  # the running totals
+    steps = [f"{total}+{t}={total + t}." for total, t in zip(partial, terms[1:])]
+    return " ".join(steps) + f" <answer>{partial[-1]}</answer>"
 
 
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -1355,9 +1316,8 @@ WARM = dict(lr=3e-3, batch=32, steps=200)  # a fixed cost (about a minute on 2 c
 
 
 def warm_start(policy, args):
-    """Supervised warm start on worked solutions: WARM['steps'] steps, which leave RL groups with mixed rewards.
-    Half the examples carry the reference answer in the teacher's prompt, so the model learns to use privileged
-    context the way a real LM already can."""
+    """Supervised warm start on worked solutions for WARM['steps'] steps, which leave RL groups with mixed rewards.
+    Half the prompts are the teacher's, with the answer: the model learns to use it as a real LM already can."""
     rows = builtin_task(4000, seed=args.seed + 20_000)
     opt = torch.optim.AdamW(policy.model.parameters(), lr=WARM["lr"], weight_decay=0.0)
     tok, rng, t0 = policy.tokenizer, random.Random(args.seed), time.time()
@@ -1365,10 +1325,9 @@ def warm_start(policy, args):
         batch = rng.sample(rows, WARM["batch"])
         prompts = [(teacher_prompt if i % 2 else student_prompt)(policy, r) for i, r in enumerate(batch)]
         answers = [builtin_solution(r["problem"]) + tok.eos_token for r in batch]
-        enc = policy.encode(prompts)
         ans = tok(answers, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
-        logits = completion_logits(policy, enc, ans.input_ids, ans.attention_mask)   # [b, C, V]
-        logp = rlsd.token_logprobs(logits, ans.input_ids)                             # [b, C]
+        logits = completion_logits(policy, policy.encode(prompts), ans.input_ids, ans.attention_mask)  # [b, C, V]
+        logp = rlsd.token_logprobs(logits, ans.input_ids)                                                 # [b, C]
         loss = -(logp * ans.attention_mask).sum() / ans.attention_mask.sum()
         loss.backward()
         opt.step()
@@ -1385,11 +1344,10 @@ def evaluate(policy, rows, args):
     """Held-out accuracy, decoded as --eval-decoding says, scored by the same reward function as training."""
     policy.model.eval()
     mine = rows[dist_rank()::dist_world()]  # each rank its share (as many rows each: see train)
-    prompts = [student_prompt(policy, r) for r in mine]
     cuda = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # its own draws: an eval leaves the training run as it was
         torch.manual_seed(args.seed + 1 + dist_rank())
-        ids, mask, _, _ = generate(policy, prompts, mine, args, args.eval_decoding)
+        ids, mask, _, _ = generate(policy, [student_prompt(policy, r) for r in mine], mine, args, args.eval_decoding)
     texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
     return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)  # (all_sum moves it where NCCL wants)
 
@@ -1431,15 +1389,11 @@ def credit_sums(adv, teacher_logp, student, mask, thought, eps_w):
 def step_means(sums, n_tok):
     """Every rank's sums in one all-reduce (one device sync), then each a mean: the loss as it is, the per-live
     metrics over the live tokens (none: no mean), the rest over all response tokens."""
-    keys = list(sums)
-    totals = all_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=n_tok.device) for k in keys]))
-    sums = dict(zip(keys, totals.tolist()))
+    totals = all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=n_tok.device) for v in sums.values()]))
+    sums = dict(zip(sums, totals.tolist()))
     ntok, live = max(n_tok.item(), 1.0), sums.get("rlsd/live_frac", 0.0)
-    out = {"loss": sums.pop("loss")}
-    for k, v in sums.items():
-        if not (k in PER_LIVE and live == 0):
-            out[k] = v / (live if k in PER_LIVE else ntok)
-    return out
+    return {k: v if k == "loss" else v / (live if k in PER_LIVE else ntok) for k, v in sums.items()
+            if not (k in PER_LIVE and live == 0)}
 
 
 def reporter(args):
@@ -1493,14 +1447,13 @@ def save_atomic(folder, write):
     try:
         write(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
-        written = folder_size(tmp)
+        written, parent = folder_size(tmp), os.path.dirname(folder)
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(os.path.dirname(folder) or ".").free
+        free = shutil.disk_usage(parent or ".").free
         if getattr(e, "errno", None) != errno.ENOSPC and free > 2 * max(written, 1 << 20):
             raise
-        parent = os.path.dirname(folder)
         kept = [os.path.basename(c) for c in checkpoints(parent)]
-        need = max([written] + [folder_size(c) for c in checkpoints(parent)])
+        need = max([written] + [folder_size(os.path.join(parent, c)) for c in kept])
         raise ConfigError(f"no space left on the disk of {parent!r} while writing {os.path.basename(folder)} (one "
                           f"needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free); "
                           f"{', '.join(kept) or 'no checkpoint'} {'are' if len(kept) > 1 else 'is'} intact; free "
@@ -1513,15 +1466,14 @@ def save_atomic(folder, write):
 
 
 def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank):
-    """A Hugging Face folder (from_pretrained loads it; LoRA adapters merged in) plus trainer_state.pt with all
-    that --resume needs: optimizer, scheduler, data position, teacher snapshot, RNG, and the raw adapters.
-    Under torchrun every rank calls this: rank 0 writes the folder, each rank its own resume state."""
+    """A Hugging Face folder (adapters merged in; the raw ones beside) and trainer_state.pt: all --resume needs. Under
+    torchrun every rank calls this: rank 0 writes the folder, each rank its own resume state."""
     folder, rank = os.path.join(args.output_dir, f"checkpoint-{step}"), dist_rank()
     weights = full_state_dict(policy, lora_rank)  # a collective under FSDP2: the full weights, on rank 0
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "lora_rank": lora_rank,
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "args": vars(args),
              "sampler": (sampler.epoch, sampler.pos), "teacher": teacher.state(),
-             "args": vars(args), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                                         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     if rank:
         torch.save(state, f"{folder}.{state_file(rank)}")
     barrier()
@@ -1555,13 +1507,11 @@ def whole_checkpoint(output_dir, world):
         try:
             for r in range(world):
                 torch.load(os.path.join(folder, state_file(r)), weights_only=False, map_location="cpu")
-            weights = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
             index = os.path.join(folder, "model.safetensors.index.json")
             needed = (set(json.load(open(index))["weight_map"].values()) if os.path.isfile(index)
                       else {"model.safetensors"})
-            for name in needed | set(weights):
-                with safe_open(os.path.join(folder, name), "pt") as f:
-                    f.keys()
+            for name in needed | {f for f in os.listdir(folder) if f.endswith(".safetensors")}:
+                safe_open(os.path.join(folder, name), "pt").keys()  # reads and checks the header
             return folder
         except Exception as e:
             print(f"warning: {folder} is damaged ({type(e).__name__}: {str(e)[:120]}); resuming from the one before "
@@ -1604,15 +1554,13 @@ def state_file(rank):
 
 def rotate_checkpoints(output_dir, step):
     """Keep checkpoint-{step} and the one before it; never touch a later step's."""
-    older = [c for c in checkpoints(output_dir) if checkpoint_step(c) < step]
-    for old in older[:-1]:
+    for old in [c for c in checkpoints(output_dir) if checkpoint_step(c) < step][:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoints(output_dir):
     """Finished checkpoint folders, oldest first (a '.tmp' folder is an interrupted write and never counts)."""
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    found = [os.path.join(output_dir, n) for n in names if re.fullmatch(r"checkpoint-\d+", n)]
+    found = [f for f in run_files(output_dir) if re.search(r"checkpoint-\d+$", f)]
     return sorted((f for f in found if os.path.isfile(os.path.join(f, "trainer_state.pt"))), key=checkpoint_step)
 
 
@@ -1621,9 +1569,8 @@ def checkpoint_step(folder):
 
 
 def check_output_dir(args):
-    """--output-dir is usable: a writable folder that holds no other run, unless --resume (continue it) or
-    --overwrite (start over). A run stopped before its first step left nothing to lose (a base accuracy alone is
-    measured again): its folder is reused. Changes nothing. Returns the checkpoint to resume from, or None."""
+    """--output-dir is a writable folder with no other run, unless --resume (continue it) or --overwrite; a run stopped
+    before its first step lost nothing and is reused. Changes nothing. Returns the checkpoint to resume, or None."""
     out, log = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--output-dir {out!r} is a file; pass a folder")
@@ -1636,8 +1583,7 @@ def check_output_dir(args):
     made = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise ConfigError(f"cannot write to --output-dir {out!r} ({e.strerror}); pass a writable folder") from None
     barrier()  # every rank has looked before rank 0 tidies up
@@ -1677,10 +1623,9 @@ def reset_output_dir(args, start):
 # Optional: a colocated vLLM engine samples rollouts and evaluation (--use-vllm)
 # ---------------------------------------------------------------------------------------------------------------------
 class VLLMEngine:
-    """generate() in vLLM, with a paged KV cache and continuous batching: the same distribution and outputs. It lives
-    in this process (one per rank under torchrun) and loads no weights of its own: before each call it gets the
-    policy's, so it samples the policy of the last optimizer step. On a GPU it sleeps between calls (weights to host
-    memory, KV cache freed), so the teacher pass and the update get that memory back."""
+    """generate() in vLLM (paged KV cache, continuous batching): the same distribution and outputs. In this process
+    (one per rank under torchrun), given the policy's weights before each call: it samples the last step's policy. On
+    a GPU it sleeps between calls (weights to host memory, KV cache freed): the teacher and the update get it back."""
 
     IMAGES = 8  # images per prompt the engine makes room for: its context is prompt + completion + image tokens
 
@@ -1777,12 +1722,10 @@ class VLLMEngine:
         outs = [o.outputs[0] for o in self.llm.generate(prompts, sp, use_tqdm=False)]
         if self.gpu:
             self.llm.sleep(level=1)  # level 2 would drop the weights too, but is known to corrupt some models
-        ids = torch.full((len(outs), max(len(o.token_ids) for o in outs)), policy.tokenizer.pad_token_id)  # [B, C]
-        mask, logps = torch.zeros_like(ids), torch.zeros(ids.shape)                                     # [B, C]
-        for b, o in enumerate(outs):
-            n = len(o.token_ids)
-            ids[b, :n], mask[b, :n] = torch.tensor(o.token_ids), 1
-            logps[b, :n] = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)])
+        pad = lambda seqs, value=0: torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
+        ids = pad([torch.tensor(o.token_ids, dtype=torch.long) for o in outs], policy.tokenizer.pad_token_id)  # [B, C]
+        mask = pad([torch.ones(len(o.token_ids), dtype=torch.long) for o in outs])                          # [B, C]
+        logps = pad([torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)]) for o in outs])  # [B, C]
         truncated = torch.tensor([o.finish_reason == "length" for o in outs])                          # [B]
         return tuple(x.to(policy.device) for x in (ids, mask, truncated, logps))
 
@@ -1922,8 +1865,7 @@ def vision_dummy(policy):
 
 
 def reshard(model):
-    """FSDP2 leaves the root's weights gathered after a forward: shard them again, so that every parameter is this
-    rank's shard (a DTensor), as the teacher's snapshot is."""
+    """FSDP2 leaves the root's weights gathered after a forward: shard them again, as the teacher's snapshot is."""
     from torch.distributed.fsdp import FSDPModule
     for module in model.modules() if sharded(model) else []:
         if isinstance(module, FSDPModule):
@@ -1931,8 +1873,7 @@ def reshard(model):
 
 
 def full_state_dict(policy, lora_rank):
-    """The weights for a Hugging Face folder, on rank 0's CPU: adapters merged in (one tensor at a time), FSDP2
-    shards gathered."""
+    """The weights for a Hugging Face folder on rank 0's CPU: adapters merged in, FSDP2 shards gathered."""
     if lora_rank:  # DDP: every rank holds the weights; only rank 0 writes them
         return None if dist_rank() else {n: t.cpu() for n, t in merged_weights(policy.model)}
     if dist_world() == 1:
