@@ -6,7 +6,7 @@ sides are capped in length and no pattern can backtrack, so every call ends with
 
     extract_answer(completion) -> str | None     the last <answer>..</answer>, else the last \boxed{..} / \fbox{..},
     verify(completion, reference) -> 1.0 | 0.0   else the line after the last "answer is", "answer:" or "####"
-    python verify.py "COMPLETION" "REFERENCE"     prints both normal forms and the verdict
+    python verify.py "COMPLETION" "REFERENCE"     prints the extracted answer and the verdict
 
 Disagreeing boxes (or tags) form one unordered list: "\boxed{3} or \boxed{4}" only matches "3, 4".
 Both sides are normalised the same way:
@@ -52,8 +52,9 @@ class _Reject(Exception):
 
 # ---------------------------------------------------------------- extraction
 
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*(?=(\{|[^\s$]{1,100}))")   # \boxed{..} or \boxed 5
 _BRACE = re.compile(r"\\[\s\S]|[{}]")          # an escaped character is skipped whole
+_TAG = re.compile(r"<answer>((?:(?!<answer>)[\s\S])*?)</answer>")
 _LAST_CUE = re.compile(r"(?s:.*)(?:answer\s*(?:is|:)|####)", re.IGNORECASE)
 
 
@@ -72,24 +73,16 @@ def _finals(completion: str) -> list[str]:
     text = completion[-MAX_COMPLETION:]
     if text.count("<answer>") > MAX_FINALS or text.count("\\boxed") + text.count("\\fbox") > MAX_FINALS:
         return []
-    found, pos = [], 0
-    while (end := text.find("</answer>", pos)) >= 0:
-        if (start := text.rfind("<answer>", pos, end)) >= 0:   # the last opener before it
-            found.append(text[start + 8:end])
-        pos = end + 9
-    end = 0
+    found, end = _TAG.findall(text), 0                 # each </answer> with the last opener before it
     for m in [] if found else _BOX.finditer(text):
         if m.start() < end:                         # a box inside the previous box
             continue
-        if text.startswith("{", j := m.end()):
-            if (end := _close_brace(text, j)) > 0:  # an unclosed box is not an answer
-                found.append(text[j + 1:end])
-        elif token := re.match(r"[^\s$]{1,100}", text[j:j + 100]):   # \boxed 5
-            found.append(token[0])
-    if found:
+        if m[1] != "{":
+            found.append(m[1])
+        elif (end := _close_brace(text, m.end())) > 0:    # an unclosed box is not an answer
+            found.append(text[m.end() + 1:end])
+    if found or not (m := _LAST_CUE.match(text)):
         return [f.strip() for f in found]
-    if not (m := _LAST_CUE.match(text)):
-        return []
     line = text[m.end():].lstrip(" :\t")
     if line.startswith(("\\[", "\\(")) and (k := line.find("\\" + "])"[line[1] == "("], 0, MAX_ANSWER)) > 0:
         return [line[2:k].strip()]                                  # display math may span lines
@@ -107,6 +100,7 @@ def extract_answer(completion: str) -> str | None:
 _UNICODE = str.maketrans({"−": "-", "–": "-", "×": r"\times ", "·": r"\cdot ", "÷": "/",
                           "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ",
                           "∪": r"\cup ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "°": ""})
+_THOUSANDS = re.compile(r"\A[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?[^\d,]*\Z")
 _WRAPPER = re.compile(r"\\(?:boxed|fbox|text\w*|math(?:rm|bf|it|sf|tt)|mbox|operatorname)\s*\{")
 # Whitespace is collapsed first, so that no pattern below has a run of spaces to scan more than once.
 _CLEANUP = [(re.compile(p), r) for p, r in [
@@ -134,9 +128,7 @@ def _clean(s: str) -> str:
     for pattern, repl in _CLEANUP:
         s = pattern.sub(repl, s)
     s = s.strip().strip("*").strip().rstrip(".,;").strip()
-    if m := re.fullmatch(r"([+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?)([^\d,]*)", s):   # 1,234 is one number
-        s = m[1].replace(",", "") + m[2]
-    return s
+    return _THOUSANDS.sub(lambda m: m[0].replace(",", ""), s)   # 1,234 is one number
 
 
 # ---------------------------------------------------------------- structure
@@ -406,22 +398,19 @@ def _unsimplified(tree) -> bool:
     if op in ("add", "sub", "mul", "pow", "fact") and _literal(tree) is None \
             and all(_literal(k) is not None for k in kids):
         return True
-    if op == "sqrt" and tree[2] is None and (v := _literal(tree[1])) is not None \
-            and v.denominator == 1 and 0 < v <= 10**6 \
-            and any(v % (p * p) == 0 for p in range(2, math.isqrt(int(v)) + 1)):
+    if op == "sqrt" and tree[2] is None and (v := _literal(tree[1])) is not None and v.denominator == 1 \
+            and 0 < v <= 10**6 and any(v % (p * p) == 0 for p in range(2, math.isqrt(int(v)) + 1)):
         return True                                         # a square factor left under the root
     return op == "fn" and not _vars(tree) or any(map(_unsimplified, kids))
 
 
 def _factored(tree) -> bool:
     """Product form like 2(k+1) or (a+5)(b+2), as opposed to a sum of terms."""
-    while tree[0] == "neg":
-        tree = tree[1]
+    if tree[0] in ("neg", "div"):                           # -(a+5)(b+2), \frac{(a+5)(b+2)}{3}
+        return _factored(tree[1])
     if tree[0] == "mul":
         return any(k[0] in ("add", "sub") or _factored(k) for k in tree[1:3])
-    if tree[0] == "pow":
-        return tree[1][0] in ("add", "sub")
-    return tree[0] == "div" and _factored(tree[1])
+    return tree[0] == "pow" and tree[1][0] in ("add", "sub")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -461,11 +450,13 @@ class _Checker:
     """Compares normal forms; holds the work budget of one verify() call."""
     work = 0
 
-    def charge(self, *values: Fraction):
+    def charge(self, *values: Fraction) -> tuple:
+        """The values, once their big-number work is within the budget."""
         bits = max(map(_bits, values))
         self.work += 1 + (bits // 1000) ** 2
         if self.work > WORK_BUDGET or bits > MAX_BITS:
             raise _Reject("too much work")
+        return values
 
     def ev(self, t, env):
         """The value of tree t: a Fraction when exact, else a complex."""
@@ -481,17 +472,12 @@ class _Checker:
         if op == "fact":
             if not (exact and v[0].denominator == 1 and 0 <= v[0] <= 3000):
                 raise _Reject("bad factorial")
-            self.charge(f := Fraction(math.factorial(int(v[0]))))
-            return f
+            return self.charge(Fraction(math.factorial(int(v[0]))))[0]
         if op == "sqrt":
             return self.root(v[0], v[1] if len(v) > 1 else Fraction(2))
         if op == "pow":
             return self.power(*v)
-        if op not in ("add", "sub", "mul", "div"):
-            raise _Reject(f"cannot evaluate {op}")          # infinity, base-n numerals
-        a, b = v if exact else map(_inexact, v)
-        if exact:
-            self.charge(a, b)
+        a, b = self.charge(*v) if exact else map(_inexact, v)   # infinity and base-n numerals never get here
         r = a + b if op == "add" else a - b if op == "sub" else a * b if op == "mul" else a / b
         return r if exact else _finite(r)
 
@@ -534,16 +520,13 @@ class _Checker:
         if names and _factored(ct) != _factored(rt):
             return False
         rng = random.Random(2024)                           # fixed seed: reproducible verdicts
-        points = [{v: Fraction(rng.randint(1, 60), rng.randint(61, 97)) + rng.randint(-3, 3)
-                   for v in names} for _ in range(N_POINTS if names else 1)]
         defined, decimal = 0, _has(ct, ("dec",)) or _has(rt, ("dec",))
-        for env in points:
+        for _ in range(N_POINTS if names else 1):
+            env = {v: Fraction(rng.randint(1, 60), rng.randint(61, 97)) + rng.randint(-3, 3) for v in names}
             a, b = (self.defined(t, env) for t in (ct, rt))
-            if (a is None) != (b is None):
-                return False
-            if a is None:
+            if a is None and b is None:                     # undefined on both sides: no evidence either way
                 continue
-            if not (isinstance(a, Fraction) and isinstance(b, Fraction)) and decimal or \
+            if a is None or b is None or not (isinstance(a, Fraction) and isinstance(b, Fraction)) and decimal or \
                     not names and isinstance(a, Fraction) != isinstance(b, Fraction):
                 return False                                # 1.4142, 0.5\sqrt2, \sqrt{0.5}: never irrational
             if not any(_close(x, y) for x in (a, a / 100)[:1 + cpct] for y in (b, b / 100)[:1 + rpct]):
@@ -591,9 +574,8 @@ class _Checker:
 def check(completion: str, reference: str) -> float:
     """verify() without its safety net: a bug in the parser raises here, so the tests call this."""
     finals, checker = list(dict.fromkeys(_finals(completion))), _Checker()   # distinct finals, in order
-    if finals and all(checker.matches(f, reference) for f in finals):
-        return 1.0
-    return float(len(finals) > 1 and checker.matches(", ".join(finals), reference))   # disagreeing: one list
+    return float(bool(finals) and all(checker.matches(f, reference) for f in finals)
+                 or len(finals) > 1 and checker.matches(", ".join(finals), reference))   # disagreeing: one list
 
 
 def verify(completion: str, reference: str) -> float:
