@@ -214,7 +214,7 @@ def _parse_item(s: str) -> tuple:
     if m := _MIXED.fullmatch(s):                                     # 2\frac{1}{2} and 1 4/5 are mixed numbers
         s = m[1] + str(int(m[2]) + Fraction(int(m[3] or m[4] or m[7]), int(m[5] or m[6] or m[8])))
     signs = ("+", "-") if "\\pm" in s else ("-", "+") if "\\mp" in s else ("",)
-    return tuple(("expr", _tree(re.sub(r"\\(?:pm|mp)(?![A-Za-z])", lambda _: sign, s, 1)), pct)
+    return tuple(("expr", _Parser(re.sub(r"\\(?:pm|mp)(?![A-Za-z])", lambda _: sign, s, 1)).tree, pct)
                  for sign in signs)                                  # 1 \pm \sqrt2: two answers
 
 
@@ -225,22 +225,24 @@ _GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta 
 _FUNCS = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "cot": lambda z: 1 / cmath.tan(z), "ln": cmath.log,
           "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z), "log": cmath.log, "exp": cmath.exp}
 _ATOM_COMMANDS = _GREEK | set(_FUNCS) | {"frac", "sqrt", "pi", "infty"}
-_TOKEN = re.compile(r"\\(?:[A-Za-z]+|.)|.", re.S)
+_TOKEN = re.compile(r" *(\\(?:[A-Za-z]+|.)|.|)", re.S)     # spaces, then a \command or one character
 _NUM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,3})(?!\d))?")
 _SUBSCRIPT = re.compile(r"_(?:\{(\w{1,10})\}|(\w))")
 
 
 class _Parser:
-    """Recursive descent over LaTeX-ish math.  Trees are tuples: ("add", a, b), ("num", q)."""
+    """Recursive descent over LaTeX-ish math, all of it or _Reject.  Trees are tuples: ("add", a, b), ("num", q)."""
 
     def __init__(self, s: str):
         self.s, self.i, self.depth, self.count = s, 0, 0, 0
+        self.tree = self.expr()
+        if self.peek():
+            raise _Reject(f"unexpected {s[self.i:self.i + 10]!r}")
 
     def peek(self) -> str:
         """The next token, not consumed: a \\command or one character ("" at the end)."""
-        while self.s.startswith(" ", self.i):
-            self.i += 1
-        return m[0] if (m := _TOKEN.match(self.s, self.i)) else ""
+        self.i = (m := _TOKEN.match(self.s, self.i)).start(1)
+        return m[1]
 
     def eat(self, token: str, required: bool = False) -> bool:
         if found := self.peek() == token:
@@ -265,8 +267,7 @@ class _Parser:
     def term(self):
         tree = self.unary()
         while True:
-            tok = self.peek()
-            if tok in ("*", "/", "\\cdot", "\\times", "\\div"):
+            if (tok := self.peek()) in ("*", "/", "\\cdot", "\\times", "\\div"):
                 self.i += len(tok)
                 tree = self.node("div" if tok in ("/", "\\div") else "mul", tree, self.unary())
             elif tok[:1].isalnum() or tok in ("(", "[", "{") or tok[1:] in _ATOM_COMMANDS:
@@ -284,9 +285,7 @@ class _Parser:
         tree = self.atom()
         while self.eat("!"):
             tree = self.node("fact", tree)
-        if self.eat("^"):                                   # right-associative: 9^9^9 = 9^(9^9)
-            tree = self.node("pow", tree, self.unary())
-        return tree
+        return self.node("pow", tree, self.unary()) if self.eat("^") else tree   # right-associative: 9^9^9 = 9^(9^9)
 
     def arg(self):
         """A macro argument: {..}, (..), a command or one character, as in \\frac43 or \\sqrt2."""
@@ -343,14 +342,6 @@ class _Parser:
             raise _Reject(f"unexpected {tok!r}")
         self.depth -= 1
         return tree
-
-
-def _tree(s: str):
-    """Expression text -> tree, all of it or nothing."""
-    tree = (parser := _Parser(s)).expr()
-    if parser.peek():
-        raise _Reject(f"unexpected {s[parser.i:parser.i + 10]!r}")
-    return tree
 
 
 # ---------------------------------------------------------------- form rules
@@ -419,14 +410,11 @@ def _bits(q: Fraction) -> int:
     return max(q.numerator.bit_length(), q.denominator.bit_length())
 
 
-def _inexact(v) -> complex:
+def _complex(v) -> complex:
+    """v (a Fraction, or an inexact result) as a finite complex number."""
     if isinstance(v, Fraction) and v and not float(v):      # float() raises OverflowError if huge
         raise _Reject("underflow")                          # 1/2004! must not become 0.0
-    return complex(v)
-
-
-def _finite(z: complex) -> complex:
-    if not cmath.isfinite(z):
+    if not cmath.isfinite(z := complex(v)):
         raise _Reject("overflow")
     return z
 
@@ -442,7 +430,7 @@ def _iroot(n: int, k: int) -> int | None:
 def _close(a, b) -> bool:
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return a == b
-    a, b = _inexact(a), _inexact(b)
+    a, b = _complex(a), _complex(b)
     return abs(a - b) <= REL_TOL * max(abs(a), abs(b))
 
 
@@ -468,7 +456,7 @@ class _Checker:
         if op in ("neg", "abs"):
             return -v[0] if op == "neg" else abs(v[0])
         if op == "fn":
-            return _finite(_FUNCS[t[1]](_inexact(v[0])))
+            return _complex(_FUNCS[t[1]](_complex(v[0])))
         if op == "fact":
             if not (exact and v[0].denominator == 1 and 0 <= v[0] <= 3000):
                 raise _Reject("bad factorial")
@@ -477,9 +465,9 @@ class _Checker:
             return self.root(v[0], v[1] if len(v) > 1 else Fraction(2))
         if op == "pow":
             return self.power(*v)
-        a, b = self.charge(*v) if exact else map(_inexact, v)   # infinity and base-n numerals never get here
+        a, b = self.charge(*v) if exact else map(_complex, v)   # infinity and base-n numerals never get here
         r = a + b if op == "add" else a - b if op == "sub" else a * b if op == "mul" else a / b
-        return r if exact else _finite(r)
+        return r if exact else _complex(r)
 
     def power(self, a, b):
         if isinstance(a, Fraction) and isinstance(b, Fraction) and b.denominator <= 100:
@@ -488,20 +476,18 @@ class _Checker:
                 raise _Reject("power too large")            # 9^9^9^9, 10^{10^{10}}
             p = a ** b.numerator
             return p if b.denominator == 1 else self.root(p, Fraction(b.denominator))
-        return _finite(_inexact(a) ** _inexact(b))           # OverflowError if huge: no match
+        return _complex(_complex(a) ** _complex(b))           # OverflowError if huge: no match
 
     def root(self, v, k):
         if not (isinstance(k, Fraction) and k.denominator == 1 and 2 <= k <= 100):
             raise _Reject("bad root")
         k = int(k)
-        if isinstance(v, Fraction) and (v >= 0 or k % 2):
+        if isinstance(v, Fraction) and (v >= 0 or k % 2):  # real: the odd root of a negative is minus that of -v
             self.charge(v)                                  # exact if a perfect power
             n, d = _iroot(abs(v.numerator), k), _iroot(v.denominator, k)
-            if n is not None and d is not None:
-                return Fraction(n if v >= 0 else -n, d)
-            if v < 0:                                       # the real odd root of a negative
-                return -_finite(_inexact(-v) ** (1 / k))
-        return _finite(_inexact(v) ** (1 / k))
+            r = Fraction(n, d) if n is not None and d is not None else _complex(_complex(abs(v)) ** (1 / k))
+            return r if v >= 0 else -r
+        return _complex(_complex(v) ** (1 / k))
 
     def defined(self, t, env):
         """The value at one point, or None where undefined (division by zero, log 0)."""
@@ -514,11 +500,10 @@ class _Checker:
         (_, ct, cpct), (_, rt, rpct) = c, r
         if _has(ct, ("infty", "base")) or _has(rt, ("infty", "base")):   # by structure; 52 answers 52_8
             return ct == rt or {ct[0], rt[0]} == {"base", "num"} and str(ct[1]) == str(rt[1])
-        if _literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt):
-            return False                                    # the gold is 7: "3+4" is not final
         names = sorted(_vars(ct) | _vars(rt))
-        if names and _factored(ct) != _factored(rt):
-            return False
+        if _literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt) \
+                or names and _factored(ct) != _factored(rt):
+            return False                                    # not final: "3+4" for 7, (x+2)(x+5) for x^2+7x+10
         rng = random.Random(2024)                           # fixed seed: reproducible verdicts
         defined, decimal = 0, _has(ct, ("dec",)) or _has(rt, ("dec",))
         for _ in range(N_POINTS if names else 1):
