@@ -52,7 +52,7 @@ class _Reject(Exception):
 
 # ---------------------------------------------------------------- extraction
 
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*(?=(\{|[^\s$]{1,100}))")   # \boxed{..} or \boxed 5
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*(?=\{|([^\s${][^\s$]{0,99}))")   # \boxed{..} or \boxed 5
 _BRACE = re.compile(r"\\[\s\S]|[{}]")          # an escaped character is skipped whole
 _TAG = re.compile(r"<answer>((?:(?!<answer>)[\s\S])*?)</answer>")
 _LAST_CUE = re.compile(r"(?s:.*)(?:answer\s*(?:is|:)|####)", re.IGNORECASE)
@@ -77,10 +77,8 @@ def _finals(completion: str) -> list[str]:
     for m in [] if found else _BOX.finditer(text):
         if m.start() < end:                         # a box inside the previous box
             continue
-        if m[1] != "{":
-            found.append(m[1])
-        elif (end := _close_brace(text, m.end())) > 0:    # an unclosed box is not an answer
-            found.append(text[m.end() + 1:end])
+        if m[1] or (end := _close_brace(text, m.end())) > 0:   # an unclosed \boxed{ is not an answer
+            found.append(m[1] or text[m.end() + 1:end])
     if found or not (m := _LAST_CUE.match(text)):
         return [f.strip() for f in found]
     line = text[m.end():].lstrip(" :\t")
@@ -100,7 +98,6 @@ def extract_answer(completion: str) -> str | None:
 _UNICODE = str.maketrans({"−": "-", "–": "-", "×": r"\times ", "·": r"\cdot ", "÷": "/",
                           "π": r"\pi ", "√": r"\sqrt", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ",
                           "∪": r"\cup ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "°": ""})
-_THOUSANDS = re.compile(r"\A[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?[^\d,]*\Z")
 _WRAPPER = re.compile(r"\\(?:boxed|fbox|text\w*|math(?:rm|bf|it|sf|tt)|mbox|operatorname)\s*\{")
 # Whitespace is collapsed first, so that no pattern below has a run of spaces to scan more than once.
 _CLEANUP = [(re.compile(p), r) for p, r in [
@@ -119,7 +116,7 @@ _CLEANUP = [(re.compile(p), r) for p, r in [
 
 
 def _clean(s: str) -> str:
-    """Strip presentation but keep meaning."""
+    """Strip presentation but keep meaning; 1,234 is one number."""
     s, pos = s.translate(_UNICODE), 0
     while m := _WRAPPER.search(s, pos):           # \text{..}, \boxed{..}: keep the content
         if (k := _close_brace(s, m.end() - 1)) < 0:
@@ -128,7 +125,7 @@ def _clean(s: str) -> str:
     for pattern, repl in _CLEANUP:
         s = pattern.sub(repl, s)
     s = s.strip().strip("*").strip().rstrip(".,;").strip()
-    return _THOUSANDS.sub(lambda m: m[0].replace(",", ""), s)   # 1,234 is one number
+    return re.sub(r"\A[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?[^\d,]*\Z", lambda m: m[0].replace(",", ""), s)
 
 
 # ---------------------------------------------------------------- structure
@@ -226,8 +223,8 @@ _FUNCS = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "cot": lambda z:
           "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z), "log": cmath.log, "exp": cmath.exp}
 _ATOM_COMMANDS = _GREEK | set(_FUNCS) | {"frac", "sqrt", "pi", "infty"}
 _TOKEN = re.compile(r" *(\\(?:[A-Za-z]+|.)|.|)", re.S)     # spaces, then a \command or one character
-_NUM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,3})(?!\d))?")
-_SUBSCRIPT = re.compile(r"_(?:\{(\w{1,10})\}|(\w))")
+_NUM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,3})(?!\d))?(?:_(?:\{(\w{1,10})\}|(\w)))?")   # 52_8: base 8
+_NAME = re.compile(r".(?:_(?:\{\w{1,10}\}|\w))?", re.S)    # a letter, maybe with a subscript: x, a_1, x_{10}
 
 
 class _Parser:
@@ -303,18 +300,14 @@ class _Parser:
             if not (m := _NUM.match(self.s, self.i)):
                 raise _Reject("bad number")
             self.i = m.end()
-            if sub := _SUBSCRIPT.match(self.s, self.i):     # 52_8: a base-8 numeral
-                self.i = sub.end()
-                tree = self.node("base", m[1], sub[1] or sub[2])
+            if m[3] or m[4]:                                # 52_8: a base-8 numeral
+                tree = self.node("base", m[1], m[3] or m[4])
             else:
                 value = Fraction(m[1]) * Fraction(10) ** int(m[2] or 0)
                 tree = self.node("num", value, "dec") if "." in m[1] else self.node("num", value)
         elif tok.isalpha():                                 # one letter, one symbol: xy = x*y
-            self.i += 1
-            if sub := _SUBSCRIPT.match(self.s, self.i):     # a_1, x_{10}
-                self.i = sub.end()
-                tok += "_" + (sub[1] or sub[2])
-            tree = self.node("var", tok)
+            self.i = (m := _NAME.match(self.s, self.i)).end()
+            tree = self.node("var", m[0].replace("{", "").replace("}", ""))   # x_{10} is x_10
         elif tok in ("(", "[", "{", "|"):
             self.i += 1
             tree = self.expr()
@@ -375,10 +368,9 @@ def _literal(tree) -> Fraction | None:
     if op == "div":
         a, b = _literal(tree[1]), _literal(tree[2])
         return a / b if a is not None and b and a.denominator == b.denominator == 1 else None
-    if op == "pow" and tree[1] == ("num", 10):
-        k = _literal(tree[2])
-        return Fraction(10) ** int(k) if k is not None and k.denominator == 1 and abs(k) <= 400 else None
-    if op == "mul" and tree[1][0] == "num" and tree[2][0] == "pow" and tree[2][1] == ("num", 10):
+    if op == "pow" and tree[1] == ("num", 10) and (k := _literal(tree[2])) is not None and k.denominator == 1:
+        return Fraction(10) ** int(k) if abs(k) <= 400 else None
+    if op == "mul" and tree[1][0] == "num" and tree[2][0] == "pow":    # 1.5\times10^{6}
         return None if (p := _literal(tree[2])) is None else tree[1][1] * p
     return None
 
@@ -386,8 +378,7 @@ def _literal(tree) -> Fraction | None:
 def _unsimplified(tree) -> bool:
     """Arithmetic that a final answer should have finished: 3+4, 2\\cdot3, 2^5, 5!, \\sqrt8, \\sin 1."""
     op, kids = tree[0], _kids(tree)
-    if op in ("add", "sub", "mul", "pow", "fact") and _literal(tree) is None \
-            and all(_literal(k) is not None for k in kids):
+    if op in ("add", "sub", "mul", "pow", "fact") and _literal(tree) is None and None not in map(_literal, kids):
         return True
     if op == "sqrt" and tree[2] is None and (v := _literal(tree[1])) is not None and v.denominator == 1 \
             and 0 < v <= 10**6 and any(v % (p * p) == 0 for p in range(2, math.isqrt(int(v)) + 1)):
