@@ -1388,8 +1388,8 @@ MUTANTS = [
     ("a box outranks an <answer> tag", "verify.py", "for m in [] if found else _BOX.finditer(text):",
      "for m in _BOX.finditer(text):", ["test_verify_table"]),
     ("unfinished arithmetic is a final answer", "verify.py",
-     "if _literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt):",
-     "if False:", ["test_verify_table"]),
+     "_literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt) \\",
+     "False \\", ["test_verify_table"]),
     # bench.py: the evidence
     ("credit localisation AUC with its sign flipped", "bench.py", "rank_auc(-sign * torch.exp(sign * delta",
      "rank_auc(sign * torch.exp(sign * delta",

@@ -6,7 +6,7 @@ sides are capped in length and no pattern can backtrack, so every call ends with
 
     extract_answer(completion) -> str | None     the last <answer>..</answer>, else the last \boxed{..} / \fbox{..},
     verify(completion, reference) -> 1.0 | 0.0   else the line after the last "answer is", "answer:" or "####"
-    python verify.py "COMPLETION" "REFERENCE"     prints both normal forms and the verdict
+    python verify.py "COMPLETION" "REFERENCE"     prints the extracted answer and the verdict
 
 Disagreeing boxes (or tags) form one unordered list: "\boxed{3} or \boxed{4}" only matches "3, 4".
 Both sides are normalised the same way:
@@ -52,8 +52,9 @@ class _Reject(Exception):
 
 # ---------------------------------------------------------------- extraction
 
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*(?=\{|([^\s${][^\s$]{0,99}))")   # \boxed{..} or \boxed 5
 _BRACE = re.compile(r"\\[\s\S]|[{}]")          # an escaped character is skipped whole
+_TAG = re.compile(r"<answer>((?:(?!<answer>)[\s\S])*?)</answer>")
 _LAST_CUE = re.compile(r"(?s:.*)(?:answer\s*(?:is|:)|####)", re.IGNORECASE)
 
 
@@ -72,24 +73,14 @@ def _finals(completion: str) -> list[str]:
     text = completion[-MAX_COMPLETION:]
     if text.count("<answer>") > MAX_FINALS or text.count("\\boxed") + text.count("\\fbox") > MAX_FINALS:
         return []
-    found, pos = [], 0
-    while (end := text.find("</answer>", pos)) >= 0:
-        if (start := text.rfind("<answer>", pos, end)) >= 0:   # the last opener before it
-            found.append(text[start + 8:end])
-        pos = end + 9
-    end = 0
+    found, end = _TAG.findall(text), 0                 # each </answer> with the last opener before it
     for m in [] if found else _BOX.finditer(text):
         if m.start() < end:                         # a box inside the previous box
             continue
-        if text.startswith("{", j := m.end()):
-            if (end := _close_brace(text, j)) > 0:  # an unclosed box is not an answer
-                found.append(text[j + 1:end])
-        elif token := re.match(r"[^\s$]{1,100}", text[j:j + 100]):   # \boxed 5
-            found.append(token[0])
-    if found:
+        if m[1] or (end := _close_brace(text, m.end())) > 0:   # an unclosed \boxed{ is not an answer
+            found.append(m[1] or text[m.end() + 1:end])
+    if found or not (m := _LAST_CUE.match(text)):
         return [f.strip() for f in found]
-    if not (m := _LAST_CUE.match(text)):
-        return []
     line = text[m.end():].lstrip(" :\t")
     if line.startswith(("\\[", "\\(")) and (k := line.find("\\" + "])"[line[1] == "("], 0, MAX_ANSWER)) > 0:
         return [line[2:k].strip()]                                  # display math may span lines
@@ -125,7 +116,7 @@ _CLEANUP = [(re.compile(p), r) for p, r in [
 
 
 def _clean(s: str) -> str:
-    """Strip presentation but keep meaning."""
+    """Strip presentation but keep meaning; 1,234 is one number."""
     s, pos = s.translate(_UNICODE), 0
     while m := _WRAPPER.search(s, pos):           # \text{..}, \boxed{..}: keep the content
         if (k := _close_brace(s, m.end() - 1)) < 0:
@@ -134,9 +125,7 @@ def _clean(s: str) -> str:
     for pattern, repl in _CLEANUP:
         s = pattern.sub(repl, s)
     s = s.strip().strip("*").strip().rstrip(".,;").strip()
-    if m := re.fullmatch(r"([+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?)([^\d,]*)", s):   # 1,234 is one number
-        s = m[1].replace(",", "") + m[2]
-    return s
+    return re.sub(r"\A[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?[^\d,]*\Z", lambda m: m[0].replace(",", ""), s)
 
 
 # ---------------------------------------------------------------- structure
@@ -222,7 +211,7 @@ def _parse_item(s: str) -> tuple:
     if m := _MIXED.fullmatch(s):                                     # 2\frac{1}{2} and 1 4/5 are mixed numbers
         s = m[1] + str(int(m[2]) + Fraction(int(m[3] or m[4] or m[7]), int(m[5] or m[6] or m[8])))
     signs = ("+", "-") if "\\pm" in s else ("-", "+") if "\\mp" in s else ("",)
-    return tuple(("expr", _tree(re.sub(r"\\(?:pm|mp)(?![A-Za-z])", lambda _: sign, s, 1)), pct)
+    return tuple(("expr", _Parser(re.sub(r"\\(?:pm|mp)(?![A-Za-z])", lambda _: sign, s, 1)).tree, pct)
                  for sign in signs)                                  # 1 \pm \sqrt2: two answers
 
 
@@ -233,22 +222,24 @@ _GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta 
 _FUNCS = {"sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "cot": lambda z: 1 / cmath.tan(z), "ln": cmath.log,
           "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z), "log": cmath.log, "exp": cmath.exp}
 _ATOM_COMMANDS = _GREEK | set(_FUNCS) | {"frac", "sqrt", "pi", "infty"}
-_TOKEN = re.compile(r"\\(?:[A-Za-z]+|.)|.", re.S)
-_NUM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,3})(?!\d))?")
-_SUBSCRIPT = re.compile(r"_(?:\{(\w{1,10})\}|(\w))")
+_TOKEN = re.compile(r" *(\\(?:[A-Za-z]+|.)|.|)", re.S)     # spaces, then a \command or one character
+_NUM = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,3})(?!\d))?(?:_(?:\{(\w{1,10})\}|(\w)))?")   # 52_8: base 8
+_NAME = re.compile(r".(?:_(?:\{\w{1,10}\}|\w))?", re.S)    # a letter, maybe with a subscript: x, a_1, x_{10}
 
 
 class _Parser:
-    """Recursive descent over LaTeX-ish math.  Trees are tuples: ("add", a, b), ("num", q)."""
+    """Recursive descent over LaTeX-ish math, all of it or _Reject.  Trees are tuples: ("add", a, b), ("num", q)."""
 
     def __init__(self, s: str):
         self.s, self.i, self.depth, self.count = s, 0, 0, 0
+        self.tree = self.expr()
+        if self.peek():
+            raise _Reject(f"unexpected {s[self.i:self.i + 10]!r}")
 
     def peek(self) -> str:
         """The next token, not consumed: a \\command or one character ("" at the end)."""
-        while self.s.startswith(" ", self.i):
-            self.i += 1
-        return m[0] if (m := _TOKEN.match(self.s, self.i)) else ""
+        self.i = (m := _TOKEN.match(self.s, self.i)).start(1)
+        return m[1]
 
     def eat(self, token: str, required: bool = False) -> bool:
         if found := self.peek() == token:
@@ -273,8 +264,7 @@ class _Parser:
     def term(self):
         tree = self.unary()
         while True:
-            tok = self.peek()
-            if tok in ("*", "/", "\\cdot", "\\times", "\\div"):
+            if (tok := self.peek()) in ("*", "/", "\\cdot", "\\times", "\\div"):
                 self.i += len(tok)
                 tree = self.node("div" if tok in ("/", "\\div") else "mul", tree, self.unary())
             elif tok[:1].isalnum() or tok in ("(", "[", "{") or tok[1:] in _ATOM_COMMANDS:
@@ -292,9 +282,7 @@ class _Parser:
         tree = self.atom()
         while self.eat("!"):
             tree = self.node("fact", tree)
-        if self.eat("^"):                                   # right-associative: 9^9^9 = 9^(9^9)
-            tree = self.node("pow", tree, self.unary())
-        return tree
+        return self.node("pow", tree, self.unary()) if self.eat("^") else tree   # right-associative: 9^9^9 = 9^(9^9)
 
     def arg(self):
         """A macro argument: {..}, (..), a command or one character, as in \\frac43 or \\sqrt2."""
@@ -312,18 +300,14 @@ class _Parser:
             if not (m := _NUM.match(self.s, self.i)):
                 raise _Reject("bad number")
             self.i = m.end()
-            if sub := _SUBSCRIPT.match(self.s, self.i):     # 52_8: a base-8 numeral
-                self.i = sub.end()
-                tree = self.node("base", m[1], sub[1] or sub[2])
+            if m[3] or m[4]:                                # 52_8: a base-8 numeral
+                tree = self.node("base", m[1], m[3] or m[4])
             else:
                 value = Fraction(m[1]) * Fraction(10) ** int(m[2] or 0)
                 tree = self.node("num", value, "dec") if "." in m[1] else self.node("num", value)
         elif tok.isalpha():                                 # one letter, one symbol: xy = x*y
-            self.i += 1
-            if sub := _SUBSCRIPT.match(self.s, self.i):     # a_1, x_{10}
-                self.i = sub.end()
-                tok += "_" + (sub[1] or sub[2])
-            tree = self.node("var", tok)
+            self.i = (m := _NAME.match(self.s, self.i)).end()
+            tree = self.node("var", m[0].replace("{", "").replace("}", ""))   # x_{10} is x_10
         elif tok in ("(", "[", "{", "|"):
             self.i += 1
             tree = self.expr()
@@ -351,14 +335,6 @@ class _Parser:
             raise _Reject(f"unexpected {tok!r}")
         self.depth -= 1
         return tree
-
-
-def _tree(s: str):
-    """Expression text -> tree, all of it or nothing."""
-    tree = (parser := _Parser(s)).expr()
-    if parser.peek():
-        raise _Reject(f"unexpected {s[parser.i:parser.i + 10]!r}")
-    return tree
 
 
 # ---------------------------------------------------------------- form rules
@@ -392,10 +368,9 @@ def _literal(tree) -> Fraction | None:
     if op == "div":
         a, b = _literal(tree[1]), _literal(tree[2])
         return a / b if a is not None and b and a.denominator == b.denominator == 1 else None
-    if op == "pow" and tree[1] == ("num", 10):
-        k = _literal(tree[2])
-        return Fraction(10) ** int(k) if k is not None and k.denominator == 1 and abs(k) <= 400 else None
-    if op == "mul" and tree[1][0] == "num" and tree[2][0] == "pow" and tree[2][1] == ("num", 10):
+    if op == "pow" and tree[1] == ("num", 10) and (k := _literal(tree[2])) is not None and k.denominator == 1:
+        return Fraction(10) ** int(k) if abs(k) <= 400 else None
+    if op == "mul" and tree[1][0] == "num" and tree[2][0] == "pow":    # 1.5\times10^{6}
         return None if (p := _literal(tree[2])) is None else tree[1][1] * p
     return None
 
@@ -403,25 +378,21 @@ def _literal(tree) -> Fraction | None:
 def _unsimplified(tree) -> bool:
     """Arithmetic that a final answer should have finished: 3+4, 2\\cdot3, 2^5, 5!, \\sqrt8, \\sin 1."""
     op, kids = tree[0], _kids(tree)
-    if op in ("add", "sub", "mul", "pow", "fact") and _literal(tree) is None \
-            and all(_literal(k) is not None for k in kids):
+    if op in ("add", "sub", "mul", "pow", "fact") and _literal(tree) is None and None not in map(_literal, kids):
         return True
-    if op == "sqrt" and tree[2] is None and (v := _literal(tree[1])) is not None \
-            and v.denominator == 1 and 0 < v <= 10**6 \
-            and any(v % (p * p) == 0 for p in range(2, math.isqrt(int(v)) + 1)):
+    if op == "sqrt" and tree[2] is None and (v := _literal(tree[1])) is not None and v.denominator == 1 \
+            and 0 < v <= 10**6 and any(v % (p * p) == 0 for p in range(2, math.isqrt(int(v)) + 1)):
         return True                                         # a square factor left under the root
     return op == "fn" and not _vars(tree) or any(map(_unsimplified, kids))
 
 
 def _factored(tree) -> bool:
     """Product form like 2(k+1) or (a+5)(b+2), as opposed to a sum of terms."""
-    while tree[0] == "neg":
-        tree = tree[1]
+    if tree[0] in ("neg", "div"):                           # -(a+5)(b+2), \frac{(a+5)(b+2)}{3}
+        return _factored(tree[1])
     if tree[0] == "mul":
         return any(k[0] in ("add", "sub") or _factored(k) for k in tree[1:3])
-    if tree[0] == "pow":
-        return tree[1][0] in ("add", "sub")
-    return tree[0] == "div" and _factored(tree[1])
+    return tree[0] == "pow" and tree[1][0] in ("add", "sub")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -430,14 +401,11 @@ def _bits(q: Fraction) -> int:
     return max(q.numerator.bit_length(), q.denominator.bit_length())
 
 
-def _inexact(v) -> complex:
+def _complex(v) -> complex:
+    """v (a Fraction, or an inexact result) as a finite complex number."""
     if isinstance(v, Fraction) and v and not float(v):      # float() raises OverflowError if huge
         raise _Reject("underflow")                          # 1/2004! must not become 0.0
-    return complex(v)
-
-
-def _finite(z: complex) -> complex:
-    if not cmath.isfinite(z):
+    if not cmath.isfinite(z := complex(v)):
         raise _Reject("overflow")
     return z
 
@@ -453,7 +421,7 @@ def _iroot(n: int, k: int) -> int | None:
 def _close(a, b) -> bool:
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return a == b
-    a, b = _inexact(a), _inexact(b)
+    a, b = _complex(a), _complex(b)
     return abs(a - b) <= REL_TOL * max(abs(a), abs(b))
 
 
@@ -461,11 +429,13 @@ class _Checker:
     """Compares normal forms; holds the work budget of one verify() call."""
     work = 0
 
-    def charge(self, *values: Fraction):
+    def charge(self, *values: Fraction) -> tuple:
+        """The values, once their big-number work is within the budget."""
         bits = max(map(_bits, values))
         self.work += 1 + (bits // 1000) ** 2
         if self.work > WORK_BUDGET or bits > MAX_BITS:
             raise _Reject("too much work")
+        return values
 
     def ev(self, t, env):
         """The value of tree t: a Fraction when exact, else a complex."""
@@ -477,23 +447,18 @@ class _Checker:
         if op in ("neg", "abs"):
             return -v[0] if op == "neg" else abs(v[0])
         if op == "fn":
-            return _finite(_FUNCS[t[1]](_inexact(v[0])))
+            return _complex(_FUNCS[t[1]](_complex(v[0])))
         if op == "fact":
             if not (exact and v[0].denominator == 1 and 0 <= v[0] <= 3000):
                 raise _Reject("bad factorial")
-            self.charge(f := Fraction(math.factorial(int(v[0]))))
-            return f
+            return self.charge(Fraction(math.factorial(int(v[0]))))[0]
         if op == "sqrt":
             return self.root(v[0], v[1] if len(v) > 1 else Fraction(2))
         if op == "pow":
             return self.power(*v)
-        if op not in ("add", "sub", "mul", "div"):
-            raise _Reject(f"cannot evaluate {op}")          # infinity, base-n numerals
-        a, b = v if exact else map(_inexact, v)
-        if exact:
-            self.charge(a, b)
+        a, b = self.charge(*v) if exact else map(_complex, v)   # infinity and base-n numerals never get here
         r = a + b if op == "add" else a - b if op == "sub" else a * b if op == "mul" else a / b
-        return r if exact else _finite(r)
+        return r if exact else _complex(r)
 
     def power(self, a, b):
         if isinstance(a, Fraction) and isinstance(b, Fraction) and b.denominator <= 100:
@@ -502,20 +467,18 @@ class _Checker:
                 raise _Reject("power too large")            # 9^9^9^9, 10^{10^{10}}
             p = a ** b.numerator
             return p if b.denominator == 1 else self.root(p, Fraction(b.denominator))
-        return _finite(_inexact(a) ** _inexact(b))           # OverflowError if huge: no match
+        return _complex(_complex(a) ** _complex(b))           # OverflowError if huge: no match
 
     def root(self, v, k):
         if not (isinstance(k, Fraction) and k.denominator == 1 and 2 <= k <= 100):
             raise _Reject("bad root")
         k = int(k)
-        if isinstance(v, Fraction) and (v >= 0 or k % 2):
+        if isinstance(v, Fraction) and (v >= 0 or k % 2):  # real: the odd root of a negative is minus that of -v
             self.charge(v)                                  # exact if a perfect power
             n, d = _iroot(abs(v.numerator), k), _iroot(v.denominator, k)
-            if n is not None and d is not None:
-                return Fraction(n if v >= 0 else -n, d)
-            if v < 0:                                       # the real odd root of a negative
-                return -_finite(_inexact(-v) ** (1 / k))
-        return _finite(_inexact(v) ** (1 / k))
+            r = Fraction(n, d) if n is not None and d is not None else _complex(_complex(abs(v)) ** (1 / k))
+            return r if v >= 0 else -r
+        return _complex(_complex(v) ** (1 / k))
 
     def defined(self, t, env):
         """The value at one point, or None where undefined (division by zero, log 0)."""
@@ -528,22 +491,18 @@ class _Checker:
         (_, ct, cpct), (_, rt, rpct) = c, r
         if _has(ct, ("infty", "base")) or _has(rt, ("infty", "base")):   # by structure; 52 answers 52_8
             return ct == rt or {ct[0], rt[0]} == {"base", "num"} and str(ct[1]) == str(rt[1])
-        if _literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt):
-            return False                                    # the gold is 7: "3+4" is not final
         names = sorted(_vars(ct) | _vars(rt))
-        if names and _factored(ct) != _factored(rt):
-            return False
+        if _literal(rt) is not None and _literal(ct) is None or _unsimplified(ct) and not _unsimplified(rt) \
+                or names and _factored(ct) != _factored(rt):
+            return False                                    # not final: "3+4" for 7, (x+2)(x+5) for x^2+7x+10
         rng = random.Random(2024)                           # fixed seed: reproducible verdicts
-        points = [{v: Fraction(rng.randint(1, 60), rng.randint(61, 97)) + rng.randint(-3, 3)
-                   for v in names} for _ in range(N_POINTS if names else 1)]
         defined, decimal = 0, _has(ct, ("dec",)) or _has(rt, ("dec",))
-        for env in points:
+        for _ in range(N_POINTS if names else 1):
+            env = {v: Fraction(rng.randint(1, 60), rng.randint(61, 97)) + rng.randint(-3, 3) for v in names}
             a, b = (self.defined(t, env) for t in (ct, rt))
-            if (a is None) != (b is None):
-                return False
-            if a is None:
+            if a is None and b is None:                     # undefined on both sides: no evidence either way
                 continue
-            if not (isinstance(a, Fraction) and isinstance(b, Fraction)) and decimal or \
+            if a is None or b is None or not (isinstance(a, Fraction) and isinstance(b, Fraction)) and decimal or \
                     not names and isinstance(a, Fraction) != isinstance(b, Fraction):
                 return False                                # 1.4142, 0.5\sqrt2, \sqrt{0.5}: never irrational
             if not any(_close(x, y) for x in (a, a / 100)[:1 + cpct] for y in (b, b / 100)[:1 + rpct]):
@@ -591,9 +550,8 @@ class _Checker:
 def check(completion: str, reference: str) -> float:
     """verify() without its safety net: a bug in the parser raises here, so the tests call this."""
     finals, checker = list(dict.fromkeys(_finals(completion))), _Checker()   # distinct finals, in order
-    if finals and all(checker.matches(f, reference) for f in finals):
-        return 1.0
-    return float(len(finals) > 1 and checker.matches(", ".join(finals), reference))   # disagreeing: one list
+    return float(bool(finals) and all(checker.matches(f, reference) for f in finals)
+                 or len(finals) > 1 and checker.matches(", ".join(finals), reference))   # disagreeing: one list
 
 
 def verify(completion: str, reference: str) -> float:
