@@ -108,7 +108,7 @@ def train_step(policy, opt, sched, teacher, rows, args, step):
 def train(args):
     """Set up, run train_step until --max-steps, and log, evaluate and save along the way."""
     t_start = time.time()
-    policy, opt, sched, teacher, sampler, step, train_rows, eval_rows = setup(args)
+    policy, opt, sched, teacher, step, train_rows, eval_rows = setup(args)
     rank, world, first = dist_rank(), dist_world(), step
     log = open(os.path.join(args.output_dir, "metrics.jsonl") if rank == 0 else os.devnull, "a")
     report = reporter(args) if rank == 0 else lambda metrics: None
@@ -120,7 +120,8 @@ def train(args):
     preemption, seen = Preemption(), set()
     while step < args.max_steps:
         share = args.prompts_per_step // world                                  # whole groups per rank
-        rows = [train_rows[i] for i in sampler.next(args.prompts_per_step)[rank * share:(rank + 1) * share]]
+        mine = step_rows(len(train_rows), args.prompts_per_step, step, args.seed)[rank * share:(rank + 1) * share]
+        rows = [train_rows[i] for i in mine]
         metrics, rollouts, rewards = train_step(policy, opt, sched, teacher, rows, args, step)
         step = metrics["step"] = step + 1
         seen |= set(rewards.tolist()) if step <= first + 5 else set()
@@ -138,7 +139,7 @@ def train(args):
             show_samples(rollouts, rewards.view(world, -1)[rank])
         stop = preemption.requested()  # SIGTERM / Ctrl-C: save after this step and exit
         if step % args.save_steps == 0 or step == args.max_steps or stop:
-            save_checkpoint(policy, opt, sched, sampler, teacher, step, args, args.lora_rank)
+            save_checkpoint(policy, opt, sched, teacher, step, args)
         if stop:
             print(f"stopped by a signal after step {step}: saved {args.output_dir}/checkpoint-{step}; continue with "
                   f"--resume")
@@ -761,12 +762,11 @@ def setup(args):
     cosine = args.lr_scheduler_type == "cosine"
     decay = lambda s: 0.5 * (1 + math.cos(math.pi * s / args.max_steps)) if cosine else 1.0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * decay(s))  # 5-step warm-up
-    sampler, teacher, step = Sampler(len(train_rows), args.seed), Teacher(policy, args.teacher_sync_steps), 0
+    teacher, step = Teacher(policy, args.teacher_sync_steps), 0
     if start:
         state = torch.load(os.path.join(start, state_file(rank)), weights_only=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        sampler.epoch, sampler.pos = state["sampler"]
         teacher.load(state["teacher"])
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -777,7 +777,7 @@ def setup(args):
         if cosine and planned != args.max_steps:
             print(f"warning: the cosine lr now falls to 0 at step {args.max_steps}, not {planned}: this run will not "
                   f"match one started with --max-steps {args.max_steps}")
-    return policy, opt, sched, teacher, sampler, step, train_rows, eval_rows
+    return policy, opt, sched, teacher, step, train_rows, eval_rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -926,22 +926,13 @@ def load_image(image, max_pixels, where="a row"):
     return image
 
 
-class Sampler:
-    """Epochs of shuffled rows; its state (epoch, position) goes into checkpoints so a resume sees the same data."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-
-    def next(self, k):
-        out = []
-        while len(out) < k:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-            take = order[self.pos:self.pos + k - len(out)]
-            out += take
-            self.pos += len(take)
-            if self.pos >= self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
+def step_rows(n, k, step, seed):
+    """The indices of step `step`'s k rows: epochs of seeded shuffles of the n rows, read in order. A function of the
+    step alone, so a resume (at the same --prompts-per-step) sees the same data with no loader state to save."""
+    first = step * k
+    epochs = range(first // n, (first + k - 1) // n + 1)                            # the epochs this step reads from
+    order = [i for e in epochs for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()]
+    return order[first - epochs[0] * n:][:k]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1465,15 +1456,15 @@ def save_atomic(folder, write):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank):
+def save_checkpoint(policy, opt, sched, teacher, step, args):
     """A Hugging Face folder (adapters merged in; the raw ones beside) and trainer_state.pt: all --resume needs. Under
     torchrun every rank calls this: rank 0 writes the folder, each rank its own resume state."""
     folder, rank = os.path.join(args.output_dir, f"checkpoint-{step}"), dist_rank()
-    weights = full_state_dict(policy, lora_rank)  # a collective under FSDP2: the full weights, on rank 0
+    weights = full_state_dict(policy, args.lora_rank)  # a collective under FSDP2: the full weights, on rank 0
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "args": vars(args),
-             "sampler": (sampler.epoch, sampler.pos), "teacher": teacher.state(),
-             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+             "teacher": teacher.state(), "rng": rng}
     if rank:
         torch.save(state, f"{folder}.{state_file(rank)}")
     barrier()
@@ -1481,7 +1472,7 @@ def save_checkpoint(policy, opt, sched, sampler, teacher, step, args, lora_rank)
     def write(tmp):
         policy.model.save_pretrained(tmp, state_dict=weights)
         policy.processor.save_pretrained(tmp)
-        if lora_rank:  # the exact adapters; the merged weights above are rounded to the base's dtype
+        if args.lora_rank:  # the exact adapters; the merged weights above are rounded to the base's dtype
             save_adapter(policy.model, os.path.join(tmp, "adapter"), policy.source)
         torch.save(state, os.path.join(tmp, state_file(0)))
         for r in range(1, dist_world()):
