@@ -297,7 +297,7 @@ VARIANTS = {  # name: (train.py --algo, what the teacher's rows become; None = t
     "opsd": ("opsd", None),
 }
 # The teacher's privileged context. 'answer' is the paper's (r = the final answer, spec section 1); 'worked' is this
-# benchmark's principled change (README, "Does it work?"): the reference solution is the worked one, so that a
+# benchmark's principled change (results/README.md): the reference solution is the worked one, so that a
 # one-million-parameter teacher can check each step, as the paper's 8B teacher can check its steps against a
 # final answer. The verifier's gold stays the final number, and RLSD is unchanged.
 SETTINGS = ("answer", "worked")
@@ -509,7 +509,7 @@ def summary(results, ov, args):
               "OPSD lr x10 as in the paper). Seed s gives every variant the same base model, data order and 256 "
               "held-out prompts; accuracy is greedy. `rlsd-shuffled` is RLSD whose teacher sees another prompt's "
               "reference. Settings: `answer` = the teacher's reference is the final number (the paper's); `worked` "
-              "= it is the worked solution (the principled change; README, \"Does it work?\").", "",
+              "= it is the worked solution (the principled change; results/README.md).", "",
               f"| setting | variant | seeds | steps to +{GAIN:.2f} | base | final | best (step) | entropy (end) | "
               "length (end) | leak | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0

@@ -555,7 +555,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """The paper's defaults for a hub model, the demo's for the built-in one (README, "Options", has the detail)."""
+    """The paper's defaults for a hub model, the demo's for the built-in one (docs/options.md has the detail)."""
     wide = functools.partial(HelpFormatter, max_help_position=40)
     p = Parser(usage="python train.py [options]", formatter_class=wide, allow_abbrev=False, description="""\
 RLSD: GRPO whose token credit is reweighted by a self-teacher that sees the reference answer.
@@ -640,7 +640,7 @@ examples:
     once.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by Â_t/A")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="log there too")
-    g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; README, 'Faster rollouts with vLLM')")
+    g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; docs/vllm.md)")
     g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with vLLM in this process")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.6, help="the engine's share of the GPU")
     g.add_argument("--vllm-importance-sampling-correction", action=argparse.BooleanOptionalAction, default=True,
@@ -1210,7 +1210,7 @@ def merged_weights(model):
 
 def prepare_for_training(policy, args):
     """LoRA or full fine-tuning, fp32 master weights, and gradient checkpointing. Default LoRA rank: 64 above 3B
-    parameters, where full fine-tuning with AdamW no longer fits one 80 GB card (see README, "Memory")."""
+    parameters, where full fine-tuning with AdamW no longer fits one 80 GB card (see docs/paper-setting.md, "Memory")."""
     n = sum(p.numel() for p in policy.model.parameters())
     loaded = [m.lora_A.shape[0] for m in policy.model.modules() if isinstance(m, LoRALinear)]  # a LoRA checkpoint
     rank = loaded[0] if loaded else args.lora_rank if args.lora_rank is not None else (64 if n > 3e9 else 0)
