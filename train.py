@@ -1210,7 +1210,7 @@ def merged_weights(model):
 
 def prepare_for_training(policy, args):
     """LoRA or full fine-tuning, fp32 master weights, and gradient checkpointing. Default LoRA rank: 64 above 3B
-    parameters, where full fine-tuning with AdamW no longer fits one 80 GB card (see docs/paper-setting.md, "Memory")."""
+    parameters, where full fine-tuning with AdamW no longer fits one 80 GB card (docs/paper-setting.md, "Memory")."""
     n = sum(p.numel() for p in policy.model.parameters())
     loaded = [m.lora_A.shape[0] for m in policy.model.modules() if isinstance(m, LoRALinear)]  # a LoRA checkpoint
     rank = loaded[0] if loaded else args.lora_rank if args.lora_rank is not None else (64 if n > 3e9 else 0)
