@@ -110,13 +110,11 @@ def train(args):
     t_start = time.time()
     policy, opt, sched, teacher, step, train_rows, eval_rows = setup(args)
     rank, world, first = dist_rank(), dist_world(), step
-    log = open(os.path.join(args.output_dir, "metrics.jsonl") if rank == 0 else os.devnull, "a")
-    report = reporter(args) if rank == 0 else lambda metrics: None
+    log = metrics_log(args) if rank == 0 else lambda metrics: None  # metrics.jsonl, and --report-to's tracker
     acc = base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
     if base_acc is not None:
         print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
-        log.write(json.dumps({"step": 0, "eval/accuracy": base_acc}) + "\n")
-        report({"step": 0, "eval/accuracy": base_acc})
+        log({"step": 0, "eval/accuracy": base_acc})
     preemption, seen = Preemption(), set()
     while step < args.max_steps:
         share = args.prompts_per_step // world                                  # whole groups per rank
@@ -131,9 +129,7 @@ def train(args):
         if eval_rows and (step % args.eval_steps == 0 or step == args.max_steps):
             with timed(metrics, "eval"):
                 acc = metrics["eval/accuracy"] = evaluate(policy, eval_rows, args)
-        log.write(json.dumps(metrics) + "\n")
-        log.flush()
-        report(metrics)
+        log(metrics)
         print(fmt(metrics, args))
         if args.log_samples_steps and step % args.log_samples_steps == 0:
             show_samples(rollouts, rewards.view(world, -1)[rank])
@@ -145,18 +141,18 @@ def train(args):
                   f"--resume")
             preemption.exit()
     preemption.restore()
-    log.close()
     if args.show_credit:
         import bench  # the heatmap is evidence, not training: it lives with the benchmarks
         bench.show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
                           os.path.join(args.output_dir, "credit.html"))
+    jsonl = os.path.join(args.output_dir, "metrics.jsonl")
     if step > first and rank == 0:
-        print(time_summary(log.name, first))
+        print(time_summary(jsonl, first))
     if base_acc is not None:
         print(f"held-out accuracy: base {base_acc:.3f} -> final {acc:.3f} "
               f"({args.algo}, {step} steps, {time.time() - t_start:.0f}s)")
     credit = [f for f in run_files(args.output_dir) if f.endswith("credit.html")]
-    for what, files in (("metrics", [log.name]), ("checkpoints", checkpoints(args.output_dir)), ("credit", credit)):
+    for what, files in (("metrics", [jsonl]), ("checkpoints", checkpoints(args.output_dir)), ("credit", credit)):
         if files and rank == 0:
             print(f"{what}: {', '.join(files)}")
     return policy, {"base": base_acc, "final": acc}
@@ -1387,17 +1383,24 @@ def step_means(sums, n_tok):
             if not (k in PER_LIVE and live == 0)}
 
 
-def reporter(args):
-    """--report-to: a function that sends one line of metrics.jsonl to TensorBoard or Weights & Biases as well."""
+def metrics_log(args):
+    """A function that appends one step's metrics to metrics.jsonl (the record) and, with --report-to, sends them to
+    TensorBoard or Weights & Biases as well."""
+    path, report = os.path.join(args.output_dir, "metrics.jsonl"), lambda m: None
     if args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
-        return lambda m: ([writer.add_scalar(k, v, m["step"]) for k, v in m.items() if k != "step"], writer.flush())
+        report = lambda m: ([writer.add_scalar(k, v, m["step"]) for k, v in m.items() if k != "step"], writer.flush())
     if args.report_to == "wandb":
         import wandb
         run = wandb.init(project="rlsd", name=os.path.basename(args.output_dir), dir=args.output_dir, config=vars(args))
-        return lambda m: run.log(m, step=m["step"])
-    return lambda m: None
+        report = lambda m: run.log(m, step=m["step"])
+
+    def log(metrics):
+        with open(path, "a") as f:  # a line at a time: a kill loses at most the step in progress
+            f.write(json.dumps(metrics) + "\n")
+        report(metrics)
+    return log
 
 
 def show_samples(rollouts, rewards):
