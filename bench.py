@@ -591,52 +591,6 @@ def summary(results, ov, args):
     return "\n".join(lines)
 
 
-def show_credit(policy, rows, args, n, path):
-    """Render n rollouts (a right and a wrong one per prompt) with each token coloured by A_t / A (Eq. 15 at
-    lambda = lam0): where the teacher moved credit. Prints ANSI colours and writes a self-contained HTML file.
-    Green = reinforced (A > 0), red = penalised (A < 0); the stronger the colour, the more weight the token got."""
-    import html
-    policy.model.eval()
-    rollouts = train.rollout(policy, rows, args)
-    rewards, _ = train.reward(args, rollouts["texts"], rollouts["rows"])
-    adv = rlsd.group_advantages(rewards.to(rollouts["ids"].device), args.num_generations, args.scale_rewards)  # [B]
-    student = train.score(policy, rollouts["prompts"], rollouts["rows"], rollouts["ids"], rollouts["mask"],
-                          args.temperature, args.micro_batch_size)                               # [B, C]
-    teacher = train.Teacher(policy, 0).logprobs(rollouts, args)                                  # [B, C]
-    ratio = rlsd.rlsd_token_advantages(adv, teacher, student, rollouts["mask"], args.lam0, args.eps_w)
-    ratio = ratio / adv.masked_fill(adv == 0, 1)[:, None]                                        # [B, C]
-    G, picks = args.num_generations, []
-    for g in range(0, len(adv), G):  # a right and a wrong answer to the same prompt, then the next prompt
-        a = adv[g:g + G].tolist()
-        if max(a) > 0 > min(a):
-            picks += [g + a.index(max(a)), g + a.index(min(a))]
-    picks = picks[:n]
-    span = args.lam0 * args.eps_w or 1.0       # A_t / A lies in [1 - span, 1 + span]
-    tok, lines, blocks = policy.tokenizer, [], []
-    for i in picks:
-        good = adv[i] > 0
-        head = f"{'RIGHT' if good else 'WRONG'} A={adv[i]:+.2f}  {rollouts['rows'][i]['problem']}"
-        ansi, spans = [], []
-        for t in range(int(rollouts["mask"][i].sum())):
-            piece, r = tok.decode([int(rollouts["ids"][i, t])]), float(ratio[i, t])
-            level = max(0.0, min(1.0, (r - (1 - span)) / (2 * span)))      # 0 = least weight, 1 = most
-            shade = 232 + round(level * 23)                                  # ANSI grey ramp
-            ansi.append(f"\033[38;5;{shade}m\033[4{'2' if good else '1'}m{piece}\033[0m")
-            rgb = "40,167,69" if good else "220,53,69"
-            spans.append(f'<span title="{r:.3f}" style="background:rgba({rgb},{level:.2f})">'
-                         f"{html.escape(piece)}</span>")
-        lines.append(head + "\n" + "".join(ansi))
-        blocks.append(f"<h3>{html.escape(head)}</h3><pre>{''.join(spans)}</pre>")
-    print("\n\n".join(lines))
-    legend = (f"Each token's background is A_t/A (Eq. 15, lambda = {args.lam0}): pale = {1 - span:.2f}, "
-              f"full = {1 + span:.2f}. Green: reinforced (A > 0); red: penalised (A < 0). Hover for the value.")
-    with open(path if train.dist_rank() == 0 else os.devnull, "w") as f:
-        f.write(f"<!doctype html><meta charset=utf-8><title>RLSD token credit</title>"
-                f"<body style='font-family:sans-serif;max-width:60em'><h2>RLSD token credit</h2><p>{legend}</p>"
-                + "".join(blocks) + "</body>")
-    return picks, ratio
-
-
 def compare_args(seed, setting, args, *more):
     """train.py's options for one run of the built-in task in `setting` (the warm start differs by setting: the
     teacher half of it sees that setting's reference)."""
@@ -660,8 +614,8 @@ def bench_compare(args):
     ov = overhead(args) if args.overhead else None  # timed alone, on all --threads
     plot(plot_module, results, args, os.path.join(args.out, "curves.png"))
     targs = compare_args(0, "answer", args, "--output-dir", os.path.join(args.out, "runs", "credit"))
-    show_credit(train.load_policy(targs), train.load_rows(targs, "eval")[:targs.prompts_per_step], targs, 4,
-                os.path.join(args.out, "credit.html"))
+    train.show_credit(train.load_policy(targs), train.load_rows(targs, "eval")[:targs.prompts_per_step], targs, 4,
+                      os.path.join(args.out, "credit.html"))
     text = summary(results, ov, args) + (
         f"\nTotal wall time: {time.time() - args.t0:.0f} s on {args.threads} threads.\n")
     open(os.path.join(args.out, "summary.md"), "w").write(text)
@@ -1405,6 +1359,9 @@ MUTANTS = [
     ("bootstrap gives a 50% interval", "bench.py", "means[int(0.025 * n)], means[int(0.975 * n) - 1]",
      "means[int(0.25 * n)], means[int(0.75 * n) - 1]",
      ["test_bootstrap_interval_of_one_success_in_ten_is_zero_to_three_tenths"]),
+    ("evidence clip too narrow below, seen by rlsd.py's worked example", "rlsd.py", "w.clamp(1 - eps_w, 1 + eps_w)",
+     "w.clamp(1 - eps_w / 2, 1 + eps_w)",
+     ["test_rlsd_docstring_examples_such_as_the_worked_eq_13_to_15_give_the_printed_numbers"]),
 ]
 
 

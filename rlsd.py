@@ -184,6 +184,15 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     returns: Â_t [B, T] float32, detached, exactly 0 outside the mask.
     (The paper also prints the loss as Eq. 16, a product of detached terms that has no
     gradient as written; use Â_t as the advantage in policy_loss, as its text and code do.)
+
+    Worked example: a right and a wrong completion of the same 3 tokens, lam = 0.5. The reference
+    makes token 0 likelier (P_T/P_S = 1.1) and token 1 less likely (0.6). Eq. 14: w_t = P_T/P_S =
+    [1.1, 0.6, 1] when A > 0, its inverse [0.91, 1.67, 1] when A < 0; clipped to [0.8, 1.2], Eq. 15
+    gives Â_t = A (0.5 + 0.5 clip(w_t)): token 1 gets less credit, or more blame, than A.
+    >>> P_S, P_T = torch.tensor([[0.5, 0.5, 0.5]] * 2), torch.tensor([[0.55, 0.3, 0.5]] * 2)
+    >>> rlsd_token_advantages(torch.tensor([1.0, -1.0]), P_T.log(), P_S.log(), torch.ones(2, 3), lam=0.5)
+    tensor([[ 1.0500,  0.9000,  1.0000],
+            [-0.9545, -1.1000, -1.0000]])
     """
     if not 0 <= lam <= 1:
         raise ValueError(f"lam={lam} must be in [0, 1]; get it from rlsd_lambda(step)")
@@ -277,6 +286,9 @@ def policy_loss(logp, old_logp, token_advantages, mask, epsilon=0.2, epsilon_hig
     _check_same_shape(logp=logp, old_logp=old_logp, token_advantages=token_advantages, mask=mask)
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip={dual_clip} must be > 1 (or None to disable); the authors use 3.0")
+    # Eq. 2 as a loss, for the G completions y_i of a prompt and rho_t = pi_theta(y_t | x, y<t) / pi_old(y_t | x, y<t):
+    #   L = -(1/G) sum_i (1/|y_i|) sum_t min(rho_t Â_t, clip(rho_t, 1 - epsilon, 1 + epsilon_high) Â_t)
+    # GRPO's Â_t is A_i and its clip symmetric. per_token is the summand; _aggregate takes the means (loss_type).
     A = token_advantages.detach()                                            # [B, T]
     ratio = (logp - old_logp.detach()).clamp(-_MAX_LOG, _MAX_LOG).exp()      # [B, T], rho_t
     clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)                     # [B, T]

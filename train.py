@@ -142,9 +142,8 @@ def train(args):
             preemption.exit()
     preemption.restore()
     if args.show_credit:
-        import bench  # the heatmap is evidence, not training: it lives with the benchmarks
-        bench.show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
-                          os.path.join(args.output_dir, "credit.html"))
+        show_credit(policy, eval_rows[:args.prompts_per_step], args, args.show_credit,
+                    os.path.join(args.output_dir, "credit.html"))
     jsonl = os.path.join(args.output_dir, "metrics.jsonl")
     if step > first and rank == 0:
         print(time_summary(jsonl, first))
@@ -1409,6 +1408,39 @@ def show_samples(rollouts, rewards):
         i = next((i for i, r in enumerate(rewards.tolist()) if r == want), None)
         if i is not None:
             print(f"  [{name}, reward {want}] {rollouts['rows'][i]['problem']!r} -> {rollouts['texts'][i]!r}")
+
+
+def show_credit(policy, rows, args, n, path):
+    """--show-credit: an HTML page of n completions (a right and a wrong one per prompt), each token shaded by Â_t / A
+    at lambda = lam0 (Eq. 15): where the teacher moved credit. Green: reinforced (A > 0); red: penalised (A < 0)."""
+    import html
+    policy.model.eval()
+    ro = rollout(policy, rows, args)
+    rewards, _ = reward(args, ro["texts"], ro["rows"])
+    adv = rlsd.group_advantages(rewards.to(ro["ids"].device), args.num_generations, args.scale_rewards)      # [B]
+    student = score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature, args.micro_batch_size)
+    a_hat = rlsd.rlsd_token_advantages(adv, Teacher(policy, 0).logprobs(ro, args), student, ro["mask"], args.lam0,
+                                       args.eps_w)                                                           # [B, C]
+    ratio = a_hat / adv.masked_fill(adv == 0, 1)[:, None]                                                    # [B, C]
+    G, picks = args.num_generations, []
+    for g in range(0, len(adv), G):  # a right and a wrong completion of the same prompt, then the next prompt
+        a = adv[g:g + G].tolist()
+        picks += [g + a.index(max(a)), g + a.index(min(a))] if max(a) > 0 > min(a) else []
+    span, page = args.lam0 * args.eps_w or 1.0, []  # Â_t / A lies in [1 - span, 1 + span]
+    for i in picks[:n]:
+        rgb, head = ("40,167,69", "RIGHT") if adv[i] > 0 else ("220,53,69", "WRONG")
+        page.append(f"<h3>{head} A={adv[i]:+.2f}  {html.escape(ro['rows'][i]['problem'])}</h3><pre>")
+        for t in range(int(ro["mask"][i].sum())):
+            r, piece = float(ratio[i, t]), html.escape(policy.tokenizer.decode([int(ro["ids"][i, t])]))
+            level = max(0.0, min(1.0, (r - 1 + span) / (2 * span)))  # 0 = the least weight, 1 = the most
+            page.append(f'<span title="{r:.3f}" style="background:rgba({rgb},{level:.2f})">{piece}</span>')
+        page.append("</pre>")
+    legend = (f"Each token's background is Â_t / A (Eq. 15, lambda = {args.lam0}): pale = {1 - span:.2f}, full = "
+              f"{1 + span:.2f}. Green: reinforced (A > 0); red: penalised (A < 0). Hover for the value.")
+    with open(path if dist_rank() == 0 else os.devnull, "w") as f:
+        f.write(f"<!doctype html><meta charset=utf-8><title>RLSD token credit</title><body style='font-family:"
+                f"sans-serif;max-width:60em'><h2>RLSD token credit</h2><p>{legend}</p>{''.join(page)}</body>")
+    return picks[:n], ratio
 
 
 def time_summary(path, first):
