@@ -8,7 +8,7 @@ Benchmarks, one subcommand each:
     python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
     python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
     python bench.py demo         # the README's `python train.py` on 8 seeds, cold cache: gain and wall time
-    python bench.py gpu --smoke  # the card's command path at 2 + 2 layers: LoRA, full FT, resume, reload, eval
+    python bench.py gpu --smoke  # the paper setting's code path at 2 + 2 layers: LoRA, full FT, resume, reload, eval
     python bench.py rollout --model PATH      # generate vs vLLM on one model: rollout tokens/s, step time split
     python bench.py verifier --math-verify PATH [--trl PATH] [--gold]
                                  # verify.py on their test cases (agreement, every disagreement), gold checks
@@ -296,7 +296,7 @@ VARIANTS = {  # name: (train.py --algo, what the teacher's rows become; None = t
     "rlsd-shuffled": ("rlsd", shuffled_rows),  # RLSD whose teacher sees another prompt's reference
     "opsd": ("opsd", None),
 }
-# The teacher's privileged context. 'answer' is the paper's (r = the final answer, spec section 1); 'worked' is this
+# The teacher's privileged context. 'answer' is the paper's (r = the final answer); 'worked' is this
 # benchmark's principled change (results/README.md): the reference solution is the worked one, so that a
 # one-million-parameter teacher can check each step, as the paper's 8B teacher can check its steps against a
 # final answer. The verifier's gold stays the final number, and RLSD is unchanged.
@@ -779,7 +779,7 @@ def check_vllm_gap(gaps):
 
 
 def bench_gpu_smoke(args):
-    """The card's command path, end to end, in minutes: Qwen3-VL-8B-Instruct's architecture at its real widths but
+    """The paper setting's code path, end to end, in minutes: Qwen3-VL-8B-Instruct's architecture at its real widths but
     2 + 2 layers (random weights, saved as a Hugging Face folder), a 20-row image data set, 2 steps with LoRA, then 2
     with full fine-tuning, each run as 1 step + --resume; then the checkpoint is reloaded and evaluated. Prints peak
     memory and the phase split. --tiny: the same at test size, on CPU."""
@@ -1567,7 +1567,7 @@ def main(argv=None):
     g.add_argument("--lora-rank", type=int, default=64, help="0 = full fine-tuning (needs ~150 GB for 8B)")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--smoke", action="store_true", help="the card's command path in minutes: LoRA and full "
+    g.add_argument("--smoke", action="store_true", help="the paper setting's code path in minutes: LoRA and full "
                    "fine-tuning, resume, reload and evaluate, at 2 + 2 layers")
     g.add_argument("--use-vllm", action="store_true", help="sample with a colocated vLLM engine (train.py --use-vllm)")
     g.set_defaults(func=lambda a: (bench_gpu_smoke if a.smoke else bench_gpu)(a))

@@ -341,7 +341,7 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
     student_logits, teacher_logits: [B, T, V] (any dtype), aligned on the same response
                  tokens; teacher_logits is detached (gradient reaches the student only).
     mask:        [B, T] response-token mask.
-    divergence:  "fkl" KL(P_T || P_S) (default, the spec's D(P_T || P_S)),
+    divergence:  "fkl" KL(P_T || P_S) (default, the paper's D(P_T || P_S) in Eq. 6),
                  "rkl" KL(P_S || P_T), or "jsd" Jensen-Shannon.
     num_tokens:  global unmasked-token count across micro-batches (default: mask.sum()).
     chunk_size:  rows of the flattened B*T per chunk (default 1024), as in token_logprobs.

@@ -47,7 +47,7 @@ import rlsd
 import verify
 
 
-# The format instruction and the teacher's privileged-context wording (spec §3).
+# The format instruction, and the teacher's prompt with the reference in it (the authors' wording, in substance).
 FORMAT = "Think step by step, then put the final answer in <answer></answer>."
 TEACHER = ("{question}\nHere is a reference solution: {answer}\nAfter understanding the reference solution, "
            "please try to solve this problem using your own approach below.\n{format}")
@@ -64,7 +64,7 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: the paper's defaults, and the demo's
 # ---------------------------------------------------------------------------------------------------------------------
-# The paper's defaults (spec §2), and the few the built-in CPU demo changes so that it learns within minutes.
+# The paper's defaults (docs/paper-setting.md), and the few the CPU demo changes so that it learns within minutes.
 PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, max_completion_length=4096,
              temperature=1.0, top_p=1.0, lr=1e-6, lr_scheduler_type="constant", weight_decay=0.01, epsilon=0.2,
              epsilon_high=0.28, dual_clip=3.0, eps_w=0.2, lam0=0.5, lam_decay_steps=50, teacher_sync_steps=10,
@@ -321,7 +321,7 @@ def reward_fn(spec):
 # Step 4, teacher pass: a frozen snapshot of the policy, seeing the reference answer, scores the same tokens
 # ---------------------------------------------------------------------------------------------------------------------
 def teacher_prompt(policy, row, template=TEACHER):
-    """Same template, same images; only the text differs: it also carries the reference (spec §3)."""
+    """Same template, same images; only the text differs: it also carries the reference (r in Eq. 13)."""
     answer = row.get("privileged", row["answer"]).replace(IMAGE_TAG, "")  # the images belong to the question
     if "{format}" not in template:  # the format instruction ends every prompt
         template += "\n{format}"
@@ -385,7 +385,7 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
     Returns metrics.
 
     Micro-batch losses are normalised by global counts (tokens, sequences) so that their gradients add up to the
-    full batch's gradient whatever the micro-batch size (spec §5). OPSD's teacher pass is timed into `times`."""
+    full batch's gradient whatever the micro-batch size. OPSD's teacher pass is timed into `times`."""
     times = {} if times is None else times
     ids, mask = rollouts["ids"], rollouts["mask"].float()                          # [B, C], [B, C]
     if args.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens (DAPO)
@@ -717,7 +717,7 @@ def setup(args):
     if args.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
     start = check_output_dir(args)                  # the checkpoint to resume from, or None
-    if args.model == "builtin" and not start:  # said before the slow imports, or a first run is silent a minute
+    if args.model == "builtin" and not start:  # said before the slow imports, or a first run is silent 35 s
         folder = demo_folder(args)
         print(f"loading the cached demo model from {folder}" if os.path.isdir(folder) else
               "building the demo model, first run only, about 35 s: a tiny Qwen3 warm-started on worked sums")
@@ -1019,7 +1019,7 @@ def resolve_model(args):
     if args.model == "builtin":
         return "builtin", None
     path, alias = args.model, ""
-    if re.fullmatch(r"Qwen/Qwen3-VL-\d+B", path):  # the design card's name; only -Instruct/-Thinking are published
+    if re.fullmatch(r"Qwen/Qwen3-VL-\d+B", path):  # the paper's short name; only -Instruct/-Thinking are published
         path = args.model = path + "-Instruct"
         alias = f" (the published id for {path[:-9]}: the paper's model)"
     local = os.path.isdir(path)
@@ -1276,7 +1276,7 @@ def builtin_tokenizer():
 
 
 def builtin_policy(args):
-    """Load the cached warm-started demo model, or build and warm-start it (about a minute on 2 CPU cores)."""
+    """Load the cached warm-started demo model, or build and warm-start it (about 35 s on 2 CPU cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
     folder = demo_folder(args)
     if os.path.isdir(folder):
@@ -1298,7 +1298,7 @@ def demo_folder(args):
     return os.path.join(args.cache_dir, f"demo-base-{key[:10]}")
 
 
-WARM = dict(lr=3e-3, batch=32, steps=200)  # a fixed cost (about a minute on 2 cores), not a noisy stopping rule
+WARM = dict(lr=3e-3, batch=32, steps=200)  # a fixed cost (about 35 s on 2 cores), not a noisy stopping rule
 
 
 def warm_start(policy, args):
