@@ -78,7 +78,23 @@ DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128
             save_steps=50, eval_size=256, log_samples_steps=25, eval_decoding="greedy", gradient_checkpointing=False)
 
 
-# The command line (parse_args, check_args) fills `args` from these; it is plumbing, below the banner.
+# The command line (parse_args, check_args) fills `args` from these. It is plumbing, below the banner, as are the
+# functions the reading path calls but does not define, in the order it meets them:
+#   dist_world, dist_rank, all_gather, all_sum   torchrun's world size, rank, gather, sum (without it: 1, 0, x, x)
+#   rollout_metrics    TRL's reward and completion-length metrics over every rank's rollouts
+#   setup              process group, model, data, optimizer and, with --resume, the saved state
+#   metrics_log        a function that appends a step's metrics to metrics.jsonl and sends them to --report-to's tracker
+#   evaluate           held-out accuracy, decoded as --eval-decoding says, scored by the training reward
+#   Preemption         SIGTERM / Ctrl-C asks the loop to save after the step in progress, then exit
+#   step_rows          the step's prompts: seeded shuffles, a function of the step (--resume needs no loader state)
+#   fmt, show_samples  the step's printed line; a right and a wrong completion every --log-samples-steps
+#   save_checkpoint    checkpoint-N/: a Hugging Face folder plus trainer_state.pt, all --resume needs
+#   show_credit        --show-credit's page: completions with each token coloured by Â_t / A (credit.html)
+#   time_summary, run_files, checkpoints   the end of a run: the time per phase, and the files it wrote
+#   reshard, sharded, vision_dummy   FSDP2 (full fine-tuning on several GPUs): shard the weights again, whether the
+#                      model is sharded, and the vision tower's output times 0, so that every rank's gradients match
+#   VLLMEngine         the optional vLLM sampler (--use-vllm), and its importance weights pi_theta / pi_vLLM
+#   add_sums, credit_sums, step_means   metrics: running sums on the device, the teacher's (rlsd/*), means at the end
 
 
 # ---------------------------------------------------------------------------------------------------------------------
