@@ -1362,6 +1362,8 @@ MUTANTS = [
     ("evidence clip too narrow below, seen by rlsd.py's worked example", "rlsd.py", "w.clamp(1 - eps_w, 1 + eps_w)",
      "w.clamp(1 - eps_w / 2, 1 + eps_w)",
      ["test_rlsd_docstring_examples_such_as_the_worked_eq_13_to_15_give_the_printed_numbers"]),
+    ("--show-credit's page shades Â_t, not Â_t / A", "train.py",
+     "ratio = a_hat / adv.masked_fill(adv == 0, 1)[:, None]", "ratio = a_hat", ["test_show_credit_writes_html_and_keeps_token_weights_within_the_lambda_eps_band"]),
 ]
 
 
