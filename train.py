@@ -924,9 +924,8 @@ def load_image(image, max_pixels, where="a row"):
 
 
 def step_rows(n, k, step, seed, rank=0, world=1):
-    """The indices of step `step`'s k rows: epochs of seeded shuffles of the n rows, read in order. A function of the
-    step alone, so a resume (at the same --prompts-per-step) sees the same data with no loader state to save. Under
-    torchrun, rank `rank` of `world` gets its k / world of them (whole groups: k divides by world)."""
+    """The indices of step `step`'s k rows, rank `rank`'s k / world of them: epochs of seeded shuffles of the n rows,
+    read in order. Only the step decides them: a resume (same --prompts-per-step) reads the same rows, nothing saved."""
     first = step * k
     epochs = range(first // n, (first + k - 1) // n + 1)                            # the epochs this step reads from
     order = [i for e in epochs for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()]
