@@ -3886,3 +3886,117 @@ def test_every_plumbing_function_the_reading_path_calls_is_named_in_a_comment_on
     assert len(used) >= 20, sorted(used)  # the path does call the plumbing: the check is not vacuous
     unnamed = sorted(name for name in used if not re.search(rf"\b{name}\b", comments))
     assert not unnamed, f"plumbing used on train.py's reading path with no comment above the banner: {unnamed}"
+# ---- issue 40: tests that bite: the data order, the thought share, malformed LaTeX, generate's config ----
+
+
+@FAST
+@given(st.integers(1, 30), st.integers(1, 12), st.integers(0, 2**31), st.integers(1, 3))
+def test_step_rows_read_every_row_exactly_once_per_epoch_even_where_a_step_spans_two_epochs(n, k, seed, epochs):
+    steps = -(-epochs * n // k)  # enough steps to read `epochs` epochs
+    read = [i for step in range(steps) for i in train.step_rows(n, k, step, seed)]
+    assert len(read) == steps * k
+    for e in range(epochs):
+        assert sorted(read[e * n:(e + 1) * n]) == list(range(n))
+
+
+@FAST
+@given(st.integers(0, 2**31), st.integers(0, 2**31), st.integers(0, 5), st.integers(0, 5))
+def test_step_rows_order_differs_with_the_seed_and_between_epochs(seed, other_seed, epoch, other_epoch):
+    """50 rows: two equal shuffles by chance are 1 in 50!, so any equal pair is the code's doing."""
+    assume(seed != other_seed and epoch != other_epoch)
+    order = lambda s, e: train.step_rows(50, 50, e, s)  # k = n: step e reads epoch e whole
+    assert order(seed, epoch) != order(other_seed, epoch) and order(seed, epoch) != order(seed, other_epoch)
+
+
+@FAST
+@given(st.integers(1, 30), st.integers(1, 12), st.integers(0, 2**31), st.integers(0, 20))
+def test_step_rows_of_a_seed_and_step_are_the_same_whatever_ran_before_as_in_a_resumed_process(n, k, seed, step):
+    first = train.step_rows(n, k, step, seed)
+    torch.manual_seed(seed + 1)  # a resumed process: another global RNG state, and none of the earlier steps run
+    torch.rand(3)
+    for s in range(step):
+        train.step_rows(n, k, s, seed)
+    assert train.step_rows(n, k, step, seed) == first
+
+
+@FAST
+@given(st.integers(1, 30), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**31), st.integers(0, 20))
+def test_step_rows_rank_shares_are_disjoint_equal_and_together_the_steps_rows(n, world, per_rank, seed, step):
+    k = world * per_rank  # check_args: --prompts-per-step divides by the processes
+    shares = [train.step_rows(n, k, step, seed, rank, world) for rank in range(world)]
+    assert [i for share in shares for i in share] == train.step_rows(n, k, step, seed)
+    assert all(len(share) == per_rank for share in shares)
+    if step * k // n == (step * k + k - 1) // n:  # a step inside one epoch reads no row twice: no rank shares one
+        assert len({i for share in shares for i in share}) == k
+
+
+def test_a_run_reads_every_row_once_an_epoch_and_a_resumed_run_reads_the_same_rows_at_each_step(
+        tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch):
+    rows = train.builtin_task(3, seed=1)  # 3 rows, 2 a step: step 1 reads the end of epoch 0 and the start of 1
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read, train_step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda policy, opt, sched, teacher, rows, *a: (
+        read.append([r["problem"] for r in rows]), train_step(policy, opt, sched, teacher, rows, *a))[1])
+    argv = ["--dataset", str(data), "--save-steps", "1", "--log-samples-steps", "0"]
+    train.train(tiny_args(tiny_model, tmp_path / "whole", *argv, "--max-steps", "3"))
+    whole = read[:]
+    read.clear()
+    train.train(tiny_args(tiny_model, tmp_path / "cut", *argv, "--max-steps", "2"))
+    train.train(tiny_args(tiny_model, tmp_path / "cut", *argv, "--max-steps", "3", "--resume"))
+    assert read == whole
+    flat = [p for step in whole for p in step]
+    assert sorted(flat[:3]) == sorted(flat[3:]) == sorted(r["problem"] for r in rows)
+
+
+def test_thought_frac_counts_every_answers_tokens_also_those_of_an_all_equal_group_with_A_0(tiny_model):
+    """docs/options.md: the share of all response tokens inside thinking spans, whatever the answer's advantage."""
+    markers = ["--rlsd-thought-only", "--thought-markers", "is", "What"]  # two words of the built-in vocabulary
+    policy, args, opt, sched, ro, _ = _update_parts(tiny_model, *markers)
+    adv = rlsd.group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2)  # group 1 all right: A = 0 for rows 2, 3
+    (o,), (c,), (x,) = (policy.tokenizer.encode(w, add_special_tokens=False) for w in ("is", "What", "1"))
+    ro["ids"] = torch.full_like(ro["ids"], x)
+    ro["ids"][0] = ro["ids"][2] = torch.tensor([x, o, x, x, c])  # rows 0 (A > 0) and 2 (A = 0) think at tokens 2, 3
+    m = train.update(policy, opt, sched, ro, adv, torch.full(ro["ids"].shape, 50.0), train.Teacher(policy, 0), args, 0)
+    assert adv[2] == adv[3] == 0 and m["rlsd/live_frac"] == pytest.approx((5 + 3) / 18)
+    assert m["rlsd/thought_frac"] == pytest.approx(4 / 18)  # 2 + 2 thinking tokens of the 5 + 3 + 5 + 5
+
+
+def test_check_gives_a_verdict_on_a_superscript_or_circled_digit_as_a_macro_argument():
+    """str.isdigit() is true of ², ₂ and ①, int() refuses them: check() raised where verify() hid it."""
+    for completion in (r"\boxed{\frac²3}", r"\boxed{\sqrt₂}", r"\boxed{\frac{1}{\sqrt①}}"):
+        assert verify.check(completion, "1") == 0.0
+    assert verify.check(r"\boxed{\frac23}", "2/3") == 1.0
+
+
+odd_digits = st.sampled_from(["²", "³", "⁴", "₂", "①", "½", "٣", "४", "𝟙", "Ⅻ", "٫", "ｘ"])
+with_argument = st.tuples(st.sampled_from(["\\frac", "\\sqrt", "\\sin", "^", "_"]), odd_digits | text_fragments)
+odd_latex = st.lists(st.one_of(text_fragments, odd_digits, with_argument.map("".join), st.characters()), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(odd_latex.map("".join), st.one_of(latexish, st.sampled_from(["1", "x", "3/4"])))
+def test_check_returns_a_verdict_and_never_raises_on_latex_pieces_with_unicode_digits(completion, reference):
+    for text in (completion, "\\boxed{" + completion + "}"):
+        assert _fast(text, reference) in (0.0, 1.0)
+
+
+def test_generate_puts_the_models_own_generation_config_back_when_it_returns_and_when_sampling_raises(
+        tiny_model, one_thread):
+    """A caller that catches the error (a smaller batch after an out-of-memory, say) and then samples or saves the
+    model itself must find the model's generation_config.json values, not the blank config generate() samples from."""
+    policy, args = tiny_policy(tiny_model, "--max-completion-length", "4")
+    own = policy.model.generation_config
+    rows = train.builtin_task(2, seed=1)
+    prompts = [train.student_prompt(policy, r) for r in rows]
+    train.generate(policy, prompts, rows, args)
+    assert policy.model.generation_config is own
+
+    def out_of_memory(module, inputs):
+        raise RuntimeError("out of memory")
+
+    hook = policy.model.register_forward_pre_hook(out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.generate(policy, prompts, rows, args)
+    hook.remove()
+    assert policy.model.generation_config is own and own.pad_token_id == policy.tokenizer.pad_token_id

@@ -133,8 +133,7 @@ def train(args):
         log({"step": 0, "eval/accuracy": base_acc})
     preemption, seen = Preemption(), set()
     while step < args.max_steps:
-        share = args.prompts_per_step // world                                  # whole groups per rank
-        mine = step_rows(len(train_rows), args.prompts_per_step, step, args.seed)[rank * share:(rank + 1) * share]
+        mine = step_rows(len(train_rows), args.prompts_per_step, step, args.seed, rank, world)  # this rank's share
         rows = [train_rows[i] for i in mine]
         metrics, rollouts, rewards = train_step(policy, opt, sched, teacher, rows, args, step)
         step = metrics["step"] = step + 1
@@ -262,16 +261,18 @@ def generate(policy, texts, rows, args, decoding="rollout"):
     # generate() fills what gc leaves unset from the model's generation_config.json: a hub repetition_penalty would
     # shape the rollouts unscored. Sample from gc alone.
     own, policy.model.generation_config = policy.model.generation_config, GenerationConfig()
-    for i in range(0, len(texts), bs):
-        enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
-        recorder = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], penalty)
-        with policy.autocast():
-            seq = policy.model.generate(**enc, generation_config=gc, logits_processor=LogitsProcessorList([recorder]),
-                                        synced_gpus=sharded(policy.model))
-        comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
-        ids.append(comp)
-        logps.append(recorder.finish(seq))
-    policy.model.generation_config = own
+    try:  # the model's own config comes back however sampling ends
+        for i in range(0, len(texts), bs):
+            enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
+            recorder = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], penalty)
+            with policy.autocast():
+                seq = policy.model.generate(**enc, generation_config=gc, synced_gpus=sharded(policy.model),
+                                            logits_processor=LogitsProcessorList([recorder]))
+            comp = seq[:, enc["input_ids"].shape[1]:]                                        # [b, c]
+            ids.append(comp)
+            logps.append(recorder.finish(seq))
+    finally:
+        policy.model.generation_config = own
     C = max(c.shape[1] for c in ids)
     ids = torch.cat([torch.nn.functional.pad(c, (0, C - c.shape[1]), value=tok.pad_token_id) for c in ids])  # [B, C]
     logps = torch.cat([torch.nn.functional.pad(l, (0, C - l.shape[1])) for l in logps])                    # [B, C]
@@ -937,13 +938,13 @@ def load_image(image, max_pixels, where="a row"):
     return image
 
 
-def step_rows(n, k, step, seed):
-    """The indices of step `step`'s k rows: epochs of seeded shuffles of the n rows, read in order. A function of the
-    step alone, so a resume (at the same --prompts-per-step) sees the same data with no loader state to save."""
+def step_rows(n, k, step, seed, rank=0, world=1):
+    """The indices of step `step`'s k rows, rank `rank`'s k / world of them: epochs of seeded shuffles of the n rows,
+    read in order. Only the step decides them: a resume (same --prompts-per-step) reads the same rows, nothing saved."""
     first = step * k
     epochs = range(first // n, (first + k - 1) // n + 1)                            # the epochs this step reads from
     order = [i for e in epochs for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()]
-    return order[first - epochs[0] * n:][:k]
+    return order[first - epochs[0] * n:][:k][rank * k // world:(rank + 1) * k // world]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

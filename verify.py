@@ -286,7 +286,7 @@ class _Parser:
 
     def arg(self):
         """A macro argument: {..}, (..), a command or one character, as in \\frac43 or \\sqrt2."""
-        if self.peek().isdigit():
+        if self.peek().isdecimal():  # not isdigit: int() refuses a superscript ²
             self.i += 1
             return self.node("num", Fraction(int(self.s[self.i - 1])))
         return self.atom()
