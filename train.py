@@ -55,6 +55,7 @@ PAPER_DATASET = "iieycx/rlsd-train-MMFineReason-123K"  # fields problem, answer,
 # The authors evaluate by sampling (their eval script): T 0.7, top-p 0.8, top-k 20, presence penalty 1.5.
 EVAL_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)
 LORA_LR_SCALE = 10  # LoRA wants ~10x the full fine-tuning lr ("LoRA Without Regret", Schulman et al. 2025)
+FLOORS = {"torch": "2.6", "transformers": "5.24"}  # requirements.txt's (a test keeps the two the same)
 
 
 class ConfigError(ValueError):
@@ -720,9 +721,6 @@ def check_args(a):
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup: everything that can be wrong with the command is checked before the minutes the weights take to load
 # ---------------------------------------------------------------------------------------------------------------------
-FLOORS = {"torch": "2.6", "transformers": "5.24"}  # requirements.txt's (a test keeps the two the same)
-
-
 def check_versions():
     """Below its floor a library fails late and obscurely (transformers 5.19, which vLLM 0.32's own pin brings, after
     the weights have loaded): stop now, in one line."""
@@ -1443,7 +1441,7 @@ def time_summary(path, first):
 
 
 def step_size(args, world):
-    """Said before the first step: its completions, and the batches they are sampled and trained in."""
+    """Said before the first step: its completions, and the batches that sample and train them."""
     n, gen, micro = args.prompts_per_step // world * args.num_generations, args.generation_batch_size, \
         args.micro_batch_size
     return (f"each step: {args.prompts_per_step} prompts x {args.num_generations} completions of up to "
@@ -1456,9 +1454,8 @@ PROGRESS_AFTER = 30.0  # seconds: a phase that runs longer says how far it is (a
 
 
 def progress(phase, starts, tokens=None):
-    """Yields `starts`, range(0, n, batch) over a phase's n completions. Once the phase has run PROGRESS_AFTER s, says
-    after each batch how far it is (tokens(): those sampled so far): on a terminal in one line redrawn in place, in a
-    log in a plain line every PROGRESS_AFTER s and one at the end. A faster phase prints nothing."""
+    """Yields `starts`, range(0, n, batch) over a phase's n completions; past PROGRESS_AFTER s, says after a batch how
+    far it is: on a terminal in one line redrawn in place, in a log every PROGRESS_AFTER s and at the end."""
     t0 = last = time.time()
     for i in starts:
         yield i
@@ -1937,7 +1934,7 @@ def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also through a pipe
     try:
         args = parse_args(argv)
-        if not args.use_vllm:  # generate()'s KV cache grows a copy per token; vLLM's sleep mode refuses the setting
+        if not args.use_vllm:  # generate()'s KV cache grows a copy per token; vLLM's sleep mode does not mix with it
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         train(args)
     except ConfigError as e:
