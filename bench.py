@@ -902,6 +902,7 @@ def smoke_child(result, what, argv):
         args = train.parse_args(argv)
         policy = train.load_policy(args, os.path.join(args.output_dir, "checkpoint-2"))
         accuracy = train.evaluate(policy, train.load_data(args)[1], args)
+    train.VLLMEngine.close()  # --use-vllm: the phase's engine, shut down as a run's is
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
     json.dump({"accuracy": accuracy, "peak_gib": peak / 2 ** 30}, open(result, "w"))
 
