@@ -1767,7 +1767,7 @@ class VLLMEngine:
                 for t, r in zip(texts, rows)]
         else:
             prompts = [{"prompt_token_ids": p} for p in policy.tokenizer(texts, add_special_tokens=False).input_ids]
-        outs = [o.outputs[0] for o in self.llm.generate(prompts, sp, use_tqdm=False)]
+        outs = [o.outputs[0] for o in self.llm.generate(prompts, sp, use_tqdm=sys.stdout.isatty())]  # (its own bar)
         if self.gpu:
             self.llm.sleep(level=1)  # level 2 would drop the weights too, but is known to corrupt some models
         pad = lambda seqs, value=0: torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
