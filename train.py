@@ -89,6 +89,7 @@ DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128
 #   Preemption         SIGTERM / Ctrl-C asks the loop to save after the step in progress, then exit
 #   step_rows          the step's prompts: seeded shuffles, a function of the step (--resume needs no loader state)
 #   fmt, show_samples  the step's printed line; a right and a wrong completion every --log-samples-steps
+#   step_size, progress, clock   the step's size before step 1; a slow phase's progress; a time as 4m05s (ETA)
 #   save_checkpoint    checkpoint-N/: a Hugging Face folder plus trainer_state.pt, all --resume needs
 #   show_credit        --show-credit's page: completions with each token coloured by Â_t / A (credit.html)
 #   time_summary, run_files, checkpoints   the end of a run: the time per phase, and the files it wrote
