@@ -349,7 +349,7 @@ def run_one(variant, seed, setting, args):
     # leakage probe: greedy completions that give the answer before any working, or talk about a reference
     prompts = [train.student_prompt(policy, r) for r in evals]
     ids, mask, _, _ = train.generate(policy, prompts, evals, targs, "greedy")
-    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    texts = policy.decode(ids, mask)
     leak = sum("reference" in t or "solution" in t or -1 < t.find("<answer>") < t.find("=") or
                ("<answer>" in t and "=" not in t) for t in texts) / len(texts)
     tail = steps[-5:]

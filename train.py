@@ -274,7 +274,7 @@ def rollout(policy, rows, args):
     batch = [r for r in rows for _ in range(G)]
     prompts = [student_prompt(policy, r) for r in batch]
     ids, mask, truncated, sample_logp = generate(policy, prompts, batch, args)
-    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    texts = policy.decode(ids, mask)
     return dict(rows=batch, prompts=prompts, ids=ids, mask=mask, truncated=truncated,
                 sample_logp=sample_logp, texts=texts)
 
@@ -986,6 +986,12 @@ class Policy:
             enc["pixel_values"], enc["image_grid_thw"] = (torch.cat(x) for x in zip(*filter(None, images)))
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def decode(self, ids, mask):
+        """Each completion's text: its tokens where mask [B, C] is 1 (up to its end token), never the padding after
+        it, whose id may be an ordinary token (Qwen's id 0 is "!"); special tokens left out."""
+        return self.tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(ids, mask)],
+                                           skip_special_tokens=True)
+
     def row_images(self, row):
         """(pixel_values [p, d], image_grid_thw [n, 3]) of the row's images, or None. Kept for the step's prompts
         (rollout() names them), not for evaluation rows, read once: 14 MB of pixels per 768x768 image."""
@@ -1335,7 +1341,7 @@ def evaluate(policy, rows, args):
     with torch.random.fork_rng(devices=cuda):  # its own draws: an eval leaves the training run as it was
         torch.manual_seed(args.seed + 1 + dist_rank())
         ids, mask, _, _ = generate(policy, [student_prompt(policy, r) for r in mine], mine, args, args.eval_decoding)
-    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    texts = policy.decode(ids, mask)
     return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)  # (all_sum moves it where NCCL wants)
 
 
