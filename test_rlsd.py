@@ -4004,6 +4004,9 @@ def test_padded_qwen_answers_decode_to_exactly_their_text_in_rollout_eval_and_sa
         else:
             assert ro["texts"][i] == scripted_text((int(n[i]) - 3) // 8) and rewards[i] == 1, ro["texts"][i]
             assert ids[i, n[i]:].eq(EOT).all()  # what follows the stop token is padding
+        branch = torch.zeros(22)
+        branch[10::8] = math.log(1 / 3)  # after each ".": stop with <|im_end|> or <|endoftext|>, or go on
+        torch.testing.assert_close(ro["sample_logp"][i, :n[i]], branch[:n[i]], atol=1e-4, rtol=0)
     train.show_samples(ro, rewards)
     assert f"-> {scripted_text((int(n[0]) - 3) // 8)!r}" in capsys.readouterr().out
     assert train.evaluate(policy, rows * 4, args) == 1.0  # sampled as the authors do: every answer stops in time
@@ -4053,3 +4056,133 @@ def test_thought_only_credit_reweights_exactly_qwen3s_thought_and_with_thinking_
                                                                else 0.0)
     assert all(torch.equal(a, b) for a, b in zip(weights["false", "grpo"], weights["false", "rlsd"]))
     assert not all(torch.equal(a, b) for a, b in zip(weights["true", "grpo"], weights["true", "rlsd"]))
+
+
+from hypothesis import Phase  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qwen3_policy(qwen3_tiny):
+    """The tiny Qwen3 over Qwen's vocabulary, loaded once for the property tests (which only read it)."""
+    return tiny_policy(qwen3_tiny)
+
+
+def plain_logprobs(policy, prompt, completion, temperature):
+    """Reference: one row alone, no padding, a plain forward pass over prompt + completion (only the completion's
+    logits are computed: a long prompt's [P, V] logits would not fit)."""
+    p = policy.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.cat([p, completion])[None], logits_to_keep=len(completion) + 1).logits
+    return (logits[0, :-1].double() / temperature).log_softmax(-1).gather(1, completion[:, None])[:, 0].float()
+
+
+@needs_qwen_vocab
+@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.generate])  # no shrinking: seconds per example
+@given(data=st.data())
+def test_teacher_and_student_logprobs_of_an_answer_do_not_change_with_the_batch_micro_batch_or_the_longest_answer(
+        qwen3_policy, data):
+    """Each row's teacher (and student) log-probs equal those of the row scored alone without padding, whatever the
+    other rows are, how long they are, where the longest answer sits and how the batch is cut into micro-batches
+    (the grouped teacher pass where the micro-batch holds whole groups, the plain one elsewhere)."""
+    policy, args = qwen3_policy
+    G, P = data.draw(st.integers(1, 3), "G"), data.draw(st.integers(1, 2), "prompts")
+    prompts = [{"problem": "What is " + "+".join("1" * data.draw(st.integers(1, 12))) + "?",
+                "answer": " ".join(["so 1+1=2."] * data.draw(st.integers(0, 6)) + ["2"])} for _ in range(P)]
+    rows = [r for r in prompts for _ in range(G)]
+    n = data.draw(st.lists(st.integers(1, 6), min_size=P * G, max_size=P * G), "answer lengths")
+    C, g = max(n), torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), "ids"))
+    ids = torch.randint(10_000, 151_000, (P * G, C), generator=g)  # none of the scripted tokens
+    mask = (torch.arange(C)[None] < torch.tensor(n)[:, None]).long()
+    ids = torch.where(mask.bool(), ids, EOT)                                                           # [B, C]
+    T = data.draw(st.sampled_from([0.7, 1.0]), "temperature")
+    ro = dict(rows=rows, prompts=[train.student_prompt(policy, r) for r in rows], ids=ids, mask=mask)
+    with torch_threads(1):
+        want_t = [plain_logprobs(policy, train.teacher_prompt(policy, r), ids[i, :n[i]], T) for i, r in enumerate(rows)]
+        want_s = [plain_logprobs(policy, ro["prompts"][i], ids[i, :n[i]], T) for i in range(len(rows))]
+        for micro in range(1, P * G + 1):
+            a = with_args(args, num_generations=G, micro_batch_size=micro, temperature=T)
+            teacher = train.Teacher(policy, 0).logprobs(ro, a)                                        # [B, C]
+            student = train.score(policy, ro["prompts"], rows, ids, mask, T, micro)                   # [B, C]
+            for i in range(len(rows)):
+                torch.testing.assert_close(teacher[i, :n[i]], want_t[i], atol=2e-4, rtol=0, msg=f"micro {micro}")
+                torch.testing.assert_close(student[i, :n[i]], want_s[i], atol=2e-4, rtol=0, msg=f"micro {micro}")
+
+
+@needs_qwen_vocab
+@pytest.mark.parametrize("repeats", [0, 30, 400])
+def test_the_teacher_prompt_is_never_cut_however_long_the_reference_and_max_prompt_length_drops_students_only(
+        repeats, qwen3_tiny, tmp_path, capsys):
+    """--max-prompt-length drops a row whose student prompt is longer; the teacher's prompt (question + reference +
+    format) is never measured or cut: the teacher scores the answer after all of it, up to ~4,000 tokens here."""
+    reference = "Add them: " + "1+1=2, 2+1=3, " * repeats + "so 4."
+    rows = [{"problem": "What is 1+1+1+1?", "answer": reference},
+            {"problem": "What is " + "+".join("1" * 40) + "?", "answer": "40"}]  # a student prompt of > 96 tokens
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # (under 10 rows: none held out)
+    policy, _, _, _, _, train_rows, _ = train.setup(tiny_args(qwen3_tiny, tmp_path / "run", "--dataset", str(data),
+                                                              "--max-prompt-length", "96"))
+    assert [r["problem"] for r in train_rows] == [rows[0]["problem"]]
+    assert "dropping 1 prompts longer than --max-prompt-length 96" in capsys.readouterr().out
+    text = train.teacher_prompt(policy, train_rows[0])
+    assert reference in text and text.endswith(f"{train.FORMAT}<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([[30_000, 40_000, 50_000, IM_END]])
+    ro = dict(rows=train_rows, prompts=[train.student_prompt(policy, train_rows[0])], ids=ids,
+              mask=torch.ones_like(ids))
+    args = with_args(tiny_args(qwen3_tiny, tmp_path / "unused", "--max-prompt-length", "96"), num_generations=1)
+    with torch_threads(1):
+        got = train.Teacher(policy, 0).logprobs(ro, args)[0]
+        torch.testing.assert_close(got, plain_logprobs(policy, text, ids[0], 1.0), atol=2e-4, rtol=0)
+    assert len(policy.tokenizer(text, add_special_tokens=False).input_ids) > (3_000 if repeats == 400 else 0)
+
+
+@needs_qwen_vocab
+def test_every_image_placeholder_of_a_vl_row_is_in_the_teachers_input_as_many_as_the_students_on_qwens_vocabulary(
+        qwen3_tokenizer, tmp_path):
+    """A tiny Qwen3-VL with the card's own config ids over Qwen's vocabulary; rows with one and two images, whose
+    references are long and carry <image> tags of their own (the images belong to the question)."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3VLForConditionalGeneration
+    ids = bench.write_qwen3_vl_processor(str(tmp_path), AutoTokenizer.from_pretrained(qwen3_tokenizer))
+    card = json.load(open(REAL_VL_CONFIG))
+    assert {k: card[k] for k in ("image_token_id", "vision_start_token_id")} == {
+        k: ids[k] for k in ("image_token_id", "vision_start_token_id")}  # the card's ids, in Qwen's vocabulary
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(AutoConfig.for_model(**bench.tiny_qwen3_vl_config(card))).eval()
+    policy = train.Policy(model, train.load_processor(str(tmp_path), 32 * 32, 64 * 64), True, 64 * 64)
+    reference = "<image> shows " + "one square, then another, " * 60 + "so 5."
+    rows = [{"problem": "How many squares? <image>", "answer": reference, "images": [squares_image(2, seed=1)]},
+            {"problem": "Left: <image> right: <image>. How many squares?", "answer": reference,
+             "images": [squares_image(2, seed=2), squares_image(3, seed=3, size=80)]}]
+    for row in rows:
+        student = policy.encode([train.student_prompt(policy, row)], [row])
+        teacher = policy.encode([train.teacher_prompt(policy, row)], [row])
+        per_image = (student["image_grid_thw"].prod(-1) // 4).tolist()  # tokens each image becomes (merge 2 x 2)
+        for enc in (student, teacher):
+            assert (enc["input_ids"] == card["image_token_id"]).sum() == sum(per_image)
+            assert (enc["input_ids"] == card["vision_start_token_id"]).sum() == len(row["images"])
+        assert torch.equal(teacher["image_grid_thw"], student["image_grid_thw"])
+    batch = [rows[0], rows[1], rows[1]]
+    completion = torch.tensor([[30_000, IM_END, EOT], [31_000, 32_000, IM_END], [33_000, IM_END, EOT]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    ro = dict(rows=batch, prompts=[train.student_prompt(policy, r) for r in batch], ids=completion, mask=mask)
+    with torch_threads(1):  # the teacher pass whatever the micro-batch: each row's images with it, none lost
+        runs = [train.Teacher(policy, 0).logprobs(ro, argparse.Namespace(
+            teacher_template=train.TEACHER, num_generations=1, micro_batch_size=micro, temperature=1.0)) * mask
+            for micro in (1, 2, 3)]
+    assert all(torch.allclose(r, runs[0], atol=1e-4) for r in runs[1:]) and runs[0][mask.bool()].lt(0).all()
+
+
+@needs_vllm
+@needs_qwen_vocab
+def test_vllm_answers_over_qwens_vocabulary_decode_to_exactly_their_text_whatever_the_other_rows_lengths(
+        qwen3_tiny, engines):
+    """vLLM returns each answer's own tokens, up to and including its stop id; train.py pads them into one batch."""
+    policy, args = tiny_policy(qwen3_tiny, "--use-vllm", "--num-generations", "8", "--max-completion-length", "22")
+    rows = [{"problem": "What is 40+2?", "answer": "42"}, {"problem": "What is 6*7? Think it over.", "answer": "42"}]
+    ro = train.rollout(policy, rows, args)
+    n, cut = ro["mask"].sum(1), ro["truncated"]
+    assert len(set(n.tolist())) > 1 and (~cut).any()  # padded rows, in one batch
+    for i in range(16):
+        want = scripted_text(2) + "\n\nThe answer is" if cut[i] else scripted_text((int(n[i]) - 3) // 8)
+        last = int(ro["ids"][i, n[i] - 1])
+        assert ro["texts"][i] == want and last in ([374] if cut[i] else [EOT, IM_END])  # " is", or a stop id
+    assert train.evaluate(policy, rows * 4, with_args(args, eval_decoding="sampled")) == 1.0
