@@ -1422,6 +1422,9 @@ MUTANTS = [
      "n = int(mask.sum(1).max()); out.append(torch.nn.functional.pad(rlsd.token_logprobs(logits[:, :n], "
      "ids[:, :n], temperature), (ids.shape[1] - n, 0)))",
      ["test_teacher_and_student_logprobs_of_an_answer_do_not_change_with_the_batch_micro_batch_or_the_longest_answer"]),
+    ("thought-only credit misses a span the prompt opens", "train.py",
+     "rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]", "rlsd.thought_mask(ids, *markers)",
+     ["test_thought_only_credit_finds_the_thought_when_a_thinking_template_opens_it_in_the_prompt"]),
 ]
 
 

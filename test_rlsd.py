@@ -4189,3 +4189,27 @@ def test_vllm_answers_over_qwens_vocabulary_decode_to_exactly_their_text_whateve
         last = int(ro["ids"][i, n[i] - 1])
         assert ro["texts"][i] == want and last in ([374] if cut[i] else [EOT, IM_END])  # " is", or a stop id
     assert train.evaluate(policy, rows * 4, with_args(args, eval_decoding="sampled")) == 1.0
+
+
+@needs_qwen_vocab
+def test_thought_only_credit_finds_the_thought_when_a_thinking_template_opens_it_in_the_prompt(qwen3_tiny):
+    """Qwen3's *-Thinking templates end the generation prompt with "<think>\\n": an answer holds only </think>."""
+    policy, args = tiny_policy(qwen3_tiny, "--rlsd-thought-only", "--num-generations", "2", "--micro-batch-size", "2")
+    policy.processor.chat_template = QWEN3_CHAT_TEMPLATE.replace(
+        r"{{- '<|im_start|>assistant\n' }}", r"{{- '<|im_start|>assistant\n<think>\n' }}")
+    train.prepare_for_training(policy, args)
+    row = {"problem": "What is 40+2?", "answer": "42"}
+    prompt = train.student_prompt(policy, row)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    answers = [policy.tokenizer(t + "<|im_end|>", add_special_tokens=False).input_ids
+               for t in ("Add 40 and 2.\n</think>\n\nThe answer is 42.", "</think>The answer is 42.")]
+    C = max(map(len, answers))
+    ids = torch.tensor([a + [EOT] * (C - len(a)) for a in answers])
+    mask = (ids != EOT).long()
+    ro = dict(rows=[row, row], prompts=[prompt, prompt], ids=ids, mask=mask, sample_logp=torch.zeros(ids.shape))
+    opt = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    m = train.update(policy, opt, sched, ro, torch.tensor([1.0, -1.0]), torch.full(ids.shape, 50.0),
+                     train.Teacher(policy, 0), args, 0)
+    thought = len(policy.tokenizer("Add 40 and 2.\n", add_special_tokens=False).input_ids)  # before </think>
+    assert m["rlsd/thought_frac"] == pytest.approx(thought / mask.sum().item())

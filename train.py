@@ -399,7 +399,10 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
     thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
     if args.rlsd_thought_only:
         markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
-        thought = thought & rlsd.thought_mask(ids, *markers)
+        # A thinking template (Qwen3-*-Thinking) ends the prompt with the open marker: the answer starts inside a span
+        lead = torch.tensor([markers[0] if p.rstrip().endswith(args.thought_markers[0]) else [-1] * len(markers[0])
+                             for p in rollouts["prompts"]], device=ids.device)                        # [B, len(open)]
+        thought = thought & rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]  # [B, C]
     student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
     sums, gap = {}, []  # the sums behind the metrics, on the device; --use-vllm's sampler/trainer gaps
     policy.model.train()
