@@ -23,6 +23,7 @@ pure: no globals, no in-place edits of inputs. The one optimisation, computing l
 that no float32 [B, T, V] is ever built, sits at the end of the file.
 """
 
+import contextlib
 import math
 
 import torch
@@ -126,8 +127,40 @@ def token_logprobs(logits, tokens, temperature=1.0, chunk_size=1024, return_entr
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
     B, T, V = logits.shape
-    fn = lambda x, tok: _logp_entropy_rows(x, tok, temperature, return_entropy)
-    out = _chunked_rows(logits.reshape(B * T, V), fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
+    fn = lambda x, _, tok: _logp_entropy_rows(x, tok, temperature, return_entropy)
+    out = _chunked_rows(logits.reshape(B * T, V), None, fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
+    logp = out[:, 0].view(B, T)                                   # [B, T]
+    return (logp, out[:, 1].view(B, T)) if return_entropy else logp
+
+
+def token_logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=1024, return_entropy=False,
+                               banned=()):
+    """token_logprobs(hidden @ weight.T, tokens, ...), without ever holding the [B, T, V] logits.
+
+    hidden: [B, T, H] the model's last hidden states (any dtype), aligned as token_logprobs' logits are.
+    weight: [V, H] the LM head's weight (no bias, logit scale or soft-cap: the caller refuses models with one).
+    banned: token ids whose logits are set to -1e4 first, as a sampler that never draws them does.
+    The LM head runs on chunk_size rows at a time, in hidden's dtype (or autocast's), and backward runs it again
+    chunk by chunk: the extra memory is a few [chunk_size, V] float32 buffers, whatever B x T. The logits path
+    holds [B, T, V] logits and, in the update, their gradient as well: 8 x 4096 x 151,936 x 2 bytes = 10 GB each
+    in bf16. Differentiable w.r.t. hidden and weight; returns what token_logprobs returns.
+    """
+    if hidden.dim() != 3 or tuple(tokens.shape) != tuple(hidden.shape[:2]) or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} / weight {tuple(weight.shape)} / tokens "
+                         f"{tuple(tokens.shape)}: expected hidden [B, T, H], weight [V, H] and tokens [B, T]")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
+    B, T, H = hidden.shape
+    banned = list(banned)
+
+    def fn(h, w, tok):  # h [c, H] -> [c, K]
+        logits = h @ w.T                                          # [c, V]: one chunk of the LM head
+        if banned:
+            logits[:, banned] = -1e4
+        return _logp_entropy_rows(logits, tok, temperature, return_entropy)
+
+    out = _chunked_rows(hidden.reshape(B * T, H), weight.to(hidden.dtype), fn, chunk_size,
+                        tokens.reshape(B * T))                    # [B*T, K]
     logp = out[:, 0].view(B, T)                                   # [B, T]
     return (logp, out[:, 1].view(B, T)) if return_entropy else logp
 
@@ -344,8 +377,8 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
     B, T, V = student_logits.shape
-    fn = lambda s, t: _divergence_rows(s, t, temperature, divergence)
-    d = _chunked_rows(student_logits.reshape(B * T, V), fn, chunk_size,
+    fn = lambda s, _, t: _divergence_rows(s, t, temperature, divergence)
+    d = _chunked_rows(student_logits.reshape(B * T, V), None, fn, chunk_size,
                       teacher_logits.detach().reshape(B * T, V)).view(B, T)   # [B, T]
     m = mask.to(d.dtype)
     n = m.sum() if num_tokens is None else num_tokens
@@ -354,46 +387,56 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
 
 
 # -----------------------------------------------------------------------------
-# optimisation: row-wise functions of [N, V] logits, chunk by chunk (token_logprobs and opsd_loss use it)
+# optimisation: row-wise functions of [N, V] logits, chunk by chunk (token_logprobs, token_logprobs_from_hidden and
+# opsd_loss use it)
 
 
 class _RowChunked(torch.autograd.Function):
-    """Apply a row-wise fn to x [N, V] chunk by chunk; out [N, K] float32.
+    """Apply a row-wise fn(x_chunk, weight, *extras_chunk) to x [N, D] chunk by chunk; out [N, K] float32.
 
     Rows are independent, so neither pass needs more than one chunk of
     float32 [chunk, V] at a time:
       forward:  run fn on each chunk with no graph, keep only its small output.
       backward: rebuild each chunk's graph, backprop through it, write the
-                chunk's gradient into one [N, V] buffer (gradient checkpointing,
-                by hand). `extras` are per-row tensors that get no gradient
-                (token ids, teacher logits).
+                chunk's gradient into one [N, D] buffer (gradient checkpointing,
+                by hand). `weight` (None, or the LM head's [V, H]) is used whole
+                by every chunk; its gradient adds up over the chunks. `extras`
+                are per-row tensors that get no gradient (token ids, teacher logits).
+    Backward runs under the autocast forward ran under, so the recomputed chunks are the same numbers.
     """
 
     @staticmethod
-    def forward(ctx, x, fn, chunk_size, *extras):
+    def forward(ctx, x, weight, fn, chunk_size, *extras):
         ctx.fn, ctx.chunk_size = fn, chunk_size
-        ctx.save_for_backward(x, *extras)
-        outs = [fn(x[i:i + chunk_size], *(e[i:i + chunk_size] for e in extras))
+        device = x.device.type
+        amp = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if amp else None
+        ctx.save_for_backward(x, weight, *extras)
+        outs = [fn(x[i:i + chunk_size], weight, *(e[i:i + chunk_size] for e in extras))
                 for i in range(0, x.shape[0], chunk_size)]
         return torch.cat(outs)  # [N, K]
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, *extras = ctx.saved_tensors
+        x, weight, *extras = ctx.saved_tensors
         c = ctx.chunk_size
-        grad_x = torch.empty_like(x)  # [N, V], x's dtype: the only full-size allocation
-        for i in range(0, x.shape[0], c):
-            xc = x[i:i + c].detach().requires_grad_()
-            with torch.enable_grad():
-                out = ctx.fn(xc, *(e[i:i + c] for e in extras))  # [c, K]
-            grad_x[i:i + c] = torch.autograd.grad(out, xc, grad_out[i:i + c])[0]
-        return (grad_x, None, None) + (None,) * len(extras)
+        grad_x = torch.empty_like(x)  # [N, D], x's dtype: the only full-size allocation
+        w = None if weight is None else weight.detach().requires_grad_(ctx.needs_input_grad[1])  # [V, H]
+        wanted = [w] if ctx.needs_input_grad[1] else []
+        with torch.enable_grad(), torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext():
+            for i in range(0, x.shape[0], c):
+                xc = x[i:i + c].detach().requires_grad_()
+                out = ctx.fn(xc, w, *(e[i:i + c] for e in extras))  # [c, K]
+                torch.autograd.backward(out, grad_out[i:i + c], inputs=[xc, *wanted])  # w.grad sums the chunks'
+                grad_x[i:i + c] = xc.grad
+        return (grad_x, w.grad if wanted else None, None, None) + (None,) * len(extras)
 
 
-def _chunked_rows(x, fn, chunk_size, *extras):
-    """x [N, V] -> fn applied in chunks of rows -> [N, K] float32 (differentiable in x)."""
+def _chunked_rows(x, weight, fn, chunk_size, *extras):
+    """x [N, D] -> fn(x_chunk, weight, *extras_chunk) in chunks of rows -> [N, K] float32 (differentiable in x
+    and weight)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1; try 1024")
     if x.shape[0] == 0:  # no rows: plain autograd on the empty tensor is free
-        return fn(x, *extras)
-    return _RowChunked.apply(x, fn, chunk_size, *extras)
+        return fn(x, weight, *extras)
+    return _RowChunked.apply(x, weight, fn, chunk_size, *extras)
