@@ -395,7 +395,7 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
     B, micro, world = ids.shape[0], args.micro_batch_size, dist_world()
     lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
     n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
-    n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)                               # all ranks' answers that count
+    n_seq = all_sum(torch.tensor(float(B), device=mask.device))  # all ranks' answers, masked ones too (TRL's count)
     thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
     if args.rlsd_thought_only:
         markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
