@@ -3849,3 +3849,144 @@ def test_bench_demo_summary_gives_median_range_and_the_seeds_that_gain_at_least_
     assert ("median base 0.200 (0.100 to 0.300), final 0.400 (0.350 to 0.500), gain +0.300 (+0.050 to +0.300); "
             "2 of 3 seeds gain at least +0.15; cold wall time median 220 s (200 to 250), of which the warm start 65 s "
             "(60 to 70)") in text
+
+
+# ---- issue 38: log-probs from hidden states, TRL's count under --mask-truncated-completions ----
+#
+# rlsd.token_logprobs_from_hidden runs the LM head in chunks; the trainer's passes skip the model's own head. Both must
+# give what the logits path gives, to fp32 round-off: values, gradients, and a whole training step.
+
+
+@st.composite
+def hidden_case(draw):
+    B, T, H, V = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 8)), draw(st.integers(2, 40))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    scale = draw(st.floats(0.0, 5.0))
+    return dict(hidden=scale * torch.randn(B, T, H, generator=g), weight=torch.randn(V, H, generator=g),
+                tokens=torch.randint(0, V, (B, T), generator=g), mask=torch.rand(B, T, generator=g) < 0.7,
+                upstream=torch.randn(2, B, T, generator=g), temperature=draw(st.floats(0.2, 4.0)),
+                chunk_size=draw(st.integers(1, 2 * B * T + 1)), entropy=draw(st.booleans()),
+                banned=draw(st.lists(st.integers(0, V - 1), max_size=V - 1, unique=True)))
+
+
+def _logprob_loss(way, c):
+    """(logp, entropy or None, d loss / d hidden, d loss / d weight) for a masked loss of logp (and entropy)."""
+    h, w = c["hidden"].clone().requires_grad_(), c["weight"].clone().requires_grad_()
+    out = way(h, w)
+    logp, ent = out if c["entropy"] else (out, None)
+    m = c["mask"].float()
+    loss = (logp * c["upstream"][0] * m).sum() + (0 if ent is None else (ent * c["upstream"][1] * m).sum())
+    return (logp, ent, *torch.autograd.grad(loss, [h, w]))
+
+
+@FAST
+@given(hidden_case())
+def test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden_states_equal_the_logits_path(c):
+    """For any shape, chunk size, temperature, mask and banned ids: token_logprobs(hidden @ weight.T) to round-off."""
+    kw = dict(temperature=c["temperature"], chunk_size=c["chunk_size"], return_entropy=c["entropy"])
+
+    def logits_path(h, w):
+        logits = h @ w.T                                    # [B, T, V]
+        logits[..., c["banned"]] = -1e4                     # as train.completion_logits does
+        return rlsd.token_logprobs(logits, c["tokens"], **kw)
+
+    got = _logprob_loss(lambda h, w: rlsd.token_logprobs_from_hidden(h, w, c["tokens"], banned=c["banned"], **kw), c)
+    want = _logprob_loss(logits_path, c)
+    assert got[0].dtype == torch.float32
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_under_autocast_the_chunks_and_their_recomputation_in_backward_are_the_logits_paths_bf16_numbers():
+    """bf16 autocast (a GPU run's compute): fp32 hidden states and head, the head's matmul in bf16 as the model's
+    own head would run it, in forward and in backward: the same log-probs, entropies and hidden-state gradient. The
+    weight's gradient comes back fp32, a sum of 5 chunks' bf16 products, so within 5 bf16 round-offs."""
+    g = torch.Generator().manual_seed(0)
+    c = dict(hidden=torch.randn(2, 7, 16, generator=g), weight=torch.randn(50, 16, generator=g),
+             tokens=torch.randint(0, 50, (2, 7), generator=g), mask=torch.ones(2, 7, dtype=torch.bool),
+             upstream=torch.randn(2, 2, 7, generator=g), entropy=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _logprob_loss(lambda h, w: rlsd.token_logprobs_from_hidden(h, w, c["tokens"], 0.7, 3, True), c)
+        want = _logprob_loss(lambda h, w: rlsd.token_logprobs(torch.nn.functional.linear(h, w), c["tokens"], 0.7,
+                                                              return_entropy=True), c)
+    assert got[3].dtype == torch.float32
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], want[3], rtol=0, atol=5 * 2 ** -8 * want[3].abs().max().item())
+
+
+def logits_path(monkeypatch):
+    """The trainer as before issue 38: the model's own LM head writes the [b, C, V] logits, token_logprobs reads them."""
+    monkeypatch.setattr(train, "lm_head_skipped", lambda policy: contextlib.nullcontext())
+
+    def from_logits(policy, logits, ids, temperature, entropy=False):
+        logits[..., policy.banned] = -1e4
+        return rlsd.token_logprobs(logits, ids, temperature, return_entropy=entropy)
+
+    monkeypatch.setattr(train, "head_logprobs", from_logits)
+
+
+def _one_step_two_ways(args_of, monkeypatch):
+    """One whole training step (rollout, teacher, update) from the same weights and seed, from hidden states and
+    through the logits path: (the weights after each, the gradient each step took)."""
+    out = []
+    for old in (False, True):
+        with monkeypatch.context() as m:
+            grads, clip = [], torch.nn.utils.clip_grad_norm_
+            m.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
+                grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
+            if old:
+                logits_path(m)
+            policy, _ = train.train(args_of(f"run{int(old)}"))
+            out.append(({k: v.detach().clone() for k, v in policy.model.state_dict().items()}, grads[0]))
+    return out
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rlsd"])
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_a_training_step_from_hidden_states_gives_the_logits_paths_gradient_and_weights(
+        algo, lora, tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch):
+    args_of = lambda name: tiny_args(tiny_model, tmp_path / name, "--algo", algo, "--max-steps", "1", *lora)
+    (new, g_new), (old, g_old) = _one_step_two_ways(args_of, monkeypatch)
+    assert g_new.abs().max() > 1e-3
+    torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-6)
+    assert max((new[k] - old[k]).abs().max().item() for k in new) < 1e-5
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_a_vl_rlsd_step_from_hidden_states_gives_the_logits_paths_gradient_and_weights(lora, vl, tmp_path,
+                                                                                        monkeypatch):
+    mixed_rewards(monkeypatch)
+    args_of = lambda name: vl_args(vl, tmp_path / name, "--max-steps", "1", "--save-steps", "100", *lora)
+    (new, g_new), (old, g_old) = _one_step_two_ways(args_of, monkeypatch)
+    assert g_new.abs().max() > 1e-3
+    torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-6)
+    assert max((new[k] - old[k]).abs().max().item() for k in new) < 1e-5
+
+
+def test_a_model_whose_lm_head_has_a_bias_is_refused_in_one_line(tiny_model):
+    policy, _ = tiny_policy(tiny_model)
+    head = policy.model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with pytest.raises(train.ConfigError, match="bias, logit scale or soft-cap"):
+        train.score(policy, ["1+1="], [{}], torch.tensor([[5, 6]]), torch.ones(1, 2), 1.0, 1)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_masked_truncated_answers_stay_in_the_sequence_count_as_in_trl(loss_type, tiny_model, monkeypatch):
+    """TRL's grpo averages over all B answers and dr_grpo divides by B x max_completion_length, truncated answers
+    included: the step with 2 of 4 answers masked is 2/4 of the step of the batch without them."""
+    policy, args, opt, sched, ro, adv = _update_parts(tiny_model, "--mask-truncated-completions", "--loss-type",
+                                                      loss_type)
+    grads, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
+        grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
+    ro["truncated"] = torch.tensor([False, True, False, True])
+    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    kept = [0, 2]
+    rest = {k: v[kept] if torch.is_tensor(v) else [v[i] for i in kept] for k, v in ro.items()}
+    m_rest = train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1] * 2 / 4, rtol=1e-5, atol=1e-8)
+    assert m["loss"] == pytest.approx(m_rest["loss"] * 2 / 4, rel=1e-5, abs=1e-8)
