@@ -1339,8 +1339,6 @@ MUTANTS = [
      "num_tokens=None, num_sequences", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
     ("policy loss without the global sequence count", "train.py", "num_sequences=n_seq,",
      "num_sequences=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
-    ("truncated answers counted in the sequence denominator", "train.py", "num_sequences=n_seq,",
-     "num_sequences=B * world,", ["test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them"]),
     ("--mask-truncated-completions masks nothing", "train.py", 'mask = mask * ~rollouts["truncated"][:, None]',
      "mask = mask", ["test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_is_truncated"]),
     ("--rlsd-thought-only never reaches a_hat", "train.py", "args.rlsd_negative_only, thought[s])",
@@ -1416,6 +1414,18 @@ MUTANTS = [
     ("bootstrap gives a 50% interval", "bench.py", "means[int(0.025 * n)], means[int(0.975 * n) - 1]",
      "means[int(0.25 * n)], means[int(0.75 * n) - 1]",
      ["test_bootstrap_interval_of_one_success_in_ten_is_zero_to_three_tenths"]),
+    # issue 38: log-probs from hidden states, TRL's sequence count
+    ("from hidden states: no gradient reaches the LM head's weight", "rlsd.py", "logits = h @ w.T ",
+     "logits = h @ w.detach().T ",
+     ["test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden_states_equal_the_logits_path"]),
+    ("from hidden states: banned ids keep their logits", "rlsd.py", "logits[:, banned] = -1e4", "pass",
+     ["test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden_states_equal_the_logits_path"]),
+    ("from hidden states: backward recomputes the chunks outside forward's autocast", "rlsd.py",
+     "torch.autocast(*ctx.autocast) if ctx.autocast else", "contextlib.nullcontext() if ctx.autocast else",
+     ["test_under_autocast_the_chunks_and_their_recomputation_in_backward_are_the_logits_paths_bf16_numbers"]),
+    ("--mask-truncated-completions drops truncated answers from the sequence count (not TRL's)", "train.py",
+     "n_seq = all_sum(torch.tensor(float(B), device=mask.device))", "n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)",
+     ["test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence_count_as_in_trl"]),
 ]
 
 

@@ -1598,20 +1598,24 @@ def test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_
     assert m["loss"] == 0.0 and all(torch.equal(a, p) for a, p in zip(before, policy.model.parameters()))
 
 
-@pytest.mark.parametrize("loss_type", ["dapo"])  # grpo, dr_grpo: TRL's count of answers (issue 38's section)
-def test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them(loss_type, tiny_model, monkeypatch):
+@pytest.mark.parametrize("loss_type, share", [("dapo", 1.0), ("grpo", 2 / 4), ("dr_grpo", 2 / 4)])
+def test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence_count_as_in_trl(
+        loss_type, share, tiny_model, monkeypatch):
+    """dapo: the step of the batch without them. TRL's grpo averages over all B answers and dr_grpo divides by
+    B x max_completion_length, truncated ones included: 2 of 4 masked give 2/4 of that step (issue 38)."""
     policy, args, opt, sched, ro, adv = _update_parts(tiny_model, "--mask-truncated-completions", "--loss-type",
                                                       loss_type)
     grads, clip = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
         grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
     ro["truncated"] = torch.tensor([False, True, False, True])
-    train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
     kept = [0, 2]
     rest = {k: v[kept] if torch.is_tensor(v) else [v[i] for i in kept] for k, v in ro.items()}
-    train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
+    m_rest = train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
     assert grads[0].abs().max() > 1e-3
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(grads[0], grads[1] * share, rtol=1e-5, atol=1e-8)
+    assert m["loss"] == pytest.approx(m_rest["loss"] * share, rel=1e-5, abs=1e-8)
 
 
 def test_clip_low_and_high_fracs_are_the_shares_of_live_tokens_whose_weight_hit_each_bound(tiny_model):
@@ -3971,22 +3975,3 @@ def test_a_model_whose_lm_head_has_a_bias_is_refused_in_one_line(tiny_model):
     head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
     with pytest.raises(train.ConfigError, match="bias, logit scale or soft-cap"):
         train.score(policy, ["1+1="], [{}], torch.tensor([[5, 6]]), torch.ones(1, 2), 1.0, 1)
-
-
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
-def test_masked_truncated_answers_stay_in_the_sequence_count_as_in_trl(loss_type, tiny_model, monkeypatch):
-    """TRL's grpo averages over all B answers and dr_grpo divides by B x max_completion_length, truncated answers
-    included: the step with 2 of 4 answers masked is 2/4 of the step of the batch without them."""
-    policy, args, opt, sched, ro, adv = _update_parts(tiny_model, "--mask-truncated-completions", "--loss-type",
-                                                      loss_type)
-    grads, clip = [], torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
-        grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
-    ro["truncated"] = torch.tensor([False, True, False, True])
-    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
-    kept = [0, 2]
-    rest = {k: v[kept] if torch.is_tensor(v) else [v[i] for i in kept] for k, v in ro.items()}
-    m_rest = train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
-    assert grads[0].abs().max() > 1e-3
-    torch.testing.assert_close(grads[0], grads[1] * 2 / 4, rtol=1e-5, atol=1e-8)
-    assert m["loss"] == pytest.approx(m_rest["loss"] * 2 / 4, rel=1e-5, abs=1e-8)
