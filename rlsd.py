@@ -23,7 +23,6 @@ pure: no globals, no in-place edits of inputs. The one optimisation, computing l
 that no float32 [B, T, V] is ever built, sits at the end of the file.
 """
 
-import contextlib
 import math
 
 import torch
@@ -121,46 +120,33 @@ def token_logprobs(logits, tokens, temperature=1.0, chunk_size=1024, return_entr
             Both are differentiable w.r.t. logits (the training forward needs it).
     Tip: pass contiguous logits; a sliced logits[:, :-1] is copied by reshape.
     """
-    if logits.dim() != 3 or tuple(tokens.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"logits {tuple(logits.shape)} / tokens {tuple(tokens.shape)}: "
-                         "expected logits [B, T, V] and tokens [B, T]")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
-    B, T, V = logits.shape
-    fn = lambda x, _, tok: _logp_entropy_rows(x, tok, temperature, return_entropy)
-    out = _chunked_rows(logits.reshape(B * T, V), None, fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
-    logp = out[:, 0].view(B, T)                                   # [B, T]
-    return (logp, out[:, 1].view(B, T)) if return_entropy else logp
+    return token_logprobs_from_hidden(logits, None, tokens, temperature, chunk_size, return_entropy)
 
 
 def token_logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=1024, return_entropy=False,
                                banned=()):
-    """token_logprobs(hidden @ weight.T, tokens, ...), without ever holding the [B, T, V] logits.
+    """token_logprobs(hidden @ weight.T, tokens, ...) without ever holding the [B, T, V] logits.
 
-    hidden: [B, T, H] the model's last hidden states (any dtype), aligned as token_logprobs' logits are.
-    weight: [V, H] the LM head's weight (no bias, logit scale or soft-cap: the caller refuses models with one).
-    banned: token ids whose logits are set to -1e4 first, as a sampler that never draws them does.
-    The LM head runs on chunk_size rows at a time, in hidden's dtype (or autocast's), and backward runs it again
-    chunk by chunk: the extra memory is a few [chunk_size, V] float32 buffers, whatever B x T. The logits path
-    holds [B, T, V] logits and, in the update, their gradient as well: 8 x 4096 x 151,936 x 2 bytes = 10 GB each
-    in bf16. Differentiable w.r.t. hidden and weight; returns what token_logprobs returns.
+    hidden: [B, T, H] last hidden states, aligned as token_logprobs' logits are; weight: [V, H], the LM head's
+    (cast to hidden's dtype; None: hidden are the logits). banned: ids whose logits are -1e4, as for the sampler.
+    The head runs on chunk_size rows at a time, and again in backward: a few [chunk_size, V] float32 buffers
+    whatever B x T, where bf16 logits at 8 x 4096 x 151,936 take 10 GB, and their gradient 10 GB more.
     """
-    if hidden.dim() != 3 or tuple(tokens.shape) != tuple(hidden.shape[:2]) or weight.shape[-1] != hidden.shape[-1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} / weight {tuple(weight.shape)} / tokens "
-                         f"{tuple(tokens.shape)}: expected hidden [B, T, H], weight [V, H] and tokens [B, T]")
+    if hidden.dim() != 3 or tuple(tokens.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"logits or hidden {tuple(hidden.shape)} / tokens {tuple(tokens.shape)}: expected logits "
+                         "[B, T, V] or hidden states [B, T, H] (with weight [V, H]), and tokens [B, T]")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
     B, T, H = hidden.shape
-    banned = list(banned)
+    ban = torch.tensor(list(banned), dtype=torch.long, device=hidden.device)
 
     def fn(h, w, tok):  # h [c, H] -> [c, K]
-        logits = h @ w.T                                          # [c, V]: one chunk of the LM head
-        if banned:
-            logits[:, banned] = -1e4
-        return _logp_entropy_rows(logits, tok, temperature, return_entropy)
+        logits = h if w is None else h @ w.T                      # [c, V]: one chunk of the LM head
+        return _logp_entropy_rows(logits.index_fill(-1, ban, -1e4) if len(ban) else logits, tok, temperature,
+                                  return_entropy)
 
-    out = _chunked_rows(hidden.reshape(B * T, H), weight.to(hidden.dtype), fn, chunk_size,
-                        tokens.reshape(B * T))                    # [B*T, K]
+    weight = None if weight is None else weight.to(hidden.dtype)  # [V, H]
+    out = _chunked_rows(hidden.reshape(B * T, H), weight, fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
     logp = out[:, 0].view(B, T)                                   # [B, T]
     return (logp, out[:, 1].view(B, T)) if return_entropy else logp
 
@@ -387,8 +373,7 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
 
 
 # -----------------------------------------------------------------------------
-# optimisation: row-wise functions of [N, V] logits, chunk by chunk (token_logprobs, token_logprobs_from_hidden and
-# opsd_loss use it)
+# optimisation: row-wise functions of [N, V] logits, chunk by chunk (token_logprobs_from_hidden and opsd_loss use it)
 
 
 class _RowChunked(torch.autograd.Function):
@@ -402,15 +387,11 @@ class _RowChunked(torch.autograd.Function):
                 by hand). `weight` (None, or the LM head's [V, H]) is used whole
                 by every chunk; its gradient adds up over the chunks. `extras`
                 are per-row tensors that get no gradient (token ids, teacher logits).
-    Backward runs under the autocast forward ran under, so the recomputed chunks are the same numbers.
     """
 
     @staticmethod
     def forward(ctx, x, weight, fn, chunk_size, *extras):
         ctx.fn, ctx.chunk_size = fn, chunk_size
-        device = x.device.type
-        amp = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        ctx.autocast = (device, torch.get_autocast_dtype(device)) if amp else None
         ctx.save_for_backward(x, weight, *extras)
         outs = [fn(x[i:i + chunk_size], weight, *(e[i:i + chunk_size] for e in extras))
                 for i in range(0, x.shape[0], chunk_size)]
@@ -423,12 +404,12 @@ class _RowChunked(torch.autograd.Function):
         grad_x = torch.empty_like(x)  # [N, D], x's dtype: the only full-size allocation
         w = None if weight is None else weight.detach().requires_grad_(ctx.needs_input_grad[1])  # [V, H]
         wanted = [w] if ctx.needs_input_grad[1] else []
-        with torch.enable_grad(), torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext():
-            for i in range(0, x.shape[0], c):
-                xc = x[i:i + c].detach().requires_grad_()
+        for i in range(0, x.shape[0], c):
+            xc = x[i:i + c].detach().requires_grad_()
+            with torch.enable_grad():
                 out = ctx.fn(xc, w, *(e[i:i + c] for e in extras))  # [c, K]
-                torch.autograd.backward(out, grad_out[i:i + c], inputs=[xc, *wanted])  # w.grad sums the chunks'
-                grad_x[i:i + c] = xc.grad
+            torch.autograd.backward(out, grad_out[i:i + c], inputs=[xc, *wanted])  # w.grad sums the chunks'
+            grad_x[i:i + c] = xc.grad
         return (grad_x, w.grad if wanted else None, None, None) + (None,) * len(extras)
 
 

@@ -2556,7 +2556,8 @@ def test_vl_rollout_logprobs_equal_rescoring_and_teacher_with_student_text_equal
     rescored = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], 0.7, micro_batch=1)
     assert (rescored - ro["sample_logp"])[m].abs().max() < 1e-4
     with torch.no_grad():                                       # pure sampling: the hub's top_k=20 is not applied
-        logits = train.completion_logits(policy, policy.encode(ro["prompts"], ro["rows"]), ro["ids"], ro["mask"])
+        hidden = train.completion_hidden(policy, policy.encode(ro["prompts"], ro["rows"]), ro["ids"], ro["mask"])
+        logits = train.head_logits(policy, hidden)
     rank = (logits > logits.gather(-1, ro["ids"][..., None])).sum(-1)       # [B, C]; near-uniform over 263 ids
     assert rank[m].max() >= 20
     teacher = train.Teacher(policy, sync_steps=0)
@@ -3891,7 +3892,7 @@ def test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden
 
     def logits_path(h, w):
         logits = h @ w.T                                    # [B, T, V]
-        logits[..., c["banned"]] = -1e4                     # as train.completion_logits does
+        logits[..., c["banned"]] = -1e4                     # as train.head_logits does
         return rlsd.token_logprobs(logits, c["tokens"], **kw)
 
     got = _logprob_loss(lambda h, w: rlsd.token_logprobs_from_hidden(h, w, c["tokens"], banned=c["banned"], **kw), c)
@@ -3902,26 +3903,25 @@ def test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_under_autocast_the_chunks_and_their_recomputation_in_backward_are_the_logits_paths_bf16_numbers():
-    """bf16 autocast (a GPU run's compute): fp32 hidden states and head, the head's matmul in bf16 as the model's
-    own head would run it, in forward and in backward: the same log-probs, entropies and hidden-state gradient. The
-    weight's gradient comes back fp32, a sum of 5 chunks' bf16 products, so within 5 bf16 round-offs."""
+def test_bf16_hidden_states_with_an_fp32_head_give_the_logits_of_autocast_and_an_fp32_weight_gradient():
+    """A GPU run's compute: the head's matmul in bf16, as autocast runs the model's own head, in forward and again in
+    backward. The weight's gradient comes back fp32, a sum of 5 chunks' bf16 products: within 5 bf16 round-offs."""
     g = torch.Generator().manual_seed(0)
-    c = dict(hidden=torch.randn(2, 7, 16, generator=g), weight=torch.randn(50, 16, generator=g),
+    c = dict(hidden=torch.randn(2, 7, 16, generator=g).bfloat16(), weight=torch.randn(50, 16, generator=g),
              tokens=torch.randint(0, 50, (2, 7), generator=g), mask=torch.ones(2, 7, dtype=torch.bool),
              upstream=torch.randn(2, 2, 7, generator=g), entropy=True)
+    got = _logprob_loss(lambda h, w: rlsd.token_logprobs_from_hidden(h, w, c["tokens"], 0.7, 3, True), c)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = _logprob_loss(lambda h, w: rlsd.token_logprobs_from_hidden(h, w, c["tokens"], 0.7, 3, True), c)
         want = _logprob_loss(lambda h, w: rlsd.token_logprobs(torch.nn.functional.linear(h, w), c["tokens"], 0.7,
                                                               return_entropy=True), c)
-    assert got[3].dtype == torch.float32
+    assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
     for g, w in zip(got[:3], want[:3]):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[3], want[3], rtol=0, atol=5 * 2 ** -8 * want[3].abs().max().item())
 
 
 def logits_path(monkeypatch):
-    """The trainer as before issue 38: the model's own LM head writes the [b, C, V] logits, token_logprobs reads them."""
+    """The trainer before issue 38: the model's own LM head writes [b, C, V] logits, token_logprobs reads them."""
     monkeypatch.setattr(train, "lm_head_skipped", lambda policy: contextlib.nullcontext())
 
     def from_logits(policy, logits, ids, temperature, entropy=False):

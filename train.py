@@ -410,20 +410,17 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
             with timed(times, "teacher"), torch.no_grad(), teacher.active():
                 prompts = [teacher_prompt(policy, r, args.teacher_template) for r in rollouts["rows"][s]]
                 teacher_enc = policy.encode(prompts, rollouts["rows"][s])
-                teacher_logits = completion_logits(policy, teacher_enc, ids[s], rollouts["mask"][s])  # [b, C, V]
+                hidden = completion_hidden(policy, teacher_enc, ids[s], rollouts["mask"][s])  # [b, C, H]
+                teacher_logits = head_logits(policy, hidden)                                   # [b, C, V]
         enc = policy.encode(rollouts["prompts"][s], rollouts["rows"][s])
-        if args.algo == "opsd":  # the full [b, C, V] logits: OPSD compares whole distributions
-            logits = completion_logits(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, V]
-            logp, ent = rlsd.token_logprobs(logits, ids[s], args.temperature, return_entropy=True)  # [b, C] each
-        else:  # the LM head in chunks: neither the [b, C, V] logits nor their gradient ever exist
-            hidden = completion_hidden(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, H]
-            logp, ent = head_logprobs(policy, hidden, ids[s], args.temperature, entropy=True)      # [b, C] each
+        hidden = completion_hidden(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, H]
+        logp, ent = head_logprobs(policy, hidden, ids[s], args.temperature, entropy=True)      # [b, C] each
         student[s] = logp.detach()
         is_weight = (VLLMEngine.importance_weights(logp.detach(), rollouts["sample_logp"][s], m, args, gap)
                      if args.use_vllm else 1)  # another sampler drew the tokens: pi_theta / pi_vLLM (TRL's fix)
         if args.algo == "opsd":
-            loss, loss_metrics = rlsd.opsd_loss(logits, teacher_logits, m, args.temperature, args.opsd_divergence,
-                                                num_tokens=n_tok)
+            loss, loss_metrics = rlsd.opsd_loss(head_logits(policy, hidden), teacher_logits, m, args.temperature,
+                                                args.opsd_divergence, num_tokens=n_tok)
         else:
             if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher rescales, the sign stays A's
                 a_hat = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
@@ -469,14 +466,13 @@ def check_finite(x, what, step):
 # Forward passes (steps 4 and 6): log-probs of completion tokens given a prompt
 # ---------------------------------------------------------------------------------------------------------------------
 def completion_hidden(policy, enc, completion_ids, completion_mask, model=None):
-    """The last hidden states that predict each completion token: [b, C, H] for completion_ids [b, C]; head_logprobs
-    turns them into log-probs, running the LM head in chunks (the model's own head is skipped, lm_head_skipped).
+    """The last hidden states that predict each completion token: [b, C, H] for completion_ids [b, C] (the model's
+    own LM head is skipped: head_logprobs runs it in chunks, and no [b, C, V] logits are ever made).
 
     The input is [left-padded prompt ‖ right-padded completion], less the completion's last token, which predicts
-    nothing we score: then the last C positions predict the C completion tokens, and the model returns exactly
-    those states (logits_to_keep=C). Position ids come from
-    the attention mask, so a row's completion sits at the same positions whatever its padding; vision-language
-    models compute their own M-RoPE positions from the same mask and the image grid."""
+    nothing we score: then the last C positions predict the C completion tokens (logits_to_keep=C). Position ids
+    come from the attention mask, so a row's completion sits at the same positions whatever its padding;
+    vision-language models compute their own M-RoPE positions from the same mask and the image grid."""
     C = completion_ids.shape[1]
     ids = torch.cat([enc["input_ids"], completion_ids[:, :-1]], dim=1)                              # [b, P+C-1]
     attn = torch.cat([enc["attention_mask"], completion_mask[:, :-1].to(enc["attention_mask"])], dim=1)  # [b, P+C-1]
@@ -492,8 +488,7 @@ def completion_hidden(policy, enc, completion_ids, completion_mask, model=None):
 
 @contextlib.contextmanager
 def lm_head_skipped(policy):
-    """Within this block the model returns its last hidden states where it would return logits: [b, C, H], not
-    [b, C, V]. (TRL 1.16's fused LM head skips it too.) A head that is more than a matmul is refused."""
+    """Within this block the model returns its last hidden states [b, C, H] where it would return logits [b, C, V]."""
     head, text = policy.model.get_output_embeddings(), policy.model.config.get_text_config()
     if head.bias is not None or any(getattr(text, k, None) for k in ("final_logit_softcapping", "logit_scale")):
         raise ConfigError(f"{type(policy.model).__name__}: an LM head with a bias, logit scale or soft-cap is not "
@@ -506,18 +501,15 @@ def lm_head_skipped(policy):
 
 
 def head_logprobs(policy, hidden, completion_ids, temperature, entropy=False):
-    """log pi(completion_ids) [b, C] float32 (and the entropy [b, C]) from the hidden states [b, C, H]: the LM head
-    runs on 1024 rows at a time, banned ids at -1e4 as the sampler had them."""
-    weight = policy.model.get_output_embeddings().weight  # [V, H]; under FSDP2 gathered by the forward just run
-    weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-    with policy.autocast():
-        return rlsd.token_logprobs_from_hidden(hidden, weight, completion_ids, temperature, return_entropy=entropy,
-                                               banned=policy.banned)
+    """log pi(completion_ids) [b, C] float32 (and the entropy [b, C]) from hidden [b, C, H], the LM head in chunks of
+    1024 tokens, at the compute dtype as autocast would run it. (FSDP2's forward left the head's weight gathered.)"""
+    weight = policy.model.get_output_embeddings().weight  # [V, H]
+    return rlsd.token_logprobs_from_hidden(hidden.to(policy.compute_dtype), weight, completion_ids, temperature,
+                                           return_entropy=entropy, banned=policy.banned)
 
 
-def completion_logits(policy, enc, completion_ids, completion_mask, model=None):
-    """The full logits [b, C, V] that predict each completion token (OPSD needs whole distributions)."""
-    hidden = completion_hidden(policy, enc, completion_ids, completion_mask, model)  # [b, C, H]
+def head_logits(policy, hidden):
+    """The full logits [b, C, V] from hidden [b, C, H]: OPSD compares whole distributions."""
     with policy.autocast():
         logits = policy.model.get_output_embeddings()(hidden)                         # [b, C, V]
     logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
