@@ -25,9 +25,11 @@ class RLSDTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)  # TRL's rollout, rewards and A [B] (Eq. 1)
+        if not self.model.training:  # evaluation: no update, no teacher
+            return out
         lam = rlsd.rlsd_lambda(self.state.global_step, self.lam0, self.lam_decay_steps)
         self._metrics["train"]["rlsd/lambda"].append(lam)
-        if lam == 0 or not self.model.training:  # after the decay RLSD is GRPO: no teacher pass
+        if lam == 0:  # after the decay RLSD is GRPO: no teacher pass
             return out
         ids, mask = out["completion_ids"], out["completion_mask"]                          # [B, C]
         student = self._logprobs(out["prompt_ids"], out["prompt_mask"], ids, mask)         # log P_S [B, C]
