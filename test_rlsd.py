@@ -3969,9 +3969,7 @@ def test_a_vl_rlsd_step_from_hidden_states_gives_the_logits_paths_gradient_and_w
     assert max((new[k] - old[k]).abs().max().item() for k in new) < 1e-5
 
 
-def test_a_model_whose_lm_head_has_a_bias_is_refused_in_one_line(tiny_model):
-    policy, _ = tiny_policy(tiny_model)
-    head = policy.model.get_output_embeddings()
-    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
-    with pytest.raises(train.ConfigError, match="bias, logit scale or soft-cap"):
-        train.score(policy, ["1+1="], [{}], torch.tensor([[5, 6]]), torch.ones(1, 2), 1.0, 1)
+def test_a_model_whose_lm_head_has_a_soft_cap_is_refused_at_load_in_one_line(tmp_path):
+    folder = save_tiny_qwen3(tmp_path / "capped", layers=1, final_logit_softcapping=30.0)  # as Gemma 2's config
+    with pytest.raises(train.ConfigError, match="bias, logit scale or soft-cap is not supported"):
+        tiny_policy(folder)

@@ -488,11 +488,9 @@ def completion_hidden(policy, enc, completion_ids, completion_mask, model=None):
 
 @contextlib.contextmanager
 def lm_head_skipped(policy):
-    """Within this block the model returns its last hidden states [b, C, H] where it would return logits [b, C, V]."""
-    head, text = policy.model.get_output_embeddings(), policy.model.config.get_text_config()
-    if head.bias is not None or any(getattr(text, k, None) for k in ("final_logit_softcapping", "logit_scale")):
-        raise ConfigError(f"{type(policy.model).__name__}: an LM head with a bias, logit scale or soft-cap is not "
-                          "supported; use a model whose head is one matmul (Qwen3, Qwen3-VL, Llama)")
+    """Within this block the model returns its last hidden states [b, C, H] where it would return logits [b, C, V].
+    (load_policy refused a head that is more than the matmul.)"""
+    head = policy.model.get_output_embeddings()
     head.forward = lambda h: h
     try:
         yield
@@ -1108,6 +1106,10 @@ def load_policy(args, path=None):
     load_dtype = torch.float32 if str(stored).endswith("float32") else dtype
     # no hub kernels: on CUDA, train() / eval() would swap in downloaded RMSNorm / RoPE (offline: a crash)
     model = auto.from_pretrained(path, dtype=load_dtype, local_files_only=offline, use_kernels=False).to(pick_device())
+    if model.get_output_embeddings().bias is not None or any(getattr(config.get_text_config(), k, None) for k in (
+            "final_logit_softcapping", "logit_scale")):  # head_logprobs runs the head as one matmul
+        raise ConfigError(f"{path!r}: an LM head with a bias, logit scale or soft-cap is not supported; use a model "
+                          "whose head is one matmul (Qwen3, Qwen3-VL, Llama)")
     processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
                  AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
