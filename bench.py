@@ -5,7 +5,7 @@ Benchmarks, one subcommand each:
                                  # by seed, with credit localisation -> results/ (summary.md, curves.png, credit.html)
     python bench.py --seeds 2 --steps 20      # a quick look; runs already in results/runs are reused
     python bench.py --only-finished           # summarise the finished runs only (an interrupted bench)
-    python bench.py logprobs     # peak extra memory: chunked token_logprobs vs naive fp32 log-softmax
+    python bench.py logprobs     # peak extra memory of log-probs: naive, chunked, from hidden states
     python bench.py gpu          # 3 RLSD steps on Qwen3-VL-8B-Instruct's real architecture: memory, tokens/s, split
     python bench.py demo         # the README's `python train.py` on 8 seeds, cold cache: gain and wall time
     python bench.py gpu --smoke  # the paper setting's code path at 2 + 2 layers: LoRA, full FT, resume, reload, eval
@@ -91,31 +91,36 @@ def _measure_extra_memory(fn, device):
 
 
 # -----------------------------------------------------------------------------
-# logprobs: chunked token_logprobs against the naive full fp32 log-softmax
+# logprobs: the three ways to the log-probs of the sampled tokens, forward and backward
+
+
+WAYS = {  # way -> fn(hidden [B, T, H], weight [V, H], tokens [B, T], chunk_size) -> logp [B, T]
+    "naive": lambda h, w, tok, c: (h @ w.T).float().log_softmax(-1).gather(-1, tok[..., None]).squeeze(-1),
+    "chunked": lambda h, w, tok, c: rlsd.token_logprobs(h @ w.T, tok, chunk_size=c),   # logits, then in chunks
+    "hidden": lambda h, w, tok, c: rlsd.token_logprobs_from_hidden(h, w, tok, chunk_size=c),  # no [B, T, V] at all
+}
 
 
 def _logprobs_worker(args):
-    """Child process: build bf16 logits [B, T, V], run one variant, print one JSON line."""
+    """Child process: bf16 hidden states [B, T, H] and a frozen bf16 LM head [V, H] (as under LoRA), then one way's
+    forward and backward (the gradient w.r.t. the hidden states); prints one JSON line."""
     device = _pick_device(args.device)
-    B, T, V = args.batch, args.seq, args.vocab
-    logits = torch.empty(B, T, V, dtype=torch.bfloat16, device=device).normal_()  # touch every page
-    tokens = torch.randint(0, V, (B, T), device=device)                            # [B, T]
-    if args.variant == "naive":
-        fn = lambda: logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
-    else:
-        fn = lambda: rlsd.token_logprobs(logits, tokens, chunk_size=args.chunk_size)
-    with torch.no_grad():  # the teacher pass; the bytes that matter are the fp32 [B, T, V] ones
-        extra, seconds = _measure_extra_memory(fn, device)
-    print(json.dumps(dict(variant=args.variant, batch=B, seq=T, vocab=V, device=device,
-                          logits_bytes=logits.numel() * logits.element_size(),
-                          extra_bytes=extra, seconds=seconds)))
+    B, T, V, H = args.batch, args.seq, args.vocab, args.hidden
+    hidden = (torch.randn(B, T, H, device=device) / H ** 0.5).bfloat16().requires_grad_()  # [B, T, H]
+    weight = torch.randn(V, H, device=device).bfloat16()                                     # [V, H]
+    tokens = torch.randint(0, V, (B, T), device=device)                                      # [B, T]
+    way = WAYS[args.variant]
+    fn = lambda: torch.autograd.grad(way(hidden, weight, tokens, args.chunk_size).sum(), hidden)[0]
+    extra, seconds = _measure_extra_memory(fn, device)
+    print(json.dumps(dict(variant=args.variant, batch=B, seq=T, vocab=V, device=device, extra_bytes=extra,
+                          seconds=seconds)))
 
 
 def _run_worker(variant, batch, seq, args):
     """Run _logprobs_worker in a fresh Python process and return its JSON result."""
     cmd = [sys.executable, __file__, "_logprobs_worker", "--variant", variant, "--batch", str(batch),
-           "--seq", str(seq), "--vocab", str(args.vocab), "--chunk-size", str(args.chunk_size),
-           "--device", args.device]
+           "--seq", str(seq), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+           "--chunk-size", str(args.chunk_size), "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {variant} {batch}x{seq} failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -125,37 +130,44 @@ def _run_worker(variant, batch, seq, args):
 def _row(r, note=""):
     size = f"{r['batch']} x {r['seq']}"
     secs = f"{r['seconds']:6.1f} s" if "seconds" in r else ""
-    return (f"  {size:<12} {r['variant']:<8} {r['logits_bytes'] / GB:8.2f} GB "
-            f"{r['extra_bytes'] / GB:9.2f} GB  {secs:>8}  {note}")
+    return f"  {size:<12} {r['variant']:<8} {r['extra_bytes'] / GB:9.2f} GB  {secs:>8}  {note}"
 
 
 def bench_logprobs(args):
-    """Peak extra memory of rlsd.token_logprobs vs logits.float().log_softmax(-1).gather(...)."""
+    """Peak extra memory, forward + backward, of the three ways to log pi(y_t): naive (bf16 logits, fp32
+    log-softmax), chunked (bf16 logits, token_logprobs) and from the hidden states (token_logprobs_from_hidden)."""
     device = _pick_device(args.device)
     how = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "peak RSS of a fresh process"
-    print(f"token_logprobs, peak extra memory: bf16 logits, V={args.vocab:,}, "
+    print(f"log pi(y_t), forward + backward, peak extra memory: bf16, V={args.vocab:,}, H={args.hidden}, "
           f"chunk_size={args.chunk_size}, device={device} ({how})")
-    print(f"  {'B x T':<12} {'variant':<8} {'logits':>11} {'extra':>12}  {'time':>8}")
-    naive_fit = _run_worker("naive", args.batch, args.fit_seq, args)
-    chunked_fit = _run_worker("chunked", args.batch, args.fit_seq, args)
-    chunked_full = _run_worker("chunked", args.batch, args.seq, args)
-    for r in (naive_fit, chunked_fit, chunked_full):
+    print(f"  {'B x T':<12} {'way':<8} {'extra':>12}  {'time':>8}")
+    small, big = args.fit_seq, args.seq
+    runs = {(w, s): _run_worker(w, args.batch, s, args) for w in WAYS for s in (small, big)
+            if w != "naive" or s == small or args.naive_full}
+    for r in runs.values():
         print(_row(r))
-    if args.naive_full:
-        naive_full = _run_worker("naive", args.batch, args.seq, args)
-        print(_row(naive_full))
-    else:  # the naive extra memory is two fp32 [B, T, V] tensors: linear in B x T
-        scale = args.seq / args.fit_seq
-        naive_full = dict(naive_fit, seq=args.seq, extra_bytes=naive_fit["extra_bytes"] * scale,
-                          logits_bytes=naive_fit["logits_bytes"] * scale)
-        naive_full.pop("seconds")
-        print(_row(naive_full, f"EXTRAPOLATED from {args.batch} x {args.fit_seq} (x{scale:g}), not measured"))
-    small = 100 * chunked_fit["extra_bytes"] / naive_fit["extra_bytes"]
-    print(f"chunked / naive extra memory at {args.batch} x {args.fit_seq}: {small:.1f}%  "
-          "(the chunked peak is a few [chunk_size, V] fp32 buffers, whatever B x T is)")
-    full = 100 * chunked_full["extra_bytes"] / naive_full["extra_bytes"]
-    verdict = "PASS" if full < 10 else "FAIL"
-    print(f"chunked / naive extra memory at {args.batch} x {args.seq}: {full:.1f}%  (target < 10%: {verdict})")
+    if not args.naive_full:  # the naive way holds several [B, T, V] tensors: linear in B x T
+        r = runs["naive", small]
+        runs["naive", big] = dict(r, seq=big, extra_bytes=r["extra_bytes"] * big / small)
+        runs["naive", big].pop("seconds")
+        print(_row(runs["naive", big], f"EXTRAPOLATED from {args.batch} x {small} (x{big / small:g}), not measured"))
+    gb = {k: r["extra_bytes"] / GB for k, r in runs.items()}
+    for s in (small, big):
+        print(f"at {args.batch} x {s}: hidden / naive {100 * gb['hidden', s] / gb['naive', s]:.1f}%, hidden / chunked "
+              f"{100 * gb['hidden', s] / gb['chunked', s]:.1f}%, chunked / naive "
+              f"{100 * gb['chunked', s] / gb['naive', s]:.1f}%")
+    # A line through each way's two sizes, taken to 8 x 4096 rows. The extra memory of the [*, V] buffers does not
+    # depend on H; the [B, T, H] gradient of the hidden states (0.27 GB at H = 4,096 in bf16), which every way
+    # has, is not included.
+    rows, target = (args.batch * small, args.batch * big), 8 * 4096
+    print(f"arithmetic for 8 x 4096 tokens (H = 4,096; the [B, T, H] gradient every way has left out):")
+    for w in WAYS:
+        slope = (gb[w, big] - gb[w, small]) / (rows[1] - rows[0])
+        at = gb[w, big] + slope * (target - rows[1])
+        fixed = gb[w, small] - slope * rows[0]
+        print(f"  {w:<8} {at:7.2f} GB  ({slope * 1e3:.3f} GB per 1,000 tokens + {fixed:.2f} GB)")
+    verdict = "PASS" if abs(gb["hidden", big] - gb["hidden", small]) < 0.1 * gb["hidden", small] + 0.05 else "FAIL"
+    print(f"from hidden states the extra memory is independent of B x T (within 10% or 0.05 GB): {verdict}")
 
 
 # -----------------------------------------------------------------------------
@@ -1308,8 +1320,6 @@ MUTANTS = [
      "num_tokens=None, num_sequences", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
     ("policy loss without the global sequence count", "train.py", "num_sequences=n_seq,",
      "num_sequences=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
-    ("truncated answers counted in the sequence denominator", "train.py", "num_sequences=n_seq,",
-     "num_sequences=B * world,", ["test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them"]),
     ("--mask-truncated-completions masks nothing", "train.py", 'mask = mask * ~rollouts["truncated"][:, None]',
      "mask = mask", ["test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_is_truncated"]),
     ("--rlsd-thought-only never reaches a_hat", "train.py", "args.rlsd_negative_only, thought[s])",
@@ -1432,13 +1442,26 @@ MUTANTS = [
      '.input_ids[-args.max_prompt_length:]) for r in rollouts["rows"]]',
      ["test_the_teacher_prompt_is_never_cut_however_long_the_reference_and_max_prompt_length_drops_students_only"]),
     ("teacher log-probs offset by the micro-batch's longest answer (RLCSD #6)", "train.py",
-     "out.append(rlsd.token_logprobs(logits, ids, temperature))",
-     "n = int(mask.sum(1).max()); out.append(torch.nn.functional.pad(rlsd.token_logprobs(logits[:, :n], "
+     "out.append(head_logprobs(policy, hidden, ids, temperature))",
+     "n = int(mask.sum(1).max()); out.append(torch.nn.functional.pad(head_logprobs(policy, hidden[:, :n], "
      "ids[:, :n], temperature), (ids.shape[1] - n, 0)))",
      ["test_teacher_and_student_logprobs_of_an_answer_do_not_change_with_the_batch_micro_batch_or_the_longest_answer"]),
     ("thought-only credit misses a span the prompt opens", "train.py",
      "rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]", "rlsd.thought_mask(ids, *markers)",
      ["test_thought_only_credit_finds_the_thought_when_a_thinking_template_opens_it_in_the_prompt"]),
+    # issue 38: log-probs from hidden states, TRL's sequence count
+    ("from hidden states: no gradient reaches the LM head's weight", "rlsd.py", "else h @ w.T ",
+     "else h @ w.detach().T ",
+     ["test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden_states_equal_the_logits_path"]),
+    ("from hidden states: banned ids keep their logits", "rlsd.py",
+     "logits.index_fill(-1, ban, -1e4) if len(ban) else logits", "logits",
+     ["test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden_states_equal_the_logits_path"]),
+    ("from hidden states: an fp32 head meets bf16 hidden states as it is", "rlsd.py",
+     "weight = None if weight is None else weight.to(hidden.dtype)", "weight = weight",
+     ["test_bf16_hidden_states_with_an_fp32_head_give_the_logits_of_autocast_and_an_fp32_weight_gradient"]),
+    ("--mask-truncated-completions drops truncated answers from the sequence count (not TRL's)", "train.py",
+     "n_seq = all_sum(torch.tensor(float(B), device=mask.device))", "n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)",
+     ["test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence_count_as_in_trl"]),
 ]
 
 
@@ -1618,16 +1641,17 @@ def main(argv=None):
     c.set_defaults(func=bench_compare)
 
     def logprobs_args(p):
-        p.add_argument("--batch", type=int, default=8)
-        p.add_argument("--seq", type=int, default=4096, help="response tokens per row (full size)")
+        p.add_argument("--batch", type=int, default=2)
+        p.add_argument("--seq", type=int, default=4096, help="response tokens per row (the larger size)")
         p.add_argument("--vocab", type=int, default=151_936, help="Qwen3-VL vocabulary")
+        p.add_argument("--hidden", type=int, default=64, help="H: the [*, V] buffers do not depend on it, time does")
         p.add_argument("--chunk-size", type=int, default=1024)
         p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
-    p = sub.add_parser("logprobs", help="chunked token_logprobs vs naive fp32 log-softmax: peak memory")
+    p = sub.add_parser("logprobs", help="log-probs three ways (naive, chunked, from hidden states): peak memory")
     logprobs_args(p)
-    p.add_argument("--fit-seq", type=int, default=1024, help="size at which the naive variant is measured")
-    p.add_argument("--naive-full", action="store_true", help="also measure naive at full size (needs ~50 GB)")
+    p.add_argument("--fit-seq", type=int, default=1024, help="the smaller size, at which naive is measured")
+    p.add_argument("--naive-full", action="store_true", help="also measure naive at the larger size")
     p.set_defaults(func=bench_logprobs)
 
     g = sub.add_parser("gpu", help="3 RLSD steps on Qwen3-VL-8B-Instruct's architecture (random weights): memory, "
@@ -1706,7 +1730,7 @@ def main(argv=None):
 
     w = sub.add_parser("_logprobs_worker")  # internal, unlisted: one variant in one process
     logprobs_args(w)
-    w.add_argument("--variant", choices=["naive", "chunked"], required=True)
+    w.add_argument("--variant", choices=list(WAYS), required=True)
     w.set_defaults(func=_logprobs_worker)
 
     argv = sys.argv[1:] if argv is None else argv

@@ -120,14 +120,33 @@ def token_logprobs(logits, tokens, temperature=1.0, chunk_size=1024, return_entr
             Both are differentiable w.r.t. logits (the training forward needs it).
     Tip: pass contiguous logits; a sliced logits[:, :-1] is copied by reshape.
     """
-    if logits.dim() != 3 or tuple(tokens.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"logits {tuple(logits.shape)} / tokens {tuple(tokens.shape)}: "
-                         "expected logits [B, T, V] and tokens [B, T]")
+    return token_logprobs_from_hidden(logits, None, tokens, temperature, chunk_size, return_entropy)
+
+
+def token_logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=1024, return_entropy=False,
+                               banned=()):
+    """token_logprobs(hidden @ weight.T, tokens, ...) without ever holding the [B, T, V] logits.
+
+    hidden: [B, T, H] last hidden states, aligned as token_logprobs' logits are; weight: [V, H], the LM head's
+    (cast to hidden's dtype; None: hidden are the logits). banned: ids whose logits are -1e4, as for the sampler.
+    The head runs on chunk_size rows at a time, and again in backward: a few [chunk_size, V] float32 buffers
+    whatever B x T, where bf16 logits at 8 x 4096 x 151,936 take 10 GB, and their gradient 10 GB more.
+    """
+    if hidden.dim() != 3 or tuple(tokens.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"logits or hidden {tuple(hidden.shape)} / tokens {tuple(tokens.shape)}: expected logits "
+                         "[B, T, V] or hidden states [B, T, H] (with weight [V, H]), and tokens [B, T]")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
-    B, T, V = logits.shape
-    fn = lambda x, tok: _logp_entropy_rows(x, tok, temperature, return_entropy)
-    out = _chunked_rows(logits.reshape(B * T, V), fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
+    B, T, H = hidden.shape
+    ban = torch.tensor(list(banned), dtype=torch.long, device=hidden.device)
+
+    def fn(h, w, tok):  # h [c, H] -> [c, K]
+        logits = h if w is None else h @ w.T                      # [c, V]: one chunk of the LM head
+        return _logp_entropy_rows(logits.index_fill(-1, ban, -1e4) if len(ban) else logits, tok, temperature,
+                                  return_entropy)
+
+    weight = None if weight is None else weight.to(hidden.dtype)  # [V, H]
+    out = _chunked_rows(hidden.reshape(B * T, H), weight, fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
     logp = out[:, 0].view(B, T)                                   # [B, T]
     return (logp, out[:, 1].view(B, T)) if return_entropy else logp
 
@@ -356,8 +375,8 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
     B, T, V = student_logits.shape
-    fn = lambda s, t: _divergence_rows(s, t, temperature, divergence)
-    d = _chunked_rows(student_logits.reshape(B * T, V), fn, chunk_size,
+    fn = lambda s, _, t: _divergence_rows(s, t, temperature, divergence)
+    d = _chunked_rows(student_logits.reshape(B * T, V), None, fn, chunk_size,
                       teacher_logits.detach().reshape(B * T, V)).view(B, T)   # [B, T]
     m = mask.to(d.dtype)
     n = m.sum() if num_tokens is None else num_tokens
@@ -366,46 +385,51 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
 
 
 # -----------------------------------------------------------------------------
-# optimisation: row-wise functions of [N, V] logits, chunk by chunk (token_logprobs and opsd_loss use it)
+# optimisation: row-wise functions of [N, V] logits, chunk by chunk (token_logprobs_from_hidden and opsd_loss use it)
 
 
 class _RowChunked(torch.autograd.Function):
-    """Apply a row-wise fn to x [N, V] chunk by chunk; out [N, K] float32.
+    """Apply a row-wise fn(x_chunk, weight, *extras_chunk) to x [N, D] chunk by chunk; out [N, K] float32.
 
     Rows are independent, so neither pass needs more than one chunk of
     float32 [chunk, V] at a time:
       forward:  run fn on each chunk with no graph, keep only its small output.
       backward: rebuild each chunk's graph, backprop through it, write the
-                chunk's gradient into one [N, V] buffer (gradient checkpointing,
-                by hand). `extras` are per-row tensors that get no gradient
-                (token ids, teacher logits).
+                chunk's gradient into one [N, D] buffer (gradient checkpointing,
+                by hand). `weight` (None, or the LM head's [V, H]) is used whole
+                by every chunk; its gradient adds up over the chunks. `extras`
+                are per-row tensors that get no gradient (token ids, teacher logits).
     """
 
     @staticmethod
-    def forward(ctx, x, fn, chunk_size, *extras):
+    def forward(ctx, x, weight, fn, chunk_size, *extras):
         ctx.fn, ctx.chunk_size = fn, chunk_size
-        ctx.save_for_backward(x, *extras)
-        outs = [fn(x[i:i + chunk_size], *(e[i:i + chunk_size] for e in extras))
+        ctx.save_for_backward(x, weight, *extras)
+        outs = [fn(x[i:i + chunk_size], weight, *(e[i:i + chunk_size] for e in extras))
                 for i in range(0, x.shape[0], chunk_size)]
         return torch.cat(outs)  # [N, K]
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, *extras = ctx.saved_tensors
+        x, weight, *extras = ctx.saved_tensors
         c = ctx.chunk_size
-        grad_x = torch.empty_like(x)  # [N, V], x's dtype: the only full-size allocation
+        grad_x = torch.empty_like(x)  # [N, D], x's dtype: the only full-size allocation
+        w = None if weight is None else weight.detach().requires_grad_(ctx.needs_input_grad[1])  # [V, H]
+        wanted = [w] if ctx.needs_input_grad[1] else []
         for i in range(0, x.shape[0], c):
             xc = x[i:i + c].detach().requires_grad_()
             with torch.enable_grad():
-                out = ctx.fn(xc, *(e[i:i + c] for e in extras))  # [c, K]
-            grad_x[i:i + c] = torch.autograd.grad(out, xc, grad_out[i:i + c])[0]
-        return (grad_x, None, None) + (None,) * len(extras)
+                out = ctx.fn(xc, w, *(e[i:i + c] for e in extras))  # [c, K]
+            torch.autograd.backward(out, grad_out[i:i + c], inputs=[xc, *wanted])  # w.grad sums the chunks'
+            grad_x[i:i + c] = xc.grad
+        return (grad_x, w.grad if wanted else None, None, None) + (None,) * len(extras)
 
 
-def _chunked_rows(x, fn, chunk_size, *extras):
-    """x [N, V] -> fn applied in chunks of rows -> [N, K] float32 (differentiable in x)."""
+def _chunked_rows(x, weight, fn, chunk_size, *extras):
+    """x [N, D] -> fn(x_chunk, weight, *extras_chunk) in chunks of rows -> [N, K] float32 (differentiable in x
+    and weight)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1; try 1024")
     if x.shape[0] == 0:  # no rows: plain autograd on the empty tensor is free
-        return fn(x, *extras)
-    return _RowChunked.apply(x, fn, chunk_size, *extras)
+        return fn(x, weight, *extras)
+    return _RowChunked.apply(x, weight, fn, chunk_size, *extras)

@@ -1598,20 +1598,24 @@ def test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_
     assert m["loss"] == 0.0 and all(torch.equal(a, p) for a, p in zip(before, policy.model.parameters()))
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_masked_truncated_answers_leave_the_gradient_of_the_batch_without_them(loss_type, tiny_model, monkeypatch):
+@pytest.mark.parametrize("loss_type, share", [("dapo", 1.0), ("grpo", 2 / 4), ("dr_grpo", 2 / 4)])
+def test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence_count_as_in_trl(
+        loss_type, share, tiny_model, monkeypatch):
+    """dapo: the step of the batch without them. TRL's grpo averages over all B answers and dr_grpo divides by
+    B x max_completion_length, truncated ones included: 2 of 4 masked give 2/4 of that step (issue 38)."""
     policy, args, opt, sched, ro, adv = _update_parts(tiny_model, "--mask-truncated-completions", "--loss-type",
                                                       loss_type)
     grads, clip = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
         grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
     ro["truncated"] = torch.tensor([False, True, False, True])
-    train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
     kept = [0, 2]
     rest = {k: v[kept] if torch.is_tensor(v) else [v[i] for i in kept] for k, v in ro.items()}
-    train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
+    m_rest = train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
     assert grads[0].abs().max() > 1e-3
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(grads[0], grads[1] * share, rtol=1e-5, atol=1e-8)
+    assert m["loss"] == pytest.approx(m_rest["loss"] * share, rel=1e-5, abs=1e-8)
 
 
 def test_clip_low_and_high_fracs_are_the_shares_of_live_tokens_whose_weight_hit_each_bound(tiny_model):
@@ -2561,7 +2565,8 @@ def test_vl_rollout_logprobs_equal_rescoring_and_teacher_with_student_text_equal
     rescored = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], 0.7, micro_batch=1)
     assert (rescored - ro["sample_logp"])[m].abs().max() < 1e-4
     with torch.no_grad():                                       # pure sampling: the hub's top_k=20 is not applied
-        logits = train.completion_logits(policy, policy.encode(ro["prompts"], ro["rows"]), ro["ids"], ro["mask"])
+        hidden = train.completion_hidden(policy, policy.encode(ro["prompts"], ro["rows"]), ro["ids"], ro["mask"])
+        logits = train.head_logits(policy, hidden)
     rank = (logits > logits.gather(-1, ro["ids"][..., None])).sum(-1)       # [B, C]; near-uniform over 263 ids
     assert rank[m].max() >= 20
     teacher = train.Teacher(policy, sync_steps=0)
@@ -4514,3 +4519,120 @@ def test_thought_only_credit_finds_the_thought_when_a_thinking_template_opens_it
                      train.Teacher(policy, 0), args, 0)
     thought = len(policy.tokenizer("Add 40 and 2.\n", add_special_tokens=False).input_ids)  # before </think>
     assert m["rlsd/thought_frac"] == pytest.approx(thought / mask.sum().item())
+# ---- issue 38: log-probs from hidden states, TRL's count under --mask-truncated-completions ----
+#
+# rlsd.token_logprobs_from_hidden runs the LM head in chunks; the trainer's passes skip the model's own head. Both must
+# give what the logits path gives, to fp32 round-off: values, gradients, and a whole training step.
+
+
+@st.composite
+def hidden_case(draw):
+    B, T, H, V = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 8)), draw(st.integers(2, 40))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    scale = draw(st.floats(0.0, 5.0))
+    return dict(hidden=scale * torch.randn(B, T, H, generator=g), weight=torch.randn(V, H, generator=g),
+                tokens=torch.randint(0, V, (B, T), generator=g), mask=torch.rand(B, T, generator=g) < 0.7,
+                upstream=torch.randn(2, B, T, generator=g), temperature=draw(st.floats(0.2, 4.0)),
+                chunk_size=draw(st.integers(1, 2 * B * T + 1)), entropy=draw(st.booleans()),
+                banned=draw(st.lists(st.integers(0, V - 1), max_size=V - 1, unique=True)))
+
+
+def _logprob_loss(way, c):
+    """(logp, entropy or None, d loss / d hidden, d loss / d weight) for a masked loss of logp (and entropy)."""
+    h, w = c["hidden"].clone().requires_grad_(), c["weight"].clone().requires_grad_()
+    out = way(h, w)
+    logp, ent = out if c["entropy"] else (out, None)
+    m = c["mask"].float()
+    loss = (logp * c["upstream"][0] * m).sum() + (0 if ent is None else (ent * c["upstream"][1] * m).sum())
+    return (logp, ent, *torch.autograd.grad(loss, [h, w]))
+
+
+@FAST
+@given(hidden_case())
+def test_log_probs_entropy_and_their_gradients_wrt_hidden_and_weight_from_hidden_states_equal_the_logits_path(c):
+    """For any shape, chunk size, temperature, mask and banned ids: token_logprobs(hidden @ weight.T) to round-off."""
+    kw = dict(temperature=c["temperature"], chunk_size=c["chunk_size"], return_entropy=c["entropy"])
+
+    def logits_path(h, w):
+        logits = h @ w.T                                    # [B, T, V]
+        logits[..., c["banned"]] = -1e4                     # as train.head_logits does
+        return rlsd.token_logprobs(logits, c["tokens"], **kw)
+
+    got = _logprob_loss(lambda h, w: rlsd.token_logprobs_from_hidden(h, w, c["tokens"], banned=c["banned"], **kw), c)
+    want = _logprob_loss(logits_path, c)
+    assert got[0].dtype == torch.float32
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_hidden_states_with_an_fp32_head_give_the_logits_of_autocast_and_an_fp32_weight_gradient():
+    """A GPU run's compute: the head's matmul in bf16, as autocast runs the model's own head, in forward and again in
+    backward. The weight's gradient comes back fp32, a sum of 5 chunks' bf16 products: within 5 bf16 round-offs."""
+    g = torch.Generator().manual_seed(0)
+    c = dict(hidden=torch.randn(2, 7, 16, generator=g).bfloat16(), weight=torch.randn(50, 16, generator=g),
+             tokens=torch.randint(0, 50, (2, 7), generator=g), mask=torch.ones(2, 7, dtype=torch.bool),
+             upstream=torch.randn(2, 2, 7, generator=g), entropy=True)
+    got = _logprob_loss(lambda h, w: rlsd.token_logprobs_from_hidden(h, w, c["tokens"], 0.7, 3, True), c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _logprob_loss(lambda h, w: rlsd.token_logprobs(torch.nn.functional.linear(h, w), c["tokens"], 0.7,
+                                                              return_entropy=True), c)
+    assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], want[3], rtol=0, atol=5 * 2 ** -8 * want[3].abs().max().item())
+
+
+def logits_path(monkeypatch):
+    """The trainer before issue 38: the model's own LM head writes [b, C, V] logits, token_logprobs reads them."""
+    monkeypatch.setattr(train, "lm_head_skipped", lambda policy: contextlib.nullcontext())
+
+    def from_logits(policy, logits, ids, temperature, entropy=False):
+        logits[..., policy.banned] = -1e4
+        return rlsd.token_logprobs(logits, ids, temperature, return_entropy=entropy)
+
+    monkeypatch.setattr(train, "head_logprobs", from_logits)
+
+
+def _one_step_two_ways(args_of, monkeypatch):
+    """One whole training step (rollout, teacher, update) from the same weights and seed, from hidden states and
+    through the logits path: (the weights after each, the gradient each step took)."""
+    out = []
+    for old in (False, True):
+        with monkeypatch.context() as m:
+            grads, clip = [], torch.nn.utils.clip_grad_norm_
+            m.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
+                grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
+            if old:
+                logits_path(m)
+            policy, _ = train.train(args_of(f"run{int(old)}"))
+            out.append(({k: v.detach().clone() for k, v in policy.model.state_dict().items()}, grads[0]))
+    return out
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rlsd"])
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_a_training_step_from_hidden_states_gives_the_logits_paths_gradient_and_weights(
+        algo, lora, tiny_model, mixed_verify, one_thread, tmp_path, monkeypatch):
+    args_of = lambda name: tiny_args(tiny_model, tmp_path / name, "--algo", algo, "--max-steps", "1", *lora)
+    (new, g_new), (old, g_old) = _one_step_two_ways(args_of, monkeypatch)
+    assert g_new.abs().max() > 1e-3
+    torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-6)
+    assert max((new[k] - old[k]).abs().max().item() for k in new) < 1e-5
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_a_vl_rlsd_step_from_hidden_states_gives_the_logits_paths_gradient_and_weights(lora, vl, tmp_path,
+                                                                                        monkeypatch):
+    mixed_rewards(monkeypatch)
+    args_of = lambda name: vl_args(vl, tmp_path / name, "--max-steps", "1", "--save-steps", "100", *lora)
+    (new, g_new), (old, g_old) = _one_step_two_ways(args_of, monkeypatch)
+    assert g_new.abs().max() > 1e-3
+    torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-6)
+    assert max((new[k] - old[k]).abs().max().item() for k in new) < 1e-5
+
+
+def test_a_model_whose_lm_head_has_a_soft_cap_is_refused_at_load_in_one_line(tmp_path):
+    folder = save_tiny_qwen3(tmp_path / "capped", layers=1, final_logit_softcapping=30.0)  # as Gemma 2's config
+    with pytest.raises(train.ConfigError, match="bias, logit scale or soft-cap is not supported"):
+        tiny_policy(folder)

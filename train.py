@@ -421,7 +421,7 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
     B, micro, world = ids.shape[0], args.micro_batch_size, dist_world()
     lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
     n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
-    n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)                               # all ranks' answers that count
+    n_seq = all_sum(torch.tensor(float(B), device=mask.device))  # all ranks' answers, masked ones too (TRL's count)
     thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
     if args.rlsd_thought_only:
         markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
@@ -439,16 +439,17 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
             with timed(times, "teacher"), torch.no_grad(), teacher.active():
                 prompts = [teacher_prompt(policy, r, args.teacher_template) for r in rollouts["rows"][s]]
                 teacher_enc = policy.encode(prompts, rollouts["rows"][s])
-                teacher_logits = completion_logits(policy, teacher_enc, ids[s], rollouts["mask"][s])  # [b, C, V]
+                hidden = completion_hidden(policy, teacher_enc, ids[s], rollouts["mask"][s])  # [b, C, H]
+                teacher_logits = head_logits(policy, hidden)                                   # [b, C, V]
         enc = policy.encode(rollouts["prompts"][s], rollouts["rows"][s])
-        logits = completion_logits(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, V]
-        logp, ent = rlsd.token_logprobs(logits, ids[s], args.temperature, return_entropy=True)  # [b, C] each
+        hidden = completion_hidden(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, H]
+        logp, ent = head_logprobs(policy, hidden, ids[s], args.temperature, entropy=True)      # [b, C] each
         student[s] = logp.detach()
         is_weight = (VLLMEngine.importance_weights(logp.detach(), rollouts["sample_logp"][s], m, args, gap)
                      if args.use_vllm else 1)  # another sampler drew the tokens: pi_theta / pi_vLLM (TRL's fix)
         if args.algo == "opsd":
-            loss, loss_metrics = rlsd.opsd_loss(logits, teacher_logits, m, args.temperature, args.opsd_divergence,
-                                                num_tokens=n_tok)
+            loss, loss_metrics = rlsd.opsd_loss(head_logits(policy, hidden), teacher_logits, m, args.temperature,
+                                                args.opsd_divergence, num_tokens=n_tok)
         else:
             if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher rescales, the sign stays A's
                 a_hat = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
@@ -493,14 +494,14 @@ def check_finite(x, what, step):
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward passes (steps 4 and 6): log-probs of completion tokens given a prompt
 # ---------------------------------------------------------------------------------------------------------------------
-def completion_logits(policy, enc, completion_ids, completion_mask, model=None):
-    """Logits that predict each completion token: [b, C, V] for completion_ids [b, C].
+def completion_hidden(policy, enc, completion_ids, completion_mask, model=None):
+    """The last hidden states that predict each completion token: [b, C, H] for completion_ids [b, C] (the model's
+    own LM head is skipped: head_logprobs runs it in chunks, and no [b, C, V] logits are ever made).
 
     The input is [left-padded prompt ‖ right-padded completion], less the completion's last token, which predicts
-    nothing we score: then the last C positions predict the C completion tokens, and the model returns exactly
-    those logits, contiguous (a slice of C + 1 would be copied by every reshape after it). Position ids come from
-    the attention mask, so a row's completion sits at the same positions whatever its padding; vision-language
-    models compute their own M-RoPE positions from the same mask and the image grid."""
+    nothing we score: then the last C positions predict the C completion tokens (logits_to_keep=C). Position ids
+    come from the attention mask, so a row's completion sits at the same positions whatever its padding;
+    vision-language models compute their own M-RoPE positions from the same mask and the image grid."""
     C = completion_ids.shape[1]
     ids = torch.cat([enc["input_ids"], completion_ids[:, :-1]], dim=1)                              # [b, P+C-1]
     attn = torch.cat([enc["attention_mask"], completion_mask[:, :-1].to(enc["attention_mask"])], dim=1)  # [b, P+C-1]
@@ -509,9 +510,35 @@ def completion_logits(policy, enc, completion_ids, completion_mask, model=None):
         extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, C - 1))
     if not policy.vl:
         extra["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)                                 # [b, P+C-1]
-    with policy.autocast():
+    with policy.autocast(), lm_head_skipped(policy):
         out = (model or policy.model)(input_ids=ids, attention_mask=attn, logits_to_keep=C, use_cache=False, **extra)
-    logits = out.logits                           # position P-1+t predicts completion token t: [b, C, V]
+    return out.logits                             # position P-1+t predicts completion token t: [b, C, H]
+
+
+@contextlib.contextmanager
+def lm_head_skipped(policy):
+    """Within this block the model returns its last hidden states [b, C, H] where it would return logits [b, C, V].
+    (load_policy refused a head that is more than the matmul.)"""
+    head = policy.model.get_output_embeddings()
+    head.forward = lambda h: h
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def head_logprobs(policy, hidden, completion_ids, temperature, entropy=False):
+    """log pi(completion_ids) [b, C] float32 (and the entropy [b, C]) from hidden [b, C, H], the LM head in chunks of
+    1024 tokens, at the compute dtype as autocast would run it. (FSDP2's forward left the head's weight gathered.)"""
+    weight = policy.model.get_output_embeddings().weight  # [V, H]
+    return rlsd.token_logprobs_from_hidden(hidden.to(policy.compute_dtype), weight, completion_ids, temperature,
+                                           return_entropy=entropy, banned=policy.banned)
+
+
+def head_logits(policy, hidden):
+    """The full logits [b, C, V] from hidden [b, C, H]: OPSD compares whole distributions."""
+    with policy.autocast():
+        logits = policy.model.get_output_embeddings()(hidden)                         # [b, C, V]
     logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
     return logits
 
@@ -522,9 +549,8 @@ def score(policy, texts, rows, completion_ids, completion_mask, temperature, mic
     with torch.no_grad():
         for i in progress("teacher pass", range(0, len(texts), micro_batch)):
             s = slice(i, i + micro_batch)
-            enc = policy.encode(texts[s], rows[s])
-            logits = completion_logits(policy, enc, completion_ids[s], completion_mask[s])
-            out.append(rlsd.token_logprobs(logits, completion_ids[s], temperature))
+            hidden = completion_hidden(policy, policy.encode(texts[s], rows[s]), completion_ids[s], completion_mask[s])
+            out.append(head_logprobs(policy, hidden, completion_ids[s], temperature))
     return torch.cat(out)
 
 
@@ -539,19 +565,19 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
             ids, mask = completion_ids[s], completion_mask[s]                           # [b, C]
             enc = policy.encode(texts[s][::G], rows[s][::G])                            # [b/G, P]
             pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)                  # [b/G, P]
-            with policy.autocast():
+            with policy.autocast(), lm_head_skipped(policy):
                 pre = policy.model(**enc, position_ids=pos, use_cache=True, logits_to_keep=1)
-            logits = pre.logits.repeat_interleave(G, 0)                                 # [b, 1, V]: predicts y_0
+            hidden = pre.logits.repeat_interleave(G, 0)                                 # [b, 1, H]: predicts y_0
             if ids.shape[1] > 1:
                 cache = pre.cache
                 cache.batch_repeat_interleave(G)
                 attn = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask.to(pos)], 1)  # [b, P+C]
                 cpos = (attn.cumsum(-1) - 1).clamp(min=0)[:, pos.shape[1]:]                          # [b, C]
-                with policy.autocast():
+                with policy.autocast(), lm_head_skipped(policy):
                     rest = policy.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1],
                                         position_ids=cpos[:, :-1], cache=cache, use_cache=True)
-                logits = torch.cat([logits, rest.logits], 1)                            # [b, C, V]
-            out.append(rlsd.token_logprobs(logits, ids, temperature))
+                hidden = torch.cat([hidden, rest.logits], 1)                            # [b, C, H]
+            out.append(head_logprobs(policy, hidden, ids, temperature))
     return torch.cat(out)
 
 
@@ -1125,6 +1151,10 @@ def load_policy(args, path=None):
     load_dtype = torch.float32 if str(stored).endswith("float32") else dtype
     # no hub kernels: on CUDA, train() / eval() would swap in downloaded RMSNorm / RoPE (offline: a crash)
     model = auto.from_pretrained(path, dtype=load_dtype, local_files_only=offline, use_kernels=False).to(pick_device())
+    if model.get_output_embeddings().bias is not None or any(getattr(config.get_text_config(), k, None) for k in (
+            "final_logit_softcapping", "logit_scale")):  # head_logprobs runs the head as one matmul
+        raise ConfigError(f"{path!r}: an LM head with a bias, logit scale or soft-cap is not supported; use a model "
+                          "whose head is one matmul (Qwen3, Qwen3-VL, Llama)")
     processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
                  AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
@@ -1358,8 +1388,8 @@ def warm_start(policy, args):
         prompts = [(teacher_prompt if i % 2 else student_prompt)(policy, r) for i, r in enumerate(batch)]
         answers = [builtin_solution(r["problem"]) + tok.eos_token for r in batch]
         ans = tok(answers, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
-        logits = completion_logits(policy, policy.encode(prompts), ans.input_ids, ans.attention_mask)  # [b, C, V]
-        logp = rlsd.token_logprobs(logits, ans.input_ids)                                                 # [b, C]
+        hidden = completion_hidden(policy, policy.encode(prompts), ans.input_ids, ans.attention_mask)  # [b, C, H]
+        logp = head_logprobs(policy, hidden, ans.input_ids, 1.0)                                          # [b, C]
         loss = -(logp * ans.attention_mask).sum() / ans.attention_mask.sum()
         loss.backward()
         opt.step()
