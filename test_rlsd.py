@@ -1761,6 +1761,7 @@ def reward_module(tmp_path, monkeypatch):
         "def exact(completion, reference, row):\n    return 1.0 if reference in completion else 0.0\n"
         "def flaky(completion, reference, row):\n    if row['row'] % 2:\n        raise KeyError('boom')\n    return 1.0\n"
         "def half(completion, reference, row):\n    return 0.5\n"
+        "def word(completion, reference, row):\n    return 'yes'\n"
         "def broken(completion, reference, row):\n    raise ValueError('no digits')\n"
         "NOT_A_FUNCTION = 3\n")
     (tmp_path / "raises_at_import.py").write_text("raise RuntimeError('needs an API key')\n")
@@ -1768,23 +1769,27 @@ def reward_module(tmp_path, monkeypatch):
     return "my_rewards"
 
 
+def reward_args(*specs, weights=None):
+    return argparse_ns(reward_fn=list(specs), reward_weights=weights, prompt_field="problem")
+
+
 def test_reward_fn_scores_with_the_users_check_and_a_raise_scores_zero_with_a_count(reward_module, capsys):
-    args = argparse_ns(reward_fn=f"{reward_module}:exact")
+    args = reward_args(f"{reward_module}:exact")
     rows = [{"row": i, "answer": a} for i, a in enumerate(["7", "8", "9"])]
     r, _ = train.reward(args, ["it is 7", "it is 7", "9!"], rows)
     assert r.tolist() == [1.0, 0.0, 1.0]
-    r, _ = train.reward(argparse_ns(reward_fn=f"{reward_module}:flaky"), ["a", "b", "c"], rows)
+    r, _ = train.reward(reward_args(f"{reward_module}:flaky"), ["a", "b", "c"], rows)
     assert r.tolist() == [1.0, 0.0, 1.0] and "raised on 1 of 3 completions, the first KeyError: 'boom'" in (
         capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("fn,words", [("half", "returned 0.5; it must return 0.0 or 1.0"),
+@pytest.mark.parametrize("fn,words", [("word", "returned 'yes'; return one finite number (or None) per completion"),
                                       ("broken", "raised on every completion (ValueError: no digits)"),
                                       ("missing", "cannot import it (AttributeError"),
                                       ("NOT_A_FUNCTION", "is not a function")])
 def test_reward_fn_mistakes_stop_with_one_line_naming_the_spec(reward_module, fn, words):
     with pytest.raises(train.ConfigError, match=re.escape(words)):
-        train.reward(argparse_ns(reward_fn=f"{reward_module}:{fn}"), ["x"], [{"row": 0, "answer": "1"}])
+        train.reward(reward_args(f"{reward_module}:{fn}"), ["x"], [{"row": 0, "answer": "1"}])
     with pytest.raises(train.ConfigError, match="'no_such_module:f': cannot import it"):
         train.reward_fn("no_such_module:f")
     with pytest.raises(train.ConfigError, match=r"cannot import it \(RuntimeError: needs an API key\)"):
@@ -2151,7 +2156,7 @@ BAD_INPUT = [  # (argv builder, words the message must contain)
     (lambda m, d: ["--model", m, "--dataset", _write(d / "a.jsonl", '{"problem": "1+1?", "solution": "2"}\n')],
      ["has no column 'answer'", "--answer-field"]),
     (lambda m, d: ["--model", m, "--dataset", _write(d / "empty.jsonl", "")], ["empty.jsonl", "is an empty file"]),
-    (lambda m, d: ["--model", m, "--dataset", _write(d / "data.csv", "problem,answer\n")], ["unknown file type"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "data.txt", "problem,answer\n")], ["unknown file type"]),
     (lambda m, d: ["--model", "no-such-org/no-such-model", "--dataset", "x.jsonl"],
      ["'no-such-org/no-such-model'", "download", "local folder"]),
     (lambda m, d: ["--dataset", _write(d / "ok.jsonl", '{"problem": "1+1?", "answer": "2"}\n')],
