@@ -1405,6 +1405,26 @@ MUTANTS = [
     ("bootstrap gives a 50% interval", "bench.py", "means[int(0.025 * n)], means[int(0.975 * n) - 1]",
      "means[int(0.25 * n)], means[int(0.75 * n) - 1]",
      ["test_bootstrap_interval_of_one_success_in_ten_is_zero_to_three_tenths"]),
+    # issue 37: your own data
+    ("own data: a blank question trains", "train.py",
+     'if not msgs or msgs[-1].get("role") != "user" or not msgs[-1]["content"].strip():',
+     'if not msgs or msgs[-1].get("role") != "user":',
+     ["test_a_null_empty_or_non_text_question_or_a_chat_not_ending_in_a_user_turn_stops_naming_the_row_or_is_skipped"]),
+    ("own data: a chat ending in the answer trains", "train.py",
+     'if not msgs or msgs[-1].get("role") != "user" or not', 'if not msgs or not',
+     ["test_a_null_empty_or_non_text_question_or_a_chat_not_ending_in_a_user_turn_stops_naming_the_row_or_is_skipped"]),
+    ("own data: the system prompt is dropped", "train.py", 'return policy.template(row.get("context", []) + chat(',
+     "return policy.template(chat(",
+     ["test_plain_text_with_system_prompt_and_trl_chat_messages_give_the_same_student_and_teacher_prompts"]),
+    ("own data: a TRL reward function is called one completion at a time", "train.py",
+     'if "completions" in inspect.signature(fn).parameters:', "if False:",
+     ["test_trl_reward_functions_from_trls_docs_work_unchanged_on_plain_and_chat_rows"]),
+    ("own data: the reward gets the trainer's row, not the data set's", "train.py",
+     'cols, failed = [r.get("columns", r) for r in rows], []', "cols, failed = list(rows), []",
+     ["test_a_per_completion_reward_gets_every_column_and_the_graded_gold_and_weights_sum_fractional_rewards"]),
+    ("own data: verify.py grades a worked reference whole", "verify.py",
+     "completion, gold = args[0], reference(args[1])", "completion, gold = args[0], args[1]",
+     ["test_verify_command_line_reads_a_worked_reference_as_training_does_and_explains_both_sides"]),
 ]
 
 

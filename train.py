@@ -846,8 +846,8 @@ def load_rows(args, split):
             for name in (args.answer_field, args.privileged_field or args.answer_field):
                 if field(r, name) is None or not str(field(r, name)).strip():  # else it trains on the gold 'None'
                     raise ConfigError(f"{where} has no {name!r} (null or empty)")
-            *context, question = chat_messages(field(r, args.prompt_field), args.system_prompt, f"{where}'s "
-                                               f"{args.prompt_field!r}")
+            *context, question = chat_messages(field(r, args.prompt_field), args.system_prompt,
+                                               f"{where}: {args.prompt_field!r}")
             # a worked solution (GSM8K's '#### 72', a last \boxed{}) grades by its final answer; the teacher sees it all
             row = {"row": i, "problem": question, "context": context,
                    "answer": verify.reference(str(field(r, args.answer_field))),
@@ -893,8 +893,8 @@ def chat_messages(prompt, system, where):
     except (TypeError, KeyError, AttributeError):
         msgs = []
     if not msgs or msgs[-1].get("role") != "user" or not msgs[-1]["content"].strip():
-        raise ConfigError(f"{where} is no question ({str(prompt)[:60]!r}): give text, or chat messages that end in "
-                          f"the user's turn")
+        raise ConfigError(f"{where} is no question (got {str(prompt)[:60]!r}); give text, or chat messages that end "
+                          f"in the user's turn")
     system = [{"role": "system", "content": system}] if system and msgs[0].get("role") != "system" else []
     return system + msgs[:-1] + [msgs[-1]["content"]]
 
