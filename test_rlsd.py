@@ -4092,3 +4092,15 @@ def test_help_explains_paper_and_demo_defaults_and_names_the_format_prompt_befor
     head = capsys.readouterr().out.split("\noptions:")[0]
     assert "[paper: X; demo: Y] marks a default that is X with --model" in head
     assert f'--format-prompt, by default:\n  "{train.FORMAT}"' in head
+
+
+def test_trl_typed_image_parts_become_image_tags_and_a_vl_prompt_keeps_the_system_message(vl):
+    prompt = [{"role": "system", "content": [{"type": "text", "text": "Count."}]},
+              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " How many squares?"}]}]
+    *context, question = train.chat_messages(prompt, "unused: the chat has a system message", "row 0")
+    assert context == [{"role": "system", "content": "Count."}] and question == "<image> How many squares?"
+    policy = train.load_policy(vl_args(vl, vl["root"] / "unused"))
+    row = dict(vl_rows(vl)[0], problem=question, context=context)
+    text = policy.tokenizer.decode(policy.encode([train.student_prompt(policy, row)], [row])["input_ids"][0])
+    assert re.sub(r"(<\|image_pad\|>)+", "<pad>", text).startswith(
+        "<|im_start|>system\nCount.<|im_end|>\n<|im_start|>user\n<|vision_start|><pad><|vision_end|> How many squares?")

@@ -575,8 +575,9 @@ def explain(answer: str | None) -> str:
     if answer is None:
         return "no final answer found"
     try:
-        form = re.sub(r"Fraction\((-?\d+), 1\)", r"\1", repr(_parse(answer[:4 * MAX_ANSWER])))  # 72, 1/2
-        return f"{answer!r}, read as " + re.sub(r"Fraction\((-?\d+), (\d+)\)", r"\1/\2", form)
+        form = re.sub(r"Fraction\((-?\d+), (\d+)\)", lambda m: m[1] + f"/{m[2]}" * (m[2] != "1"), repr(_parse(
+            answer[:4 * MAX_ANSWER])))                      # Fraction(72, 1) as 72, Fraction(1, 2) as 1/2
+        return f"{answer!r}, read as {form}"
     except (_Reject, ArithmeticError) as e:
         return f"{answer!r}, unparseable ({e or 'not an answer'}): only the same text matches"
 
