@@ -4104,3 +4104,9 @@ def test_trl_typed_image_parts_become_image_tags_and_a_vl_prompt_keeps_the_syste
     text = policy.tokenizer.decode(policy.encode([train.student_prompt(policy, row)], [row])["input_ids"][0])
     assert re.sub(r"(<\|image_pad\|>)+", "<pad>", text).startswith(
         "<|im_start|>system\nCount.<|im_end|>\n<|im_start|>user\n<|vision_start|><pad><|vision_end|> How many squares?")
+
+
+def test_a_system_prompt_for_the_built_in_task_stops_in_one_line_instead_of_being_dropped(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--system-prompt", "You add.", "--dry-run", "--cache-dir", str(tmp_path)])
+    assert e.value.code == "train.py: error: --system-prompt is for your own --dataset; the built-in task has none"

@@ -827,6 +827,8 @@ def load_rows(args, split):
     """Rows as dicts: 'problem' (the question's text), 'context' (the messages before it), 'answer' (the verifier's
     gold), 'privileged' (what the teacher sees), 'columns' (the data set's row, less images: the reward's) and, with
     images, 'images' (a list). Every row is checked here, before the model loads. Raises ConfigError on bad data."""
+    if args.dataset == "builtin" and args.system_prompt:  # its rows are not read from a file: nothing would add it
+        raise ConfigError("--system-prompt is for your own --dataset; the built-in task has none")
     if args.dataset == "builtin":
         return builtin_task(4000, args.seed) if split == "train" else builtin_task(args.eval_size, args.seed + 10_000)
     ds = open_dataset(args.dataset, split)
