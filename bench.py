@@ -1317,7 +1317,8 @@ MUTANTS = [
      "x.float().log_softmax(-1)",
      ["test_token_logprobs_and_grad_match_float64_reference_for_any_temperature_and_chunk"]),
     # train.py: one step
-    ("the teacher sees no reference", "train.py", '.replace("{answer}", answer)', '.replace("{answer}", "")',
+    ("the teacher sees no reference", "train.py", 'answer=row.get("privileged", row["answer"]).replace(IMAGE_TAG, "")',
+     'answer=""',
      ["test_teacher_template_replaces_the_wording_and_must_name_question_and_answer"]),
     ("the teacher is never re-synced", "train.py", "self.weights is None or step - self.synced_at >= self.sync_steps",
      "self.weights is None",
