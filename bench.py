@@ -1309,7 +1309,8 @@ MUTANTS = [
      "x.float().log_softmax(-1)",
      ["test_token_logprobs_and_grad_match_float64_reference_for_any_temperature_and_chunk"]),
     # train.py: one step
-    ("the teacher sees no reference", "train.py", '.replace("{answer}", answer)', '.replace("{answer}", "")',
+    ("the teacher sees no reference", "train.py", 'answer=row.get("privileged", row["answer"]).replace(IMAGE_TAG, "")',
+     'answer=""',
      ["test_teacher_template_replaces_the_wording_and_must_name_question_and_answer"]),
     ("the teacher is never re-synced", "train.py", "self.weights is None or step - self.synced_at >= self.sync_steps",
      "self.weights is None",
@@ -1462,6 +1463,26 @@ MUTANTS = [
     ("--mask-truncated-completions drops truncated answers from the sequence count (not TRL's)", "train.py",
      "n_seq = all_sum(torch.tensor(float(B), device=mask.device))", "n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)",
      ["test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence_count_as_in_trl"]),
+    # issue 37: your own data
+    ("own data: a blank question trains", "train.py",
+     'if not msgs or msgs[-1].get("role") != "user" or not msgs[-1]["content"].strip():',
+     'if not msgs or msgs[-1].get("role") != "user":',
+     ["test_a_null_empty_or_non_text_question_or_a_chat_not_ending_in_a_user_turn_stops_naming_the_row_or_is_skipped"]),
+    ("own data: a chat ending in the answer trains", "train.py",
+     'if not msgs or msgs[-1].get("role") != "user" or not', 'if not msgs or not',
+     ["test_a_null_empty_or_non_text_question_or_a_chat_not_ending_in_a_user_turn_stops_naming_the_row_or_is_skipped"]),
+    ("own data: the system prompt is dropped", "train.py", 'return policy.template(row.get("context", []) + chat(',
+     "return policy.template(chat(",
+     ["test_plain_text_with_system_prompt_and_trl_chat_messages_give_the_same_student_and_teacher_prompts"]),
+    ("own data: a TRL reward function is called one completion at a time", "train.py",
+     'if "completions" in inspect.signature(fn).parameters:', "if False:",
+     ["test_trl_reward_functions_from_trls_docs_work_unchanged_on_plain_and_chat_rows"]),
+    ("own data: the reward gets the trainer's row, not the data set's", "train.py",
+     'cols, failed = [r.get("columns", r) for r in rows], []', "cols, failed = list(rows), []",
+     ["test_a_per_completion_reward_gets_every_column_and_the_graded_gold_and_weights_sum_fractional_rewards"]),
+    ("own data: verify.py grades a worked reference whole", "verify.py",
+     "completion, gold = args[0], reference(args[1])", "completion, gold = args[0], args[1]",
+     ["test_verify_command_line_reads_a_worked_reference_as_training_does_and_explains_both_sides"]),
 ]
 
 

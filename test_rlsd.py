@@ -1765,6 +1765,7 @@ def reward_module(tmp_path, monkeypatch):
         "def exact(completion, reference, row):\n    return 1.0 if reference in completion else 0.0\n"
         "def flaky(completion, reference, row):\n    if row['row'] % 2:\n        raise KeyError('boom')\n    return 1.0\n"
         "def half(completion, reference, row):\n    return 0.5\n"
+        "def word(completion, reference, row):\n    return 'yes'\n"
         "def broken(completion, reference, row):\n    raise ValueError('no digits')\n"
         "NOT_A_FUNCTION = 3\n")
     (tmp_path / "raises_at_import.py").write_text("raise RuntimeError('needs an API key')\n")
@@ -1772,23 +1773,27 @@ def reward_module(tmp_path, monkeypatch):
     return "my_rewards"
 
 
+def reward_args(*specs, weights=None):
+    return argparse_ns(reward_fn=list(specs), reward_weights=weights, prompt_field="problem")
+
+
 def test_reward_fn_scores_with_the_users_check_and_a_raise_scores_zero_with_a_count(reward_module, capsys):
-    args = argparse_ns(reward_fn=f"{reward_module}:exact")
+    args = reward_args(f"{reward_module}:exact")
     rows = [{"row": i, "answer": a} for i, a in enumerate(["7", "8", "9"])]
     r, _ = train.reward(args, ["it is 7", "it is 7", "9!"], rows)
     assert r.tolist() == [1.0, 0.0, 1.0]
-    r, _ = train.reward(argparse_ns(reward_fn=f"{reward_module}:flaky"), ["a", "b", "c"], rows)
+    r, _ = train.reward(reward_args(f"{reward_module}:flaky"), ["a", "b", "c"], rows)
     assert r.tolist() == [1.0, 0.0, 1.0] and "raised on 1 of 3 completions, the first KeyError: 'boom'" in (
         capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("fn,words", [("half", "returned 0.5; it must return 0.0 or 1.0"),
+@pytest.mark.parametrize("fn,words", [("word", "returned 'yes'; return one finite number (or None) per completion"),
                                       ("broken", "raised on every completion (ValueError: no digits)"),
                                       ("missing", "cannot import it (AttributeError"),
                                       ("NOT_A_FUNCTION", "is not a function")])
 def test_reward_fn_mistakes_stop_with_one_line_naming_the_spec(reward_module, fn, words):
     with pytest.raises(train.ConfigError, match=re.escape(words)):
-        train.reward(argparse_ns(reward_fn=f"{reward_module}:{fn}"), ["x"], [{"row": 0, "answer": "1"}])
+        train.reward(reward_args(f"{reward_module}:{fn}"), ["x"], [{"row": 0, "answer": "1"}])
     with pytest.raises(train.ConfigError, match="'no_such_module:f': cannot import it"):
         train.reward_fn("no_such_module:f")
     with pytest.raises(train.ConfigError, match=r"cannot import it \(RuntimeError: needs an API key\)"):
@@ -2155,7 +2160,7 @@ BAD_INPUT = [  # (argv builder, words the message must contain)
     (lambda m, d: ["--model", m, "--dataset", _write(d / "a.jsonl", '{"problem": "1+1?", "solution": "2"}\n')],
      ["has no column 'answer'", "--answer-field"]),
     (lambda m, d: ["--model", m, "--dataset", _write(d / "empty.jsonl", "")], ["empty.jsonl", "is an empty file"]),
-    (lambda m, d: ["--model", m, "--dataset", _write(d / "data.csv", "problem,answer\n")], ["unknown file type"]),
+    (lambda m, d: ["--model", m, "--dataset", _write(d / "data.txt", "problem,answer\n")], ["unknown file type"]),
     (lambda m, d: ["--model", "no-such-org/no-such-model", "--dataset", "x.jsonl"],
      ["'no-such-org/no-such-model'", "download", "local folder"]),
     (lambda m, d: ["--dataset", _write(d / "ok.jsonl", '{"problem": "1+1?", "answer": "2"}\n')],
@@ -4636,3 +4641,257 @@ def test_a_model_whose_lm_head_has_a_soft_cap_is_refused_at_load_in_one_line(tmp
     folder = save_tiny_qwen3(tmp_path / "capped", layers=1, final_logit_softcapping=30.0)  # as Gemma 2's config
     with pytest.raises(train.ConfigError, match="bias, logit scale or soft-cap is not supported"):
         tiny_policy(folder)
+# ---- issue 37: your own data: what the model is asked, what the reward sees ----
+
+
+def _jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def data_args(data, *extra, model="a/model"):
+    """Arguments for load_rows on a file, and for reward() on its rows (load_rows reads no model)."""
+    return train.parse_args(["--model", model, "--dataset", data, *extra])
+
+
+def test_plain_text_with_system_prompt_and_trl_chat_messages_give_the_same_student_and_teacher_prompts(
+        tiny_model, tmp_path):
+    plain = _jsonl(tmp_path / "plain.jsonl", [{"question": "What is 2+2?", "answer": "#### 4"}])
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "system", "content": "You add."},
+                                                        {"role": "user", "content": "What is 2+2?"}],
+                                             "answer": "#### 4"}])
+    a = train.load_rows(data_args(plain, "--prompt-field", "question", "--system-prompt", "You add.",
+                                  model=tiny_model), "train")[0]
+    b = train.load_rows(data_args(chat, "--prompt-field", "prompt", model=tiny_model), "train")[0]
+    policy, _ = tiny_policy(tiny_model)
+    policy.format = "Put the answer in \\boxed{}."  # --format-prompt, as setup sets it
+    for row in (a, b):
+        assert train.student_prompt(policy, row) == ("<|im_start|>system\nYou add.<|im_end|>\n<|im_start|>user\n"
+                                                     "What is 2+2?\nPut the answer in \\boxed{}.<|im_end|>\n"
+                                                     "<|im_start|>assistant\n")
+        assert train.teacher_prompt(policy, row) == (
+            "<|im_start|>system\nYou add.<|im_end|>\n<|im_start|>user\nWhat is 2+2?\nHere is a reference solution: "
+            "#### 4\nAfter understanding the reference solution, please try to solve this problem using your own "
+            "approach below.\nPut the answer in \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+        assert row["answer"] == "4"
+
+
+def test_a_question_that_names_answer_in_braces_never_gets_the_reference_in_the_students_prompt(tiny_model):
+    policy, _ = tiny_policy(tiny_model)
+    row = {"problem": "Fill in {answer} and {format}.", "answer": "SECRET"}
+    assert "SECRET" not in train.student_prompt(policy, row) and "{answer} and {format}" in train.student_prompt(
+        policy, row)
+
+
+@pytest.mark.parametrize("rows,bad", [
+    ([{"q": "ok?", "a": "1"}, {"q": None, "a": "2"}], 1),
+    ([{"q": "ok?", "a": "1"}, {"q": "  ", "a": "2"}], 1),
+    ([{"q": 5, "a": "1"}], 0),
+    ([{"q": {"text": "hi"}, "a": "1"}], 0),
+    ([{"q": [{"role": "user", "content": "ok?"}], "a": "1"}, {"q": [{"role": "system", "content": "x"}], "a": "2"}], 1),
+    ([{"q": [{"role": "user", "content": "ok?"}], "a": "1"},
+      {"q": [{"role": "user", "content": "2?"}, {"role": "assistant", "content": "2"}], "a": "2"}], 1),
+])
+def test_a_null_empty_or_non_text_question_or_a_chat_not_ending_in_a_user_turn_stops_naming_the_row_or_is_skipped(
+        rows, bad, tiny_model, tmp_path, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(train.ConfigError) as e:
+        train.load_rows(data_args(data, "--prompt-field", "q", "--answer-field", "a", model=tiny_model), "train")
+    assert f"row {bad} of --dataset" in str(e.value) and "'q' is no question" in str(e.value)
+    assert "--skip-bad-rows" in str(e.value) and "\n" not in str(e.value)
+    if len(rows) > 1:  # the good row trains; the bad one is counted
+        kept = train.load_rows(data_args(data, "--prompt-field", "q", "--answer-field", "a", "--skip-bad-rows",
+                                         model=tiny_model), "train")
+        assert len(kept) == 1 and f"skipped 1 bad rows of train (--skip-bad-rows), the first: [{bad}]" in (
+            capsys.readouterr().out)
+
+
+def test_dry_run_prints_the_exact_prompts_the_gold_token_counts_and_step_size_without_weights_or_files(
+        tiny_model, tmp_path, capsys, monkeypatch):
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": f"What is {i}+1?", "solution": f"{i}+1={i + 1} #### {i + 1}"}
+                                         for i in range(3)] + [{"question": "", "solution": "0"}])
+    policy, _ = tiny_policy(tiny_model)
+    monkeypatch.setattr(train, "load_policy", lambda *a: pytest.fail("the dry run loaded weights"))
+    out = tmp_path / "out"
+    train.main(["--model", tiny_model, "--dataset", data, "--prompt-field", "question", "--answer-field", "solution",
+                "--skip-bad-rows", "--output-dir", str(out), "--dry-run", "2", "--prompts-per-step", "4"])
+    text = capsys.readouterr().out
+    args = data_args(data, "--prompt-field", "question", "--answer-field", "solution", "--skip-bad-rows",
+                     model=tiny_model)
+    rows = train.load_rows(args, "train")
+    for row in rows[:2]:
+        student, teacher = train.student_prompt(policy, row), train.teacher_prompt(policy, row)
+        n = len(policy.tokenizer(student).input_ids)
+        assert f"the student's prompt, {n} tokens (--max-prompt-length 4096) ----\n{student}\n" in text
+        assert f"tokens ----\n{teacher}\n" in text and f"read as ('expr', ('num', {row['answer']}), False)" in text
+    assert "row 2" not in text.split("rows:")[0]  # the first N only
+    assert "skipped 1 bad rows of train (--skip-bad-rows), the first: [3]" in text
+    assert "a step: 4 prompts x 8 answers x up to 4096 tokens" in text and "nothing written" in text
+    assert not out.exists()
+
+
+# TRL's documentation, "GRPO Trainer" page (https://huggingface.co/docs/trl/grpo_trainer), "Using a custom reward
+# function", examples 2 and 3, copied verbatim: a format reward on conversational data and an exact-match reward
+# that reads the data set's ground_truth column.
+TRL_REWARDS = '''import re
+
+def format_reward_func(completions, **kwargs):
+    """Reward function that checks if the completion has a specific format."""
+    pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+    completion_contents = [completion[0]["content"] for completion in completions]
+    matches = [re.match(pattern, content) for content in completion_contents]
+    return [1.0 if match else 0.0 for match in matches]
+
+
+def reward_func(completions, ground_truth, **kwargs):
+    # Regular expression to capture content inside \\boxed{}
+    matches = [re.search(r"\\\\boxed\\{(.*?)\\}", completion) for completion in completions]
+    contents = [match.group(1) if match else "" for match in matches]
+    # Reward 1 if the content is the same as the ground truth, 0 otherwise
+    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
+'''
+
+
+@pytest.fixture
+def trl_rewards(tmp_path, monkeypatch):
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARDS)
+    (tmp_path / "row_rewards.py").write_text(
+        "def difficulty(completion, gold, row):\n    return row['difficulty'] * (gold in completion)\n"
+        "def length(prompts, completions, **columns):\n    return [len(c) / 10 for c in completions]\n"
+        "def nan(completion, gold, row):\n    return float('nan')\n"
+        "def short(prompts, completions, **columns):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_trl_reward_functions_from_trls_docs_work_unchanged_on_plain_and_chat_rows(trl_rewards, tiny_model, tmp_path):
+    plain = _jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "ground_truth": "4"}, {"prompt": "1+2?", "ground_truth": "3"}])
+    rows = train.load_rows(data_args(plain, "--prompt-field", "prompt", "--answer-field", "ground_truth"), "train")
+    args = data_args(plain, "--prompt-field", "prompt", "--reward-fn", "trl_rewards:reward_func")
+    r, _ = train.reward(args, ["so \\boxed{4}", "\\boxed{4}"], rows)
+    assert r.tolist() == [1.0, 0.0]  # the second row's ground truth is 3
+    chat = _jsonl(tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4"}] * 2)
+    rows = train.load_rows(data_args(chat, "--prompt-field", "prompt"), "train")
+    args = data_args(chat, "--prompt-field", "prompt", "--reward-fn", "trl_rewards:format_reward_func")
+    r, _ = train.reward(args, ["<think>2+2</think><answer>4</answer>", "4"], rows)
+    assert r.tolist() == [1.0, 0.0]
+
+
+def test_a_per_completion_reward_gets_every_column_and_the_graded_gold_and_weights_sum_fractional_rewards(
+        trl_rewards, tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"problem": "2+2?", "answer": "2+2=4 #### 4", "difficulty": 0.5},
+                                         {"problem": "9+9?", "answer": "18", "difficulty": 2}])
+    rows = train.load_rows(data_args(data), "train")
+    args = data_args(data, "--reward-fn", "row_rewards:difficulty", "row_rewards:length", "--reward-weights", "1", "2")
+    r, _ = train.reward(args, ["4", "it is 18"], rows)
+    assert r.tolist() == pytest.approx([0.5 + 2 * 0.1, 2.0 + 2 * 0.8])
+    adv = rlsd.group_advantages(torch.tensor([0.2, 0.9, 0.5, 0.5]), 2, "group")  # the sign of R - mean sets the way
+    assert adv[0] < 0 < adv[1] and adv[2] == adv[3] == 0
+
+
+@pytest.mark.parametrize("fn,words", [("nan", "returned nan; return one finite number (or None) per completion"),
+                                      ("short", "returned 1 scores for 2 completions")])
+def test_a_reward_that_is_not_one_finite_number_per_completion_stops_in_one_line(fn, words, trl_rewards, tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"problem": "1?", "answer": "1"}] * 2)
+    with pytest.raises(train.ConfigError, match=re.escape(words)):
+        train.reward(data_args(data, "--reward-fn", f"row_rewards:{fn}"), ["1", "2"],
+                     train.load_rows(data_args(data), "train"))
+
+
+def test_a_run_trains_with_a_trl_reward_function_from_trls_docs(trl_rewards, tiny_model, one_thread, tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"What is {i}+1?", "ground_truth": str(i + 1)} for i in range(4)])
+    train.main(["--model", tiny_model, "--output-dir", str(tmp_path / "out"), *TINY_RUN[2:], "--dataset", data,
+                "--prompt-field", "prompt", "--answer-field", "ground_truth", "--max-steps", "1",
+                "--reward-fn", "trl_rewards:reward_func", "trl_rewards:reward_func", "--reward-weights", "1", "0.5"])
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1]
+
+
+def test_every_file_kind_loads_the_same_rows_and_a_dotted_field_reaches_a_nested_column(tmp_path):
+    import datasets
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+1?"}], "reward_model": {"ground_truth": str(i + 1)}}
+            for i in range(3)]
+    ds = datasets.Dataset.from_list(rows)
+    files = {"jsonl": _jsonl(tmp_path / "d.jsonl", rows), "json": str(tmp_path / "d.json"),
+             "parquet": str(tmp_path / "d.parquet"), "folder": str(tmp_path / "saved"),
+             "dict folder": str(tmp_path / "saved-dict")}
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds.to_parquet(files["parquet"])
+    ds.save_to_disk(files["folder"])
+    datasets.DatasetDict({"train": ds}).save_to_disk(files["dict folder"])
+    flat = [{"prompt": f"{i}+1?", "reward_model.ground_truth": str(i + 1)} for i in range(3)]  # csv cannot nest
+    datasets.Dataset.from_list(flat).to_csv(files.setdefault("csv", str(tmp_path / "d.csv")), index=False)
+    for kind, path in files.items():
+        got = train.load_rows(data_args(path, "--prompt-field", "prompt", "--answer-field",
+                                        "reward_model.ground_truth"), "train")
+        assert [(r["problem"], r["answer"]) for r in got] == [(f"{i}+1?", str(i + 1)) for i in range(3)], kind
+    with pytest.raises(train.ConfigError, match="has no split 'test'"):
+        train.load_rows(data_args(files["dict folder"]), "test")
+
+
+def test_image_field_with_a_text_model_or_another_vlm_family_stops_at_load_time_in_one_line(tiny_model, tmp_path):
+    from transformers import LlavaConfig
+    data = _jsonl(tmp_path / "d.jsonl", [{"problem": "<image> 1?", "answer": "1", "images": ["x.png"]}])
+    LlavaConfig().save_pretrained(tmp_path / "llava")
+    for model, words in ((tiny_model, "reads no images; use a Qwen2.5-VL or Qwen3-VL model, or drop --image-field"),
+                         (str(tmp_path / "llava"), "is a llava vision-language model; the vision-language models "
+                                                   "supported are Qwen2.5-VL and Qwen3-VL")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--model", model, "--dataset", data, "--image-field", "images", "--dry-run"])
+        assert words in e.value.code and "\n" not in e.value.code
+
+
+def test_verify_command_line_reads_a_worked_reference_as_training_does_and_explains_both_sides(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, verify.__file__, *a], capture_output=True, text=True)
+    right = run("<answer>42</answer>", "so 40+2 = 42.\n#### 42", "--explain")
+    assert right.returncode == 0 and right.stdout == (
+        "extracted: '42'\nverdict  : 1.0\nanswer   : '42', read as ('expr', ('num', 42), False)\n"
+        "reference: '42', read as ('expr', ('num', 42), False)\n")
+    data = _jsonl(tmp_path / "d.jsonl", [{"problem": "1?", "answer": "so 40+2 = 42.\n#### 42"}])
+    assert train.load_rows(data_args(data), "train")[0]["answer"] == verify.reference("so 40+2 = 42.\n#### 42")
+    negative = run("\\boxed{-3/4}", "-\\frac{3}{4}")  # a gold answer that starts with '-' is not an option
+    assert negative.returncode == 0 and "answer   :" not in negative.stdout  # no --explain, no terminal
+
+
+def test_verify_data_lists_the_gold_answers_that_do_not_parse_in_a_nested_field(tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"reward_model": {"ground_truth": g}} for g in
+                                         ("#### 42", "x +* 2", None, "\\frac{1}{2}")])
+    out = subprocess.run([sys.executable, verify.__file__, "--data", data, "--answer-field", "reward_model.ground_truth"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == (
+        "row 1: reward_model.ground_truth 'x +* 2' does not parse: only a completion with the same text matches it\n"
+        "row 2: reward_model.ground_truth is null\n2 of 4 gold answers in 'reward_model.ground_truth' parse\n")
+
+
+@pytest.mark.parametrize("warmup", [2, 0])
+def test_warmup_steps_sets_how_many_steps_the_learning_rate_rises_over(warmup, tiny_model, mixed_verify, one_thread,
+                                                                        tmp_path):
+    train.train(tiny_args(tiny_model, tmp_path, "--max-steps", "3", "--warmup-steps", str(warmup)))
+    lrs = [m["learning_rate"] for m in read_metrics(tmp_path) if m["step"] > 0]
+    assert lrs == pytest.approx([1e-3 * min(1.0, (s + 1) / max(warmup, 1)) for s in range(3)])
+
+
+def test_help_explains_paper_and_demo_defaults_and_names_the_format_prompt_before_the_options(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    head = capsys.readouterr().out.split("\noptions:")[0]
+    assert "[paper: X; demo: Y] marks a default that is X with --model" in head
+    assert f'--format-prompt, by default:\n  "{train.FORMAT}"' in head
+
+
+def test_trl_typed_image_parts_become_image_tags_and_a_vl_prompt_keeps_the_system_message(vl):
+    prompt = [{"role": "system", "content": [{"type": "text", "text": "Count."}]},
+              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " How many squares?"}]}]
+    *context, question = train.chat_messages(prompt, "unused: the chat has a system message", "row 0")
+    assert context == [{"role": "system", "content": "Count."}] and question == "<image> How many squares?"
+    policy = train.load_policy(vl_args(vl, vl["root"] / "unused"))
+    row = dict(vl_rows(vl)[0], problem=question, context=context)
+    text = policy.tokenizer.decode(policy.encode([train.student_prompt(policy, row)], [row])["input_ids"][0])
+    assert re.sub(r"(<\|image_pad\|>)+", "<pad>", text).startswith(
+        "<|im_start|>system\nCount.<|im_end|>\n<|im_start|>user\n<|vision_start|><pad><|vision_end|> How many squares?")
+
+
+def test_a_system_prompt_for_the_built_in_task_stops_in_one_line_instead_of_being_dropped(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--system-prompt", "You add.", "--dry-run", "--cache-dir", str(tmp_path)])
+    assert e.value.code == "train.py: error: --system-prompt is for your own --dataset; the built-in task has none"

@@ -29,8 +29,10 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -47,8 +49,9 @@ import rlsd
 import verify
 
 
-# The format instruction, and the teacher's prompt with the reference in it (the authors' wording, in substance).
+# The format instruction (--format-prompt), the student's wording, and the teacher's, with the reference in it.
 FORMAT = "Think step by step, then put the final answer in <answer></answer>."
+STUDENT = "{question}\n{format}"
 TEACHER = ("{question}\nHere is a reference solution: {answer}\nAfter understanding the reference solution, "
            "please try to solve this problem using your own approach below.\n{format}")
 PAPER_DATASET = "iieycx/rlsd-train-MMFineReason-123K"  # fields problem, answer, images; <image> tags mark images
@@ -108,7 +111,7 @@ def train_step(policy, opt, sched, teacher, rows, args, step):
     with timed(times, "rollout"):
         rollouts = rollout(policy, rows, args)                              # 1. G completions per prompt: [B, C]
     with timed(times, "reward"):
-        rewards, unparseable = reward(args, rollouts["texts"], rollouts["rows"])        # 2. R in {0, 1}: [B]
+        rewards, unparseable = reward(args, rollouts["texts"], rollouts["rows"])        # 2. R (0 or 1): [B]
         rewards = all_gather(rewards.to(rollouts["ids"].device))                        # every rank's: [world * B]
         adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3. Eq. 1: [world * B]
         adv = adv.view(world, -1)[rank]                                                 # this rank's: [B]
@@ -210,9 +213,13 @@ def chat(text, n_images=0, vl=False):
     return [{"role": "user", "content": content}]
 
 
-def student_prompt(policy, row):
-    msgs = chat(f"{row['problem']}\n{FORMAT}", len(row.get("images") or []), policy.vl)
-    return policy.template(msgs)
+def student_prompt(policy, row, template=STUDENT, teacher=False):
+    """The prompt as the model gets it: the row's messages before its question (a system prompt), then one user turn,
+    `template` filled in one pass (a question that says "{answer}" stays as it is). Student and teacher share it."""
+    parts = dict(question=row["problem"], format=policy.format,
+                 answer=row.get("privileged", row["answer"]).replace(IMAGE_TAG, ""))  # the images are the question's
+    text = re.sub(r"\{(question|answer|format)\}", lambda m: parts[m[1]], template)
+    return policy.template(row.get("context", []) + chat(text, len(row.get("images") or []), policy.vl), teacher)
 
 
 class SampledLogprobs:
@@ -309,26 +316,15 @@ def rollout(policy, rows, args):
 # Step 2, reward: the verifier alone decides right or wrong
 # ---------------------------------------------------------------------------------------------------------------------
 def reward(args, texts, rows):
-    """R [B] in {0, 1} from --reward-fn (verify.verify by default), and the share of answers with no final answer
-    found. A user's check that raises on one completion scores it 0 and is counted, so one odd sample does not end a
-    run; one that raises on every completion, or returns anything but 0 or 1, is a bug, and stops it."""
-    fn = reward_fn(args.reward_fn) if args.reward_fn else lambda text, gold, row: verify.verify(text, gold)
-    out, failed = [], []
-    for text, row in zip(texts, rows):
-        try:
-            r = fn(text, row["answer"], row)
-        except Exception as e:
-            r, failed = 0.0, failed + [f"{type(e).__name__}: {e}"]
-        if r not in (0, 1) or isinstance(r, str):
-            raise ConfigError(f"--reward-fn {args.reward_fn} returned {r!r}; it must return 0.0 or 1.0")
-        out.append(float(r))
-    if failed and len(failed) == len(texts):
-        raise ConfigError(f"--reward-fn {args.reward_fn} raised on every completion ({failed[0]}); fix the function")
-    if failed:
-        print(f"warning: --reward-fn {args.reward_fn} raised on {len(failed)} of {len(texts)} completions, the first "
-              f"{failed[0]}; scored 0")
+    """R [B] from --reward-fn (verify.verify by default), each function's scores times its --reward-weights, summed
+    (TRL's reward_funcs), and the share of answers with no final answer found. Any finite number is a reward: Eq. 1
+    centres it in its group, so an answer above its group's mean is reinforced and one below it penalised."""
+    specs = args.reward_fn or [None]
+    total = torch.zeros(len(texts))                                                                  # [B]
+    for spec, weight in zip(specs, args.reward_weights or [1.0] * len(specs)):
+        total += weight * reward_scores(spec, texts, rows, args).nan_to_num(0.0)  # (plumbing) None: no score
     unparseable = sum(verify.extract_answer(t) is None for t in texts) / max(len(texts), 1)
-    return torch.tensor(out), unparseable                                                            # [B]
+    return total, unparseable
 
 
 def reward_fn(spec):
@@ -348,12 +344,8 @@ def reward_fn(spec):
 # Step 4, teacher pass: a frozen snapshot of the policy, seeing the reference answer, scores the same tokens
 # ---------------------------------------------------------------------------------------------------------------------
 def teacher_prompt(policy, row, template=TEACHER):
-    """Same template, same images; only the text differs: it also carries the reference (r in Eq. 13)."""
-    answer = row.get("privileged", row["answer"]).replace(IMAGE_TAG, "")  # the images belong to the question
-    if "{format}" not in template:  # the format instruction ends every prompt
-        template += "\n{format}"
-    text = template.replace("{question}", row["problem"]).replace("{answer}", answer).replace("{format}", FORMAT)
-    return policy.template(chat(text, len(row.get("images") or []), policy.vl), teacher=True)
+    """The student's prompt, worded to carry the reference too (r in Eq. 13): same messages, images, format line."""
+    return student_prompt(policy, row, template if "{format}" in template else template + "\n{format}", teacher=True)
 
 
 class Teacher:
@@ -608,7 +600,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     """The paper's defaults for a hub model, the demo's for the built-in one (docs/options.md has the detail)."""
     wide = functools.partial(HelpFormatter, max_help_position=40)
-    p = Parser(usage="python train.py [options]", formatter_class=wide, allow_abbrev=False, description="""\
+    p = Parser(usage="python train.py [options]", formatter_class=wide, allow_abbrev=False, description=f"""\
 RLSD: GRPO whose token credit is reweighted by a self-teacher that sees the reference answer.
 
 examples:
@@ -616,7 +608,14 @@ examples:
   python train.py --algo grpo                      the same without the teacher, to compare
   python train.py --resume                         continue the last run from its newest checkpoint
   python train.py --model Qwen/Qwen3-VL-8B         the paper's model and data, on a GPU
-  python train.py --model DIR --dataset data.jsonl --reward-fn my_rewards:check   your model, data and check""")
+  python train.py --model DIR --dataset data.jsonl --reward-fn my_rewards:check   your model, data and check
+  python train.py --model DIR --dataset data.jsonl --dry-run                      what the model will be asked
+
+[paper: X; demo: Y] marks a default that is X with --model (the paper's 32 GPUs: 256 prompts x 8 answers x 4,096
+tokens a step) and Y for the built-in demo: with your own model and data, size --prompts-per-step and the lengths.
+
+Each question is followed by the instruction --format-prompt, by default:
+  "{FORMAT}\"""")
 
     def preset_option(name, type, help, **kw):  # default None: the paper's value, or the demo's
         key = name.lstrip("-").replace("-", "_")
@@ -625,14 +624,18 @@ examples:
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="builtin", help="hub id, local folder, or 'builtin' (the offline demo)")
-    g.add_argument("--dataset", help="hub id or .jsonl/.json/.parquet (default: builtin; for VL models the paper's)")
+    g.add_argument("--dataset", help="hub id, .jsonl/.json/.csv/.parquet, or a saved folder (default: builtin)")
     g.add_argument("--split", default="train", help="split to train on")
     g.add_argument("--eval-split", help="held-out split (default: the last --eval-size training rows)")
-    g.add_argument("--prompt-field", default="problem", help="column holding the question")
+    g.add_argument("--prompt-field", default="problem", help="column holding the question: text or chat messages")
     g.add_argument("--answer-field", default="answer", help="column holding the reference answer")
     g.add_argument("--privileged-field", help="column the teacher sees instead of the answer")
     g.add_argument("--image-field", help="column holding images, placed at the question's <image> tags")
-    g.add_argument("--skip-bad-rows", action="store_true", help="skip rows with no answer or bad images, not stop")
+    g.add_argument("--skip-bad-rows", action="store_true", help="skip rows with no question, answer or good images")
+    g.add_argument("--system-prompt", help="a system message before each question (unless it has one)")
+    g.add_argument("--format-prompt", help="the instruction after each question (default: above)")
+    g.add_argument("--dry-run", type=int, nargs="?", const=1, metavar="N", help="print what the first N rows become "
+                   "and exit: loads no weights")
     preset_option("--min-pixels", int, "images are scaled up to at least this many pixels")
     preset_option("--max-pixels", int, "...and down to at most this many")
     g.add_argument("--cache-dir", default=os.path.expanduser(os.environ.get("RLSD_CACHE", "~/.cache/rlsd")),
@@ -647,7 +650,8 @@ examples:
     preset_option("--temperature", float, "sampling temperature (both passes score at it)")
     preset_option("--top-p", float, "nucleus sampling")
     preset_option("--lr", float, f"AdamW learning rate; LoRA's default is {LORA_LR_SCALE}x")
-    preset_option("--lr-scheduler-type", str, "5-step warm-up then flat or cosine to 0", choices=["constant", "cosine"])
+    preset_option("--lr-scheduler-type", str, "after the warm-up, flat or cosine to 0", choices=["constant", "cosine"])
+    g.add_argument("--warmup-steps", type=int, default=5, help="the lr rises linearly over the first N steps")
     preset_option("--weight-decay", float, "AdamW weight decay")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this")
     preset_option("--epsilon", float, "PPO clip, lower side")
@@ -667,7 +671,9 @@ examples:
     g.add_argument("--teacher-template", default=TEACHER, help="the teacher's prompt: {question}, {answer}, {format}")
     g.add_argument("--chat-template-kwargs", type=json_object, default="{}", help="JSON options of the chat template")
     g.add_argument("--teacher-chat-template-kwargs", type=json_object, default="{}", help="the teacher's, over those")
-    g.add_argument("--reward-fn", help="module:function, fn(completion, reference, row) -> 0.0 or 1.0")
+    g.add_argument("--reward-fn", "--reward-funcs", nargs="+", metavar="M:F", help="module:function: TRL's reward "
+                   "function, or fn(completion, gold, row)")
+    g.add_argument("--reward-weights", type=float, nargs="+", metavar="X", help="one per --reward-fn (default: 1 each)")
     g.add_argument("--opsd-divergence", default="fkl", choices=rlsd.DIVERGENCES, help="D(P_T || P_S) for opsd")
     g = p.add_argument_group("run")
     preset_option("--max-steps", int, "optimizer steps")
@@ -703,6 +709,7 @@ examples:
     g.add_argument("--vllm-importance-sampling-clip-min", type=float, default=None, help="lower bound (none)")
     args = p.parse_args(argv)
     args.lr_given = args.lr is not None  # else LoRA scales the default lr (prepare_for_training)
+    args.format_prompt = FORMAT if args.format_prompt is None else args.format_prompt
     args.teacher_chat_template_kwargs = {**args.chat_template_kwargs, **args.teacher_chat_template_kwargs}
     args.output_dir = args.output_dir or os.path.join("runs", os.path.basename(args.model.rstrip("/")))
     if args.model == "builtin":  # a hub model's default data set waits for its config (setup)
@@ -727,7 +734,7 @@ POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batc
             "vllm_gpu_memory_utilization vllm_importance_sampling_clip_max").split()
 NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
                 "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min "
-                "lam_warmup_steps").split()
+                "lam_warmup_steps warmup_steps").split()
 AT_MOST_ONE = ("top_p", "epsilon", "eps_w", "lam0", "vllm_gpu_memory_utilization")
 
 
@@ -752,8 +759,13 @@ def check_args(a):
          f"{a.micro_batch_size}; pick a micro-batch size that divides {rows}")
     need(a.dual_clip == 0 or a.dual_clip > 1, f"--dual-clip must be > 1, or 0 for off (got {a.dual_clip})")
     need(a.min_pixels <= a.max_pixels, f"--min-pixels {a.min_pixels} is above --max-pixels {a.max_pixels}")
-    if a.reward_fn:
-        reward_fn(a.reward_fn)  # a typo fails now, not after the model has loaded
+    for spec in a.reward_fn or []:
+        reward_fn(spec)  # a typo fails now, not after the model has loaded
+    need(a.reward_weights is None or len(a.reward_weights) == len(a.reward_fn or [None]), f"--reward-weights gives "
+         f"{len(a.reward_weights or [])} weights for {len(a.reward_fn or [None])} reward functions; give one each")
+    if a.format_prompt != FORMAT and not a.reward_fn:  # the verifier reads what FORMAT asks for, whatever is asked
+        print("--format-prompt: the verifier grades the last <answer>..</answer>, else the last \\boxed{}, else the "
+              "line after 'answer is', 'answer:' or '####'; ask for one of those, or pass --reward-fn")
     need("{question}" in a.teacher_template and "{answer}" in a.teacher_template,
          "--teacher-template must contain both {question} and {answer}")
     need(a.model != "builtin" or a.dataset in (None, "builtin"), "the built-in model only knows the built-in task's "
@@ -795,27 +807,17 @@ def setup(args):
     if start and folder_size(start) > shutil.disk_usage(args.output_dir).free:  # say so before the steps are spent
         print(f"warning: {args.output_dir!r} has {shutil.disk_usage(args.output_dir).free / 1e9:.2f} GB free, less "
               f"than one checkpoint ({folder_size(start) / 1e9:.2f} GB): the next save will fail; free space first")
-    if args.dataset is None:  # the paper's data for a vision-language model, else the built-in task
-        args.dataset = PAPER_DATASET if hasattr(config, "vision_config") else "builtin"
-        if args.dataset == PAPER_DATASET:
-            args.image_field = args.image_field or "images"
-            print(f"--dataset {PAPER_DATASET}: the paper's training data (fields problem, answer, images)")
     train_rows, eval_rows = load_data(args)
     policy = load_policy(args, start)  # a LoRA checkpoint: the base model and its adapters
     policy.template_kwargs = args.chat_template_kwargs, args.teacher_chat_template_kwargs
+    policy.format = args.format_prompt
     random.seed(args.seed)  # after any warm start of the demo model, so a cold cache gives the same run as a warm one
     torch.manual_seed(args.seed)
     args.lora_rank = prepare_for_training(policy, args)
     distribute(policy, args.lora_rank)
     torch.manual_seed(args.seed + rank)  # each rank samples its own answers
     eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % world]  # as many rows per rank: in lockstep
-    lengths = [len(x) for x in policy.tokenizer([student_prompt(policy, r) for r in train_rows]).input_ids]
-    if max(lengths) > args.max_prompt_length:
-        print(f"dropping {sum(n > args.max_prompt_length for n in lengths)} prompts longer than "
-              f"--max-prompt-length {args.max_prompt_length}")
-        train_rows = [r for r, n in zip(train_rows, lengths) if n <= args.max_prompt_length]
-    if not train_rows:
-        raise ConfigError("no training rows left; check --dataset/--split or raise --max-prompt-length")
+    train_rows = prompts_that_fit(policy, train_rows, args)
     if rank == 0:
         reset_output_dir(args, start)
     barrier()
@@ -823,7 +825,7 @@ def setup(args):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     cosine = args.lr_scheduler_type == "cosine"
     decay = lambda s: 0.5 * (1 + math.cos(math.pi * s / args.max_steps)) if cosine else 1.0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * decay(s))  # 5-step warm-up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)) * decay(s))
     teacher, step = Teacher(policy, args.teacher_sync_steps), 0
     if start:
         state = torch.load(os.path.join(start, state_file(rank)), weights_only=False)
@@ -840,6 +842,35 @@ def setup(args):
             print(f"warning: the cosine lr now falls to 0 at step {args.max_steps}, not {planned}: this run will not "
                   f"match one started with --max-steps {args.max_steps}")
     return policy, opt, sched, teacher, step, train_rows, eval_rows
+
+
+def prompts_that_fit(policy, rows, args):
+    """The rows whose student prompt fits --max-prompt-length (saying how many do not); none is a ConfigError."""
+    lengths = [len(x) for x in policy.tokenizer([student_prompt(policy, r) for r in rows]).input_ids]
+    if max(lengths) > args.max_prompt_length:
+        print(f"dropping {sum(n > args.max_prompt_length for n in lengths)} prompts longer than "
+              f"--max-prompt-length {args.max_prompt_length}")
+    if not (rows := [r for r, n in zip(rows, lengths) if n <= args.max_prompt_length]):
+        raise ConfigError("no training rows left; check --dataset/--split or raise --max-prompt-length")
+    return rows
+
+
+def dry_run(args):
+    """--dry-run N: what the first N rows become, from the data and the tokenizer alone (no weights); writes nothing."""
+    t0, (path, config) = time.time(), resolve_model(args)
+    train_rows, eval_rows = load_data(args)
+    policy = Policy(None, builtin_tokenizer() if path == "builtin" else load_tokenizer(path, args, config),
+                    hasattr(config, "vision_config"), template_kwargs=(args.chat_template_kwargs,
+                    args.teacher_chat_template_kwargs), format=args.format_prompt)
+    rows, count = prompts_that_fit(policy, train_rows, args), lambda text: len(policy.tokenizer(text).input_ids)
+    for i, row in enumerate(rows[:args.dry_run]):
+        student, teacher = student_prompt(policy, row), teacher_prompt(policy, row, args.teacher_template)
+        print(f"---- row {row.get('row', i)}: the student's prompt, {count(student)} tokens (--max-prompt-length "
+              f"{args.max_prompt_length}) ----\n{student}\n---- the teacher's, {count(teacher)} tokens ----\n{teacher}"
+              f"\n---- the gold answer, as the verifier reads it: {verify.explain(row['answer'])}")
+    print(f"rows: {len(rows)} to train on, {len(eval_rows)} held out; a step: {args.prompts_per_step} prompts x "
+          f"{args.num_generations} answers x up to {args.max_completion_length} tokens")
+    print(f"dry run: {time.time() - t0:.1f} s, no weights loaded, nothing written")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -859,14 +890,17 @@ def load_data(args):
 
 
 def load_rows(args, split):
-    """Rows as dicts: 'problem', 'answer' (the verifier's gold), 'privileged' (what the teacher sees) and, with
+    """Rows as dicts: 'problem' (the question's text), 'context' (the messages before it), 'answer' (the verifier's
+    gold), 'privileged' (what the teacher sees), 'columns' (the data set's row, less images: the reward's) and, with
     images, 'images' (a list). Every row is checked here, before the model loads. Raises ConfigError on bad data."""
+    if args.dataset == "builtin" and args.system_prompt:  # its rows are not read from a file: nothing would add it
+        raise ConfigError("--system-prompt is for your own --dataset; the built-in task has none")
     if args.dataset == "builtin":
         return builtin_task(4000, args.seed) if split == "train" else builtin_task(args.eval_size, args.seed + 10_000)
     ds = open_dataset(args.dataset, split)
-    for field in (args.prompt_field, args.answer_field, args.privileged_field, args.image_field):
-        if field and field not in ds.column_names:
-            raise ConfigError(f"--dataset {args.dataset!r} has no column {field!r} (columns: "
+    for name in (args.prompt_field, args.answer_field, args.privileged_field, args.image_field):
+        if name and name not in ds.column_names and name.split(".")[0] not in ds.column_names:
+            raise ConfigError(f"--dataset {args.dataset!r} has no column {name!r} (columns: "
                               f"{', '.join(ds.column_names)}); pass --prompt-field/--answer-field/--image-field")
     if args.image_field and undecoded(ds.features[args.image_field]) != ds.features[args.image_field]:
         # keep images as encoded bytes until their row is used: decoding 123K of them up front fills the RAM
@@ -875,13 +909,18 @@ def load_rows(args, split):
     rows, bad = [], []
     from tqdm import tqdm
     for i, r in enumerate(tqdm(ds, f"checking {split} rows", disable=not args.image_field, file=sys.stdout)):
-        text, where = str(r[args.answer_field]).strip(), f"row {i} of --dataset {args.dataset!r}"
-        # a worked solution (GSM8K's '#### 72', a final \boxed{}) grades by its final answer; the teacher sees it all
-        row = {"row": i, "problem": str(r[args.prompt_field]), "answer": verify.extract_answer(text) or text,
-               "privileged": str(r[args.privileged_field or args.answer_field]).strip()}
+        where = f"row {i} of --dataset {args.dataset!r}"
         try:
-            if r[args.answer_field] is None or not text:  # else it would train on the gold answer 'None'
-                raise ConfigError(f"{where} has no {args.answer_field!r} (null or empty)")
+            for name in (args.answer_field, args.privileged_field or args.answer_field):
+                if field(r, name) is None or not str(field(r, name)).strip():  # else it trains on the gold 'None'
+                    raise ConfigError(f"{where} has no {name!r} (null or empty)")
+            *context, question = chat_messages(field(r, args.prompt_field), args.system_prompt,
+                                               f"{where}: {args.prompt_field!r}")
+            # a worked solution (GSM8K's '#### 72', a last \boxed{}) grades by its final answer; the teacher sees it all
+            row = {"row": i, "problem": question, "context": context,
+                   "answer": verify.reference(str(field(r, args.answer_field))),
+                   "privileged": str(field(r, args.privileged_field or args.answer_field)).strip(),
+                   "columns": {k: v for k, v in r.items() if k != args.image_field}}
             if args.image_field:
                 imgs = r[args.image_field]
                 imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
@@ -890,19 +929,88 @@ def load_rows(args, split):
         except ConfigError as e:
             if not args.skip_bad_rows:
                 raise ConfigError(f"{e}; fix or drop that row, or pass --skip-bad-rows") from None
-            bad.append(i)
+            bad.append((i, e))
             continue
         rows.append(row)
     if bad:
-        print(f"skipped {len(bad)} bad rows of {split} (--skip-bad-rows), the first: {bad[:5]}")
+        print(f"skipped {len(bad)} bad rows of {split} (--skip-bad-rows), the first: {[i for i, _ in bad[:5]]} "
+              f"({bad[0][1]})")
     if not rows:
         raise ConfigError(f"--dataset {args.dataset!r} split {split!r} is empty; point it at data that has rows")
     return rows
 
 
+def field(row, name):
+    """row[name], where a dotted name reaches into nested columns (verl's reward_model.ground_truth); None if absent."""
+    head, _, rest = name.partition(".")
+    if name in row or not rest:
+        return row.get(name)
+    return field(row[head], rest) if isinstance(row.get(head), dict) else None
+
+
+def chat_messages(prompt, system, where):
+    """A prompt as chat messages, the question last: plain text becomes one user turn (after --system-prompt, if
+    given and the chat has no system message); TRL's conversational rows are lists of {role, content}, content text
+    or typed parts ({type: image} becomes an <image> tag). Anything else, or a chat not ending in a user's question,
+    is a ConfigError."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    part = lambda p: IMAGE_TAG if p.get("type") == "image" else p.get("text") or ""
+    try:
+        msgs = [{**m, "content": m["content"] if isinstance(m["content"], str) else "".join(map(part, m["content"]))}
+                for m in msgs]
+    except (TypeError, KeyError, AttributeError):
+        msgs = []
+    if not msgs or msgs[-1].get("role") != "user" or not msgs[-1]["content"].strip():
+        raise ConfigError(f"{where} is no question (got {str(prompt)[:60]!r}); give text, or chat messages that end "
+                          f"in the user's turn")
+    system = [{"role": "system", "content": system}] if system and msgs[0].get("role") != "system" else []
+    return system + msgs[:-1] + [msgs[-1]["content"]]
+
+
+def reward_scores(spec, texts, rows, args):
+    """One function's scores [B] (NaN where it says None). A function with a `completions` parameter is TRL's:
+    called once, as GRPOTrainer calls it, with prompts, completions (chat messages where the prompt is a chat) and
+    each column as a list. Any other is called per completion as fn(completion, gold, row), row being the data set's
+    row; one that raises on a completion scores it 0 and is counted; one that raises on all stops the run."""
+    fn = reward_fn(spec) if spec else lambda text, gold, row: verify.verify(text, gold)
+    cols, failed = [r.get("columns", r) for r in rows], []  # (the built-in task's rows are its columns)
+    try:
+        if "completions" in inspect.signature(fn).parameters:
+            prompts = [field(c, args.prompt_field) for c in cols]
+            chats = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                     for t, p in zip(texts, prompts)]
+            out = fn(prompts=prompts, completions=chats, **{k: [c[k] for c in cols] for k in cols[0] if k != "prompt"})
+        else:
+            out = []
+            for text, row, c in zip(texts, rows, cols):
+                try:
+                    out.append(fn(text, row["answer"], c))
+                except Exception as e:
+                    out, failed = out + [0.0], failed + [f"{type(e).__name__}: {e}"]
+    except Exception as e:
+        out, failed = [], [f"{type(e).__name__}: {e}"] * len(texts)
+    if failed and len(failed) == len(texts):
+        raise ConfigError(f"--reward-fn {spec} raised on every completion ({failed[0]}); fix the function")
+    if failed:
+        print(f"warning: --reward-fn {spec} raised on {len(failed)} of {len(texts)} completions, the first "
+              f"{failed[0]}; scored 0")
+    out = list(out) if isinstance(out, (list, tuple)) else [out]
+    bad = [v for v in out if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v))]
+    if bad or len(out) != len(texts):
+        what = repr(bad[0]) if bad else f"{len(out)} scores for {len(texts)} completions"
+        raise ConfigError(f"--reward-fn {spec} returned {what}; return one finite number (or None) per completion")
+    return torch.tensor([math.nan if v is None else float(v) for v in out])                       # [B]
+
+
 def open_dataset(src, split):
-    """A local .jsonl/.json/.parquet file, or a hub data set: a datasets.Dataset, or a one-line ConfigError."""
+    """A local .jsonl/.json/.csv/.parquet file, a save_to_disk folder, or a hub data set: a datasets.Dataset, or a
+    one-line ConfigError."""
     import datasets
+    if any(os.path.isfile(os.path.join(src, f)) for f in ("state.json", "dataset_dict.json")):  # save_to_disk's
+        ds = datasets.load_from_disk(src)
+        if isinstance(ds, datasets.DatasetDict) and split not in ds:
+            raise ConfigError(f"--dataset {src!r} has no split {split!r} (splits: {', '.join(ds)}); pass --split")
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     if not os.path.isfile(src):
         if not hub_reachable():
             datasets.config.HF_HUB_OFFLINE = True  # the local cache, or a quick failure: no retries
@@ -910,11 +1018,11 @@ def open_dataset(src, split):
             return datasets.load_dataset(src, split=split)
         except Exception as e:
             raise ConfigError(f"cannot load --dataset {src!r} split {split!r} ({type(e).__name__}): no such local "
-                              f"file, and no such hub data set or no network; pass a local .jsonl/.json/.parquet "
+                              f"file, and no such hub data set or no network; pass a local .jsonl/.json/.csv/.parquet "
                               f"file") from None
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(src)[1])
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(src)[1])
     if kind is None:
-        raise ConfigError(f"--dataset {src}: unknown file type; use .jsonl, .json or .parquet")
+        raise ConfigError(f"--dataset {src}: unknown file type; use .jsonl, .json, .csv, .parquet or a saved folder")
     with open(src, "rb") as f:  # the datasets library's own error for this is a bare StopIteration
         if not f.read(1 << 16).strip():
             raise ConfigError(f"--dataset {src!r} is an empty file; point it at data with at least one row")
@@ -1011,6 +1119,7 @@ class Policy:
     source: str = "builtin"                      # where the (base) weights came from: a LoRA checkpoint names it
     images: dict = dataclasses.field(default_factory=dict)  # id(row) -> (row, its processed images): this step's
     template_kwargs: tuple = ({}, {})            # chat template options: the student's, the teacher's
+    format: str = FORMAT                         # the instruction after every question (--format-prompt)
 
     @property
     def tokenizer(self):
@@ -1086,7 +1195,7 @@ def pick_device():
 
 def resolve_model(args):
     """--model as (path, config), read before any weights: the config says vision-language or text, and a bad id
-    fails here in a second. With no network, nothing waits on the hub's retries."""
+    fails here in a second. With no network, nothing waits on the hub's retries. Sets the default --dataset."""
     from transformers import AutoConfig
     if args.model == "builtin":
         return "builtin", None
@@ -1107,6 +1216,18 @@ def resolve_model(args):
                           f"then pass the local folder as --model DIR") from None
     if alias:
         print(f"--model {path}{alias}")
+    vl = hasattr(config, "vision_config")
+    if vl and config.model_type not in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # image code: Qwen-VL's
+        raise ConfigError(f"--model {path!r} is a {config.model_type} vision-language model; the vision-language "
+                          f"models supported are Qwen2.5-VL and Qwen3-VL")
+    if args.image_field and not vl:
+        raise ConfigError(f"--image-field {args.image_field!r}: --model {path!r} reads no images; use a Qwen2.5-VL "
+                          f"or Qwen3-VL model, or drop --image-field")
+    if args.dataset is None:  # the paper's data for a vision-language model, else the built-in task
+        args.dataset = PAPER_DATASET if vl else "builtin"
+        if args.dataset == PAPER_DATASET:
+            args.image_field = args.image_field or "images"
+            print(f"--dataset {PAPER_DATASET}: the paper's training data (fields problem, answer, images)")
     return path, config
 
 
@@ -1128,7 +1249,7 @@ def hub_reachable(timeout=3.0):
 def load_policy(args, path=None):
     """Weights for --model (or a checkpoint folder) on this process's device, vision-language or text as the config
     says. A LoRA checkpoint: its base model plus its exact adapters (the merged bf16 weights round changes away)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     path, config = resolve_model(args) if path is None else (path, None)
     adapter = os.path.join(path, "adapter")
     if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
@@ -1155,13 +1276,20 @@ def load_policy(args, path=None):
             "final_logit_softcapping", "logit_scale")):  # head_logprobs runs the head as one matmul
         raise ConfigError(f"{path!r}: an LM head with a bias, logit scale or soft-cap is not supported; use a model "
                           "whose head is one matmul (Qwen3, Qwen3-VL, Llama)")
-    processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if vl else
-                 AutoTokenizer.from_pretrained(path, local_files_only=offline))
+    return Policy(model, load_tokenizer(path, args, config), vl, args.max_pixels, dtype, source=path)
+
+
+def load_tokenizer(path, args, config):
+    """The model's tokenizer, or its processor for a vision-language model (weights not needed: --dry-run)."""
+    from transformers import AutoTokenizer
+    offline = not os.path.isdir(path) and not hub_reachable()
+    processor = (load_processor(path, args.min_pixels, args.max_pixels, offline) if hasattr(config, "vision_config")
+                 else AutoTokenizer.from_pretrained(path, local_files_only=offline))
     tok = getattr(processor, "tokenizer", processor)
     tok.pad_token = tok.pad_token or tok.eos_token
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise ConfigError(f"{path!r} has no chat template; use an instruct/chat model or add one to its tokenizer")
-    return Policy(model, processor, vl, args.max_pixels, dtype, source=path)
+    return processor
 
 
 def load_processor(path, min_pixels, max_pixels, offline=False):
@@ -2024,7 +2152,7 @@ def main(argv=None):
         args = parse_args(argv)
         if not args.use_vllm:  # generate()'s KV cache grows a copy per token; vLLM's sleep mode does not mix with it
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        train(args)
+        dry_run(args) if args.dry_run else train(args)
     except ConfigError as e:
         sys.exit(f"train.py: error: {e}")
     end_distributed()

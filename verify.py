@@ -6,7 +6,9 @@ sides are capped in length and no pattern can backtrack, so every call ends with
 
     extract_answer(completion) -> str | None     the last <answer>..</answer>, else the last \boxed{..} / \fbox{..},
     verify(completion, reference) -> 1.0 | 0.0   else the line after the last "answer is", "answer:" or "####"
-    python verify.py "COMPLETION" "REFERENCE"     prints the extracted answer and the verdict
+    reference(text) -> str                       a gold answer as training reads it: a worked solution's final one
+    python verify.py "COMPLETION" "REFERENCE"     prints the extracted answer and the verdict (--explain: the reading)
+    python verify.py --data FILE --answer-field answer     lists the gold answers that do not parse
 
 Disagreeing boxes (or tags) form one unordered list: "\boxed{3} or \boxed{4}" only matches "3, 4".
 Both sides are normalised the same way:
@@ -562,12 +564,49 @@ def verify(completion: str, reference: str) -> float:
         return 0.0
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:                          # --help: usage on stdout, exit 0; misuse: stderr, exit 2
-        asked = sys.argv[1:] in (["-h"], ["--help"])
-        print('usage: python verify.py "COMPLETION" "REFERENCE"  (exit 0: right, 1: wrong)',
-              file=sys.stdout if asked else sys.stderr)
+def reference(text: str) -> str:
+    """A gold answer as training grades it: a worked solution's final answer (GSM8K's '#### 72', a last \\boxed{}),
+    else the whole text."""
+    return extract_answer(text) or text.strip()
+
+
+def explain(answer: str | None) -> str:
+    """How an answer is read: its normal form, or why it has none (then only the same text, cleaned, matches)."""
+    if answer is None:
+        return "no final answer found"
+    try:
+        form = re.sub(r"Fraction\((-?\d+), (\d+)\)", lambda m: m[1] + f"/{m[2]}" * (m[2] != "1"), repr(_parse(
+            answer[:4 * MAX_ANSWER])))                      # Fraction(72, 1) as 72, Fraction(1, 2) as 1/2
+        return f"{answer!r}, read as {form}"
+    except (_Reject, ArithmeticError) as e:
+        return f"{answer!r}, unparseable ({e or 'not an answer'}): only the same text matches"
+
+
+if __name__ == "__main__":                          # by hand: argparse takes a gold answer like -3/4 for an option
+    args, opts = [x for x in sys.argv[1:] if x != "--explain"], dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    if args[:1] == ["--data"] and len(args) % 2 == 0 and set(opts) <= {"--data", "--answer-field", "--split"}:
+        import train  # training's own reader of data sets and fields (train imports this module: only here)
+        field = opts.get("--answer-field", "answer")
+        try:
+            rows = train.open_dataset(opts["--data"], opts.get("--split", "train"))
+        except train.ConfigError as e:
+            sys.exit(f"verify.py: error: {e}")
+        golds = [train.field(r, field) for r in rows]
+        bad = [(i, g) for i, g in enumerate(golds) if g is None or "unparseable" in explain(reference(str(g)))]
+        for i, gold in bad:
+            print(f"row {i}: {field} " + ("is null" if gold is None else f"{gold!r} does not parse: only a completion "
+                                                           f"with the same text matches it"))
+        print(f"{len(rows) - len(bad)} of {len(rows)} gold answers in {field!r} parse")
+        sys.exit(1 if bad else 0)
+    if len(args) != 2:                              # --help: usage on stdout, exit 0; misuse: stderr, exit 2
+        asked = args in (["-h"], ["--help"])
+        print('usage: python verify.py "COMPLETION" "REFERENCE" [--explain]  (exit 0: right, 1: wrong; --explain, or a '
+              'terminal: how both were read)\n       python verify.py --data FILE [--answer-field answer] [--split '
+              'train]  (lists the gold answers that do not parse)', file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)
-    verdict = verify(*sys.argv[1:])
-    print(f"extracted: {extract_answer(sys.argv[1])!r}\nverdict  : {verdict}")
+    completion, gold = args[0], reference(args[1])  # a worked solution grades by its final answer, as in training
+    verdict = verify(completion, gold)
+    print(f"extracted: {extract_answer(completion)!r}\nverdict  : {verdict}")
+    if "--explain" in sys.argv or sys.stdout.isatty():
+        print(f"answer   : {explain(extract_answer(completion))}\nreference: {explain(gold)}")
     sys.exit(0 if verdict else 1)                   # like grep: a script can test the verdict
