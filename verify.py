@@ -31,7 +31,9 @@ Also: 25% is 25 or 0.25; i and e are plain symbols; equations match with sides s
 from __future__ import annotations
 
 import cmath
+import functools
 import math
+import os
 import random
 import re
 import sys
@@ -585,13 +587,18 @@ def explain(answer: str | None) -> str:
 if __name__ == "__main__":                          # by hand: argparse takes a gold answer like -3/4 for an option
     args, opts = [x for x in sys.argv[1:] if x != "--explain"], dict(zip(sys.argv[1::2], sys.argv[2::2]))
     if args[:1] == ["--data"] and len(args) % 2 == 0 and set(opts) <= {"--data", "--answer-field", "--split"}:
-        import train  # training's own reader of data sets and fields (train imports this module: only here)
-        field = opts.get("--answer-field", "answer")
+        import datasets  # the file kinds train.py reads; its errors name the problem (verify.py imports no trainer)
+        src, field, split = opts["--data"], opts.get("--answer-field", "answer"), opts.get("--split", "train")
+        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(src)[1])
         try:
-            rows = train.open_dataset(opts["--data"], opts.get("--split", "train"))
-        except train.ConfigError as e:
-            sys.exit(f"verify.py: error: {e}")
-        golds = [train.field(r, field) for r in rows]
+            rows = (datasets.load_dataset(kind, data_files={split: src}, split=split) if kind else
+                    datasets.load_from_disk(src))  # a save_to_disk folder (a DatasetDict: --split picks one)
+        except Exception as e:
+            sys.exit(f"verify.py: error: cannot read --data {src!r} ({type(e).__name__}); give a .jsonl, .json, .csv "
+                     f"or .parquet file or a save_to_disk folder")
+        rows = rows[split] if isinstance(rows, datasets.DatasetDict) else rows
+        golds = [row[field] if field in row else functools.reduce(lambda r, k: r.get(k) if isinstance(r, dict) else
+                 None, field.split("."), row) for row in rows]  # a dotted name reaches into nested columns (train.field)
         bad = [(i, g) for i, g in enumerate(golds) if g is None or "unparseable" in explain(reference(str(g)))]
         for i, gold in bad:
             print(f"row {i}: {field} " + ("is null" if gold is None else f"{gold!r} does not parse: only a completion "
