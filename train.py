@@ -89,6 +89,7 @@ DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128
 #   setup              process group, model, data, optimizer and, with --resume, the saved state
 #   metrics_log        a function that appends a step's metrics to metrics.jsonl and sends them to --report-to's tracker
 #   evaluate           held-out accuracy, decoded as --eval-decoding says, scored by the training reward
+#   reward_scores      one --reward-fn's scores: a TRL function per batch, fn(completion, gold, row) per completion
 #   Preemption         SIGTERM / Ctrl-C asks the loop to save after the step in progress, then exit
 #   step_rows          the step's prompts: seeded shuffles, a function of the step (--resume needs no loader state)
 #   fmt, show_samples  the step's printed line; a right and a wrong completion every --log-samples-steps
@@ -322,7 +323,7 @@ def reward(args, texts, rows):
     specs = args.reward_fn or [None]
     total = torch.zeros(len(texts))                                                                  # [B]
     for spec, weight in zip(specs, args.reward_weights or [1.0] * len(specs)):
-        total += weight * reward_scores(spec, texts, rows, args).nan_to_num(0.0)  # (plumbing) None: no score
+        total += weight * reward_scores(spec, texts, rows, args).nan_to_num(0.0)  # None: no score
     unparseable = sum(verify.extract_answer(t) is None for t in texts) / max(len(texts), 1)
     return total, unparseable
 
