@@ -3887,15 +3887,16 @@ def test_on_resume_each_rank_reads_only_its_own_trainer_state_and_reads_it_once(
         assert [f for f in opened if f.startswith("trainer_state")] == [train.state_file(rank)]
 
 
-def test_ranks_that_do_not_share_the_output_dir_stop_at_start_with_one_line_saying_it_must_be_shared(tmp_path):
+def test_ranks_that_do_not_share_the_output_dir_stop_at_start_with_one_line_saying_it_must_be_shared(tiny_model,
+                                                                                                    tmp_path):
     """Two nodes, each with its own disk: the same --output-dir path is a different folder on each (here: per rank)."""
     script = tmp_path / "unshared.py"
     script.write_text("import os, sys\nsys.path.insert(0, sys.argv[1])\nimport train\n"
                       "train.main(sys.argv[3:] + ['--output-dir', os.path.join(sys.argv[2], os.environ['RANK'])])\n")
     here = os.path.dirname(os.path.abspath(train.__file__))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), here, str(tmp_path), "--max-steps", "1"], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        str(script), here, str(tmp_path), "--model", tiny_model, *TINY_RUN, "--max-steps", "1"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
     assert r.returncode != 0 and lines, r.stderr[-3000:]
     assert all("is not shared" in line and "must be one folder all of them share" in line for line in lines)

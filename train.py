@@ -622,8 +622,7 @@ examples:
     preset_option("--eval-decoding", str, "greedy, or sampled as the authors evaluate", choices=["greedy", "sampled"])
     preset_option("--save-steps", int, "checkpoint every N steps (and at the end)")
     g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints")
-    g.add_argument("--save-merged-every-checkpoint", action="store_true", help="LoRA: the merged weights in every "
-                   "checkpoint, not only the last")
+    g.add_argument("--save-merged-every-checkpoint", action="store_true", help="LoRA: merged weights in each")
     preset_option("--eval-size", int, "held-out prompts")
     preset_option("--log-samples-steps", int, "print a right and a wrong completion every N steps")
     preset_option("--gradient-checkpointing", None, "recompute activations", action=argparse.BooleanOptionalAction)
@@ -909,9 +908,8 @@ def undecoded(feature):
 
 
 def load_image(image, max_pixels, where="a row"):
-    """A PIL image, path, bytes, datasets {'bytes', 'path'} dict or stored_image, decoded upright in RGB, shrunk to at
-    most max_pixels (a big image must not fill the memory first); max_pixels=None: the header only, enough to tell a
-    bad file."""
+    """A PIL image, path, bytes, {'bytes', 'path'} dict or stored_image, decoded upright in RGB, shrunk to at most
+    max_pixels (a big image must not fill the memory first); max_pixels=None: the header only, to tell a bad file."""
     import io
     from PIL import Image, ImageOps
     try:
@@ -1476,11 +1474,10 @@ def save_atomic(folder, write):
 
 
 def save_checkpoint(policy, opt, sched, teacher, step, args, free=None):
-    """trainer_state.pt (all --resume needs) and the weights: a Hugging Face folder for full fine-tuning; for LoRA the
-    adapters, and the merged model in the run's last checkpoint only (or, --save-merged-every-checkpoint, in each).
-    Stops with one line, writing nothing, if the disk has less room than the checkpoint needs (`free`: a figure in
-    bytes instead of the disk's). Under torchrun every rank calls this: rank 0 writes the folder, each rank its own
-    trainer state."""
+    """trainer_state.pt (all --resume needs) and the weights: full fine-tuning's as a Hugging Face folder, LoRA's
+    adapters, merged into one in the run's last checkpoint only (or --save-merged-every-checkpoint). One line and no
+    write if the disk (or `free`, in bytes) has less room than the checkpoint needs. Under torchrun every rank calls
+    this: rank 0 writes the folder, each rank its own resume state."""
     folder, rank = os.path.join(args.output_dir, f"checkpoint-{step}"), dist_rank()
     merged = not args.lora_rank or args.save_merged_every_checkpoint or step == args.max_steps
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -1488,8 +1485,10 @@ def save_checkpoint(policy, opt, sched, teacher, step, args, free=None):
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "args": vars(args),
              "teacher": teacher.state(), "rng": rng}
     free = shutil.disk_usage(args.output_dir).free if free is None else free
-    need, free = all_sum(torch.tensor([checkpoint_bytes(policy, state, rank == 0, merged), free * (rank == 0)],
-                                      dtype=torch.float64)).tolist()  # every rank's state; rank 0's disk
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard: this rank's part
+    need = sum(local(t).nbytes for t in torch.utils._pytree.tree_leaves(state) if torch.is_tensor(t)) + sum(
+        p.nbytes for n, p in policy.model.named_parameters() if rank == 0 and (merged or ".lora_" in n))
+    need, free = all_sum(torch.tensor([need, free * (rank == 0)], dtype=torch.float64)).tolist()  # rank 0's disk
     if need + 2 ** 26 > free:  # + 64 MB: config and tokenizer files
         raise ConfigError(f"checkpoint-{step} needs about {need / 1e9:.2f} GB and the disk of {args.output_dir!r} has "
                           f"{free / 1e9:.2f} GB free; free space, lower --save-total-limit or pass another "
@@ -1500,10 +1499,8 @@ def save_checkpoint(policy, opt, sched, teacher, step, args, free=None):
     barrier()
 
     def write(tmp):
-        if merged:
-            policy.model.save_pretrained(tmp, state_dict=weights)
-        else:  # the config alone: `--model checkpoint-N` and vLLM read it
-            policy.model.config.save_pretrained(tmp)
+        # without the merged weights, the config alone: `--model checkpoint-N` and vLLM read it
+        policy.model.save_pretrained(tmp, state_dict=weights) if merged else policy.model.config.save_pretrained(tmp)
         policy.processor.save_pretrained(tmp)
         if args.lora_rank:  # the exact adapters; merged weights are rounded to the base's dtype
             save_adapter(policy.model, os.path.join(tmp, "adapter"), policy.source)
@@ -1518,25 +1515,14 @@ def save_checkpoint(policy, opt, sched, teacher, step, args, free=None):
     return folder
 
 
-def checkpoint_bytes(policy, state, weights, merged):
-    """What this rank writes into a checkpoint, in bytes: its trainer state's tensors and, with `weights`, the
-    adapters and (`merged`) the full weights, LoRA's merged into the base's dtype."""
-    size = sum((t.to_local() if hasattr(t, "to_local") else t).nbytes  # an FSDP2 shard: this rank's part
-               for t in torch.utils._pytree.tree_leaves(state) if torch.is_tensor(t))
-    for name, p in policy.model.named_parameters() if weights else []:  # (full sizes under FSDP2)
-        size += p.nbytes if ".lora_" in name or merged else 0
-    return size
-
-
 def folder_size(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
 def whole_checkpoint(output_dir):
-    """(the newest checkpoint whose files are all there and load, this rank's trainer state in it), or (None, None)
-    when there is no checkpoint. Each file is read once: each rank loads its own trainer state (the load a resume
-    uses), rank 0 checks the weights' headers, and one all-reduce decides. A damaged newer checkpoint gets a warning
-    line; none whole, or a trainer state that is more than tensors and plain values (it could run code), one error."""
+    """(the newest checkpoint whose files all load, this rank's trainer state), or (None, None). Each file is read once:
+    each rank loads its own trainer state (the load resume uses), rank 0 checks the weights' headers, one all-reduce
+    decides. A damaged newer one: a warning; none whole, or a pickle that could run code: one error."""
     import torch.distributed.tensor  # noqa: F401 (FSDP2's trainer state holds DTensors: weights_only needs them known)
     from safetensors import safe_open
     found, rank = checkpoints(output_dir), dist_rank()
@@ -1640,9 +1626,8 @@ def check_output_dir(args):
     if made and dist_rank() == 0:
         os.rmdir(out)  # made again at the first write, once every other check has passed
     if unseen:
-        raise ConfigError(f"--output-dir {out!r} is not shared: rank 0 does not see the probe files of {unseen} "
-                          f"of the {dist_world()} ranks; on several nodes it must be one folder all of them share "
-                          f"(NFS, a cluster file system), where each rank writes its own trainer state")
+        raise ConfigError(f"--output-dir {out!r} is not shared: rank 0 does not see the probe files of {unseen} of the "
+                          f"{dist_world()} ranks; on several nodes it must be one folder all of them share (NFS)")
     return whole_checkpoint(out) if args.resume else (None, None)
 
 
