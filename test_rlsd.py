@@ -3936,7 +3936,7 @@ def test_a_save_that_the_free_disk_figure_cannot_hold_stops_in_one_line_and_writ
     size = train.folder_size(train.save_checkpoint(policy, opt, sched, teacher, 1, args))  # with the disk's figure
     margin = 2 ** 26  # (save_checkpoint's room for config and tokenizer files)
     with pytest.raises(train.ConfigError) as e:
-        train.save_checkpoint(policy, opt, sched, teacher, 2, args, free=0.95 * size - margin)
+        train.save_checkpoint(policy, opt, sched, teacher, 2, args, free=0.95 * size + margin)
     assert "\n" not in str(e.value) and "checkpoint-2 needs about" in str(e.value) and "GB free" in str(e.value)
     assert "--save-total-limit" in str(e.value) and ckpt_names(out) == ["checkpoint-1"]
     train.save_checkpoint(policy, opt, sched, teacher, 2, args, free=1.05 * size + margin)
