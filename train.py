@@ -888,8 +888,7 @@ def check_row_images(row, where, most=None):
 
 
 def stored_image(ds, field, i, k):
-    """The k-th image of row i of a data set, read from its (memory-mapped) files when a step needs it: rows hold
-    this, not the encoded bytes (123K rows, once per rank)."""
+    """The k-th image of row i of a data set, read from its memory-mapped files: rows hold this, not the bytes."""
     images = ds[i][field]
     return images[k] if isinstance(images, (list, tuple)) else images
 
