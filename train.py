@@ -719,7 +719,8 @@ def setup(args):
     rank, world = init_distributed(args.ddp_timeout)  # (0, 1) without torchrun
     if args.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
-    start, state = check_output_dir(args)           # the checkpoint to resume from and this rank's state, or None
+    check_output_dir(args)
+    start, state = whole_checkpoint(args.output_dir) if args.resume else (None, None)  # and this rank's state in it
     if args.model == "builtin" and not start:  # said before the slow imports, or a first run is silent a minute
         folder = demo_folder(args)
         print(f"loading the cached demo model from {folder}" if os.path.isdir(folder) else
@@ -1601,7 +1602,7 @@ def checkpoint_step(folder):
 
 def check_output_dir(args):
     """--output-dir is a writable folder with no other run, unless --resume (continue it) or --overwrite; a run stopped
-    before its first step lost nothing and is reused. Changes nothing. Returns whole_checkpoint's (folder, state)."""
+    before its first step lost nothing and is reused. Changes nothing."""
     out, log = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--output-dir {out!r} is a file; pass a folder")
@@ -1627,7 +1628,6 @@ def check_output_dir(args):
     if unseen:
         raise ConfigError(f"--output-dir {out!r} is not shared: rank 0 does not see the probe files of {unseen} of the "
                           f"{dist_world()} ranks; on several nodes it must be one folder all of them share (NFS)")
-    return whole_checkpoint(out) if args.resume else (None, None)
 
 
 def run_files(out):
