@@ -2526,7 +2526,7 @@ def test_vl_parquet_image_columns_stay_encoded_until_used_one_or_several_images_
         args = vl_args(vl, tmp_path, "--dataset", path, "--image-field", field)
         rows = train.load_rows(args, "train")
         assert [len(r["images"]) for r in rows] == [len(c) if field == "images" else 1 for c in imgs]
-        assert all(isinstance(im, dict) and im["bytes"] for r in rows for im in r["images"])  # not decoded yet
+        assert not any(isinstance(im, (bytes, dict)) for r in rows for im in r["images"])  # a way to it, not bytes
         enc = policy.encode([train.student_prompt(policy, r) for r in rows], rows)
         assert len(enc["image_grid_thw"]) == sum(len(r["images"]) for r in rows)
 
@@ -4895,3 +4895,158 @@ def test_a_system_prompt_for_the_built_in_task_stops_in_one_line_instead_of_bein
     with pytest.raises(SystemExit) as e:
         train.main(["--system-prompt", "You add.", "--dry-run", "--cache-dir", str(tmp_path)])
     assert e.value.code == "train.py: error: --system-prompt is for your own --dataset; the built-in task has none"
+# ---- issue 36: a resume, a disk and a checkpoint that hold at 8B; images read where they are ----
+#
+# Resume under torchrun (two gloo ranks): which checkpoint files each rank opens, counted by a Python audit hook, and
+# an --output-dir that the ranks do not share. Disk: a free-space figure passed to save_checkpoint. A trainer state
+# that would run code. Rows that keep a way to their images, not the bytes.
+
+COUNTED_RESUME = '''
+"""train.main(argv) under torchrun, recording the checkpoint files this rank opens (Python's audit hook)."""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+opened = []
+sys.addaudithook(lambda event, a: opened.append(os.path.basename(str(a[0])))
+                 if event == "open" and "checkpoint-" in str(a[0]) else None)
+import train
+train.main(sys.argv[3:])
+json.dump(opened, open(os.path.join(sys.argv[2], f"opened.rank{os.environ['RANK']}.json"), "w"))
+'''
+
+
+def test_on_resume_each_rank_reads_only_its_own_trainer_state_and_reads_it_once(tiny_model_2_layers, tmp_path):
+    script, out = tmp_path / "counted.py", tmp_path / "run"
+    script.write_text(COUNTED_RESUME)
+    here = os.path.dirname(os.path.abspath(train.__file__))
+    argv = ["--model", tiny_model_2_layers, "--dataset", "builtin", "--num-generations", "2", "--prompts-per-step",
+            "4", "--micro-batch-size", "2", "--generation-batch-size", "4", "--max-completion-length", "8",
+            "--eval-size", "0", "--log-samples-steps", "0", "--save-steps", "1", "--max-steps", "1",
+            "--reward-fn", "bench:alternating_reward", "--output-dir", out]  # full fine-tuning: FSDP2's shards
+    torchrun(2, "train.py", *argv)
+    r = torchrun(2, script, here, tmp_path, *argv, "--resume")  # at --max-steps: it loads and stops
+    assert f"resumed from {out / 'checkpoint-1'} at step 1" in r.stdout
+    for rank in (0, 1):
+        opened = json.load(open(tmp_path / f"opened.rank{rank}.json"))
+        print(f"rank {rank} opened: {opened}")
+        assert [f for f in opened if f.startswith("trainer_state")] == [train.state_file(rank)]
+
+
+def test_ranks_that_do_not_share_the_output_dir_stop_at_start_with_one_line_saying_it_must_be_shared(tiny_model,
+                                                                                                    tmp_path):
+    """Two nodes, each with its own disk: the same --output-dir path is a different folder on each (here: per rank)."""
+    script = tmp_path / "unshared.py"
+    script.write_text("import os, sys\nsys.path.insert(0, sys.argv[1])\nimport train\n"
+                      "train.main(sys.argv[3:] + ['--output-dir', os.path.join(sys.argv[2], os.environ['RANK'])])\n")
+    here = os.path.dirname(os.path.abspath(train.__file__))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), here, str(tmp_path), "--model", tiny_model, *TINY_RUN, "--max-steps", "1"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert r.returncode != 0 and lines, r.stderr[-3000:]
+    assert all("is not shared" in line and "must be one folder all of them share" in line for line in lines)
+    assert "rank 0 does not see the probe files of 1 of the 2 ranks" in r.stderr
+
+
+class PlantedCode:
+    """A pickle whose loading runs code: here, it writes the file `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_trainer_state_whose_pickle_runs_code_is_refused_in_one_line_and_the_code_never_runs(tiny_model, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "the-code-ran"
+    (out / "checkpoint-1").mkdir(parents=True)
+    torch.save({"step": 1, "optimizer": PlantedCode(str(marker))}, out / "checkpoint-1" / "trainer_state.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", tiny_model, "--output-dir", str(out), *TINY_RUN, "--max-steps", "2", "--resume"])
+    assert "\n" not in e.value.code and "checkpoint-1/trainer_state.pt holds more than tensors" in e.value.code
+    assert "could run code, so --resume refuses it" in e.value.code and "Unsupported global" in e.value.code
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "16"]], ids=["full", "lora"])
+def test_a_save_that_the_free_disk_figure_cannot_hold_stops_in_one_line_and_writes_nothing(
+        extra, mixed_verify, one_thread, tmp_path):
+    """The figure is the size of the same checkpoint written once, plus or minus 5%: the estimate is that close."""
+    model = save_tiny_qwen3(tmp_path / "wide", layers=1, hidden_size=256, intermediate_size=1024, head_dim=64)
+    out = tmp_path / "run"
+    args = tiny_args(model, out, "--max-steps", "5", *extra)  # not the last step: LoRA's adapters alone
+    policy, opt, sched, teacher, _, rows, _ = train.setup(args)
+    train.train_step(policy, opt, sched, teacher, rows[:2], args, 0)  # AdamW's moments exist from here
+    size = train.folder_size(train.save_checkpoint(policy, opt, sched, teacher, 1, args))  # with the disk's figure
+    margin = 2 ** 26  # (save_checkpoint's room for config and tokenizer files)
+    with pytest.raises(train.ConfigError) as e:
+        train.save_checkpoint(policy, opt, sched, teacher, 2, args, free=0.95 * size + margin)
+    assert "\n" not in str(e.value) and "checkpoint-2 needs about" in str(e.value) and "GB free" in str(e.value)
+    assert "--save-total-limit" in str(e.value) and ckpt_names(out) == ["checkpoint-1"]
+    train.save_checkpoint(policy, opt, sched, teacher, 2, args, free=1.05 * size + margin)
+    assert ckpt_names(out) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_lora_checkpoint_holds_adapters_and_state_the_merged_model_comes_last_or_on_request_and_each_resumes(
+        tiny_model, mixed_verify, one_thread, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = lambda *extra: train.train(tiny_args(tiny_model, out, "--lora-rank", "4", "--save-steps", "1", *extra))
+    merged = lambda c: os.path.isfile(out / c / "model.safetensors")
+    run("--max-steps", "2")
+    assert not merged("checkpoint-1") and merged("checkpoint-2")  # the run's last checkpoint
+    assert {"adapter", "trainer_state.pt", "config.json"} <= set(os.listdir(out / "checkpoint-1"))
+    policy = train.load_policy(tiny_args(str(out / "checkpoint-1"), tmp_path / "unused"))  # --model checkpoint-1
+    assert policy.source == tiny_model and any(isinstance(m, train.LoRALinear) for m in policy.model.modules())
+    shutil.rmtree(out / "checkpoint-2")
+    run("--max-steps", "2", "--resume")
+    assert f"resumed from {out / 'checkpoint-1'} at step 1" in capsys.readouterr().out and merged("checkpoint-2")
+    run("--max-steps", "4", "--resume", "--save-merged-every-checkpoint", "--save-total-limit", "3")
+    assert ckpt_names(out) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"] and merged("checkpoint-3")
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_save_total_limit_keeps_the_newest_n_checkpoints_and_never_a_later_steps(limit, tmp_path):
+    for step in (1, 2, 3, 4, 50):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.pt").write_bytes(b"x")
+    train.rotate_checkpoints(str(tmp_path), 4, limit)
+    assert ckpt_names(tmp_path) == [f"checkpoint-{s}" for s in (1, 2, 3, 4)[-limit:]] + ["checkpoint-50"]
+    assert train.parse_args([]).save_total_limit == 2  # TRL's name; our default
+
+
+def test_rows_keep_a_way_to_their_images_not_the_bytes_and_a_step_reads_the_pixels_as_written(vl, tmp_path):
+    import datasets
+    import tracemalloc
+    from PIL import Image
+    rng = random.Random(0)
+    noise = [Image.frombytes("RGB", (192, 192), rng.randbytes(192 * 192 * 3)) for _ in range(16)]  # no compression
+    path = tmp_path / "noise.parquet"
+    table = {"problem": ["How many squares?"] * 16, "answer": ["0"] * 16, "images": noise}
+    datasets.Dataset.from_dict(table).cast_column("images", datasets.Image()).to_parquet(path)
+    encoded = os.path.getsize(path)  # noise: the PNGs' bytes, barely compressed
+    args = vl_args(vl, tmp_path / "out", "--dataset", str(path), "--image-field", "images")
+    train.load_rows(args, "train")  # a first load builds the data set's cache
+    tracemalloc.start()
+    rows = train.load_rows(args, "train")
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    print(f"rows hold {held / 1e6:.2f} MB of Python objects; the images take {encoded / 1e6:.2f} MB encoded")
+    assert held < encoded / 10
+    assert train.load_image(rows[3]["images"][0], 10 ** 6).tobytes() == noise[3].tobytes()
+
+
+def test_an_image_with_an_aspect_ratio_over_200_stops_the_load_naming_the_row_or_is_skipped(vl, tmp_path, capsys):
+    from PIL import Image
+    good = json.loads(open(vl["data"]).readline())
+    Image.new("RGB", (402, 2), "white").save(tmp_path / "strip.png")
+    data = tmp_path / "strip.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good, {**good, "images": [str(tmp_path / "strip.png")]},
+                                                             good]))
+    args = vl_args(vl, tmp_path / "out", "--dataset", str(data))
+    with pytest.raises(train.ConfigError, match=r"row 1 .* 402x2 pixels, an aspect ratio over 200.*--skip-bad-rows"):
+        train.load_rows(args, "train")
+    args.skip_bad_rows = True
+    assert [r["row"] for r in train.load_rows(args, "train")] == [0, 2]
+    processor = train.load_processor(vl["model"], args.min_pixels, args.max_pixels)  # what it would meet mid-run
+    with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):
+        processor.image_processor(images=[train.load_image(str(tmp_path / "strip.png"), args.max_pixels)])

@@ -34,12 +34,12 @@ import json
 import math
 import numbers
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import weakref
 
@@ -683,6 +683,8 @@ Each question is followed by the instruction --format-prompt, by default:
     preset_option("--eval-steps", int, "held-out accuracy every N steps (and at the end)")
     preset_option("--eval-decoding", str, "greedy, or sampled as the authors evaluate", choices=["greedy", "sampled"])
     preset_option("--save-steps", int, "checkpoint every N steps (and at the end)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="keep the newest N checkpoints")
+    g.add_argument("--save-merged-every-checkpoint", action="store_true", help="LoRA: merged weights in each")
     preset_option("--eval-size", int, "held-out prompts")
     preset_option("--log-samples-steps", int, "print a right and a wrong completion every N steps")
     preset_option("--gradient-checkpointing", None, "recompute activations", action=argparse.BooleanOptionalAction)
@@ -731,7 +733,7 @@ def json_object(text):  # the type of --chat-template-kwargs: a JSON object, or 
 
 # Every numeric option's range. Checked at start-up: a bad value fails in a second, not after an hour of rollouts.
 POSITIVE = ("prompts_per_step max_prompt_length max_completion_length micro_batch_size generation_batch_size "
-            "max_steps eval_steps save_steps min_pixels max_pixels temperature lr max_grad_norm "
+            "max_steps eval_steps save_steps save_total_limit min_pixels max_pixels temperature lr max_grad_norm "
             "vllm_gpu_memory_utilization vllm_importance_sampling_clip_max").split()
 NON_NEGATIVE = ("weight_decay epsilon epsilon_high dual_clip eps_w lam0 lam_decay_steps teacher_sync_steps eval_size "
                 "log_samples_steps show_credit lora_rank lora_alpha vllm_importance_sampling_clip_min "
@@ -795,7 +797,8 @@ def setup(args):
     rank, world = init_distributed(args.ddp_timeout)  # (0, 1) without torchrun
     if args.prompts_per_step % world:
         raise ConfigError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} processes")
-    start = check_output_dir(args)                  # the checkpoint to resume from, or None
+    check_output_dir(args)
+    start, state = whole_checkpoint(args.output_dir) if args.resume else (None, None)  # and this rank's state in it
     if args.model == "builtin" and not start:  # said before the slow imports, or a first run is silent 35 s
         folder = demo_folder(args)
         print(f"loading the cached demo model from {folder}" if os.path.isdir(folder) else
@@ -829,7 +832,6 @@ def setup(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)) * decay(s))
     teacher, step = Teacher(policy, args.teacher_sync_steps), 0
     if start:
-        state = torch.load(os.path.join(start, state_file(rank)), weights_only=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         teacher.load(state["teacher"])
@@ -927,6 +929,8 @@ def load_rows(args, split):
                 imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
                 row["images"] = [os.path.join(here, im) if isinstance(im, str) else im for im in imgs]  # relative
                 check_row_images(row, where, args.use_vllm and VLLMEngine.IMAGES)
+                stored = [functools.partial(stored_image, ds, args.image_field, i, k) for k in range(len(imgs))]
+                row["images"] = [im if isinstance(im, str) else ref for im, ref in zip(row["images"], stored)]
         except ConfigError as e:
             if not args.skip_bad_rows:
                 raise ConfigError(f"{e}; fix or drop that row, or pass --skip-bad-rows") from None
@@ -1052,8 +1056,17 @@ def check_row_images(row, where, most=None):
         raise ConfigError(f"{where} has {n} images; --use-vllm takes at most {most} per prompt")
     for im in row["images"]:
         header = load_image(im, None, where)
+        if max(header.size) > 200 * min(header.size):  # Qwen's resize would raise mid-run
+            raise ConfigError(f"{where} has an image of {header.size[0]}x{header.size[1]} pixels, an aspect ratio "
+                              f"over 200, which Qwen's image processor refuses")
         if header is not im:
             header.close()  # 123K rows: no file is left open
+
+
+def stored_image(ds, field, i, k):
+    """The k-th image of row i of a data set, read from its memory-mapped files: rows hold this, not the bytes."""
+    images = ds[i][field]
+    return images[k] if isinstance(images, (list, tuple)) else images
 
 
 def undecoded(feature):
@@ -1070,11 +1083,12 @@ def undecoded(feature):
 
 
 def load_image(image, max_pixels, where="a row"):
-    """A PIL image, path, bytes or datasets {'bytes', 'path'} dict, decoded upright in RGB, shrunk to at most max_pixels
-    (a big image must not fill the memory first); max_pixels=None: the header only, enough to tell a bad file."""
+    """A PIL image, path, bytes, {'bytes', 'path'} dict or stored_image, decoded upright in RGB, shrunk to at most
+    max_pixels (a big image must not fill the memory first); max_pixels=None: the header only, to tell a bad file."""
     import io
     from PIL import Image, ImageOps
     try:
+        image = image() if callable(image) else image  # a row's stored_image
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
         if isinstance(image, (bytes, bytearray)):
@@ -1730,23 +1744,36 @@ def save_atomic(folder, write):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(policy, opt, sched, teacher, step, args):
-    """A Hugging Face folder (adapters merged in; the raw ones beside) and trainer_state.pt: all --resume needs. Under
-    torchrun every rank calls this: rank 0 writes the folder, each rank its own resume state."""
+def save_checkpoint(policy, opt, sched, teacher, step, args, free=None):
+    """trainer_state.pt (all --resume needs) and the weights: full fine-tuning's as a Hugging Face folder, LoRA's
+    adapters, merged into one in the run's last checkpoint only (or --save-merged-every-checkpoint). One line and no
+    write if the disk (or `free`, in bytes) has less room than the checkpoint needs. Under torchrun every rank calls
+    this: rank 0 writes the folder, each rank its own resume state."""
     folder, rank = os.path.join(args.output_dir, f"checkpoint-{step}"), dist_rank()
-    weights = full_state_dict(policy, args.lora_rank)  # a collective under FSDP2: the full weights, on rank 0
+    merged = not args.lora_rank or args.save_merged_every_checkpoint or step == args.max_steps
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "args": vars(args),
              "teacher": teacher.state(), "rng": rng}
+    free = shutil.disk_usage(args.output_dir).free if free is None else free
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard: this rank's part
+    need = sum(local(t).nbytes for t in torch.utils._pytree.tree_leaves(state) if torch.is_tensor(t)) + sum(
+        p.nbytes for n, p in policy.model.named_parameters() if rank == 0 and (merged or ".lora_" in n))
+    need, free = all_sum(torch.tensor([need, free * (rank == 0)], dtype=torch.float64)).tolist()  # rank 0's disk
+    if need + 2 ** 26 > free:  # + 64 MB: config and tokenizer files
+        raise ConfigError(f"checkpoint-{step} needs about {need / 1e9:.2f} GB and the disk of {args.output_dir!r} has "
+                          f"{free / 1e9:.2f} GB free; free space, lower --save-total-limit or pass another "
+                          f"--output-dir, then --resume")
+    weights = full_state_dict(policy, args.lora_rank) if merged else None  # FSDP2: a collective; on rank 0's CPU
     if rank:
         torch.save(state, f"{folder}.{state_file(rank)}")
     barrier()
 
     def write(tmp):
-        policy.model.save_pretrained(tmp, state_dict=weights)
+        # without the merged weights, the config alone: `--model checkpoint-N` and vLLM read it
+        policy.model.save_pretrained(tmp, state_dict=weights) if merged else policy.model.config.save_pretrained(tmp)
         policy.processor.save_pretrained(tmp)
-        if args.lora_rank:  # the exact adapters; the merged weights above are rounded to the base's dtype
+        if args.lora_rank:  # the exact adapters; merged weights are rounded to the base's dtype
             save_adapter(policy.model, os.path.join(tmp, "adapter"), policy.source)
         torch.save(state, os.path.join(tmp, state_file(0)))
         for r in range(1, dist_world()):
@@ -1754,7 +1781,7 @@ def save_checkpoint(policy, opt, sched, teacher, step, args):
 
     if not rank:
         save_atomic(folder, write)
-        rotate_checkpoints(args.output_dir, step)
+        rotate_checkpoints(args.output_dir, step, args.save_total_limit)
     barrier()
     return folder
 
@@ -1763,28 +1790,39 @@ def folder_size(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
-def whole_checkpoint(output_dir, world):
-    """The newest checkpoint whose files are all there and load; each damaged newer one gets one warning line.
-    None when there is no checkpoint; a one-line error when there are some and none is whole."""
+def whole_checkpoint(output_dir):
+    """(the newest checkpoint whose files all load, this rank's trainer state), or (None, None). Each file is read once:
+    each rank loads its own trainer state (the load resume uses), rank 0 checks the weights' headers, one all-reduce
+    decides. A damaged newer one: a warning; none whole, or a pickle that could run code: one error."""
+    import torch.distributed.tensor  # noqa: F401 (FSDP2's trainer state holds DTensors: weights_only needs them known)
     from safetensors import safe_open
-    found = checkpoints(output_dir)
+    found, rank = checkpoints(output_dir), dist_rank()
     for folder in reversed(found):
+        bad, state, why = torch.zeros(dist_world()), None, "weights_only=True refuses it"  # [world]: 1 damaged, 2 code
         try:
-            for r in range(world):
-                torch.load(os.path.join(folder, state_file(r)), weights_only=False, map_location="cpu")
+            state = torch.load(os.path.join(folder, state_file(rank)), weights_only=True)
             index = os.path.join(folder, "model.safetensors.index.json")
-            needed = (set(json.load(open(index))["weight_map"].values()) if os.path.isfile(index)
-                      else {"model.safetensors"})
-            for name in needed | {f for f in os.listdir(folder) if f.endswith(".safetensors")}:
+            needed = ({"adapter/adapter_model.safetensors"} if os.path.isdir(os.path.join(folder, "adapter")) else
+                      set(json.load(open(index))["weight_map"].values()) if os.path.isfile(index) else
+                      {"model.safetensors"})
+            for name in needed | {f for f in os.listdir(folder) if f.endswith(".safetensors")} if rank == 0 else []:
                 safe_open(os.path.join(folder, name), "pt").keys()  # reads and checks the header
-            return folder
         except Exception as e:
-            print(f"warning: {folder} is damaged ({type(e).__name__}: {str(e)[:120]}); resuming from the one before "
-                  f"it. It is left as it is")
+            code = isinstance(e, pickle.UnpicklingError) and re.search(r"Unsupported [^.]*", str(e))
+            bad[rank], why = (2, code.group()) if code else (1, f"{type(e).__name__}: {str(e)[:120]}")
+        bad = all_sum(bad)
+        if bad.max() == 2:
+            raise ConfigError(f"{folder}/{state_file(int(bad.argmax()))} holds more than tensors and plain values "
+                              f"({why}): loading it could run code, so --resume refuses it; resume from a checkpoint "
+                              f"you made, or pass --overwrite")
+        if not bad.any():
+            return folder, state
+        why = why if bad[0] else f"the trainer state of rank {int(bad.nonzero()[0])} does not load"
+        print(f"warning: {folder} is damaged ({why}); resuming from the one before it. It is left as it is")
     if found:
         raise ConfigError(f"no whole checkpoint in {output_dir!r} (all {len(found)} are damaged); pass --overwrite "
                           f"to start over, or restore one")
-    return None
+    return None, None
 
 
 class Preemption:
@@ -1817,9 +1855,9 @@ def state_file(rank):
     return "trainer_state.pt" if rank == 0 else f"trainer_state.rank{rank}.pt"
 
 
-def rotate_checkpoints(output_dir, step):
-    """Keep checkpoint-{step} and the one before it; never touch a later step's."""
-    for old in [c for c in checkpoints(output_dir) if checkpoint_step(c) < step][:-1]:
+def rotate_checkpoints(output_dir, step, limit=2):
+    """Keep checkpoint-{step} and the limit - 1 before it (--save-total-limit); never touch a later step's."""
+    for old in [c for c in checkpoints(output_dir) if checkpoint_step(c) < step][:1 - limit or None]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -1835,7 +1873,7 @@ def checkpoint_step(folder):
 
 def check_output_dir(args):
     """--output-dir is a writable folder with no other run, unless --resume (continue it) or --overwrite; a run stopped
-    before its first step lost nothing and is reused. Changes nothing. Returns the checkpoint to resume, or None."""
+    before its first step lost nothing and is reused. Changes nothing."""
     out, log = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--output-dir {out!r} is a file; pass a folder")
@@ -1845,16 +1883,22 @@ def check_output_dir(args):
     elif run_files(out) and not (args.resume or args.overwrite):
         raise ConfigError(f"--output-dir {out!r} already holds a run ({len(checkpoints(out))} checkpoints, "
                           f"metrics.jsonl); pass --resume to continue it, --overwrite to start over, or another folder")
-    made = not os.path.isdir(out)
+    made, probe = not os.path.isdir(out), os.path.join(out, f".probe-rank{dist_rank()}")
     try:
         os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        open(probe, "w").close()  # under torchrun rank 0 must see every rank's: on several nodes, one shared folder
     except OSError as e:
         raise ConfigError(f"cannot write to --output-dir {out!r} ({e.strerror}); pass a writable folder") from None
+    barrier()
+    unseen = [r for r in range(dist_world()) if not os.path.exists(os.path.join(out, f".probe-rank{r}"))]
+    unseen = int(all_sum(torch.tensor(len(unseen) if dist_rank() == 0 else 0)))  # rank 0's count, on every rank
+    os.remove(probe)
     barrier()  # every rank has looked before rank 0 tidies up
     if made and dist_rank() == 0:
         os.rmdir(out)  # made again at the first write, once every other check has passed
-    return whole_checkpoint(out, dist_world()) if args.resume else None
+    if unseen:
+        raise ConfigError(f"--output-dir {out!r} is not shared: rank 0 does not see the probe files of {unseen} of the "
+                          f"{dist_world()} ranks; on several nodes it must be one folder all of them share (NFS)")
 
 
 def run_files(out):
