@@ -3173,6 +3173,8 @@ def test_training_steps_run_with_the_model_on_fake_cuda_and_collectives_get_acce
     args = tiny_args(tiny_model, tmp_path / "run", "--algo", algo, "--max-steps", "2", "--eval-steps", "1",
                      "--lr", "1e-9",
                      "--reward-fn", "test_rlsd:alternating_reward", *(["--lora-rank", "4"] if lora else []))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".probe-rank1").touch()  # the fake's rank 1 (rank 0's mirror) shares the output folder
     policy, acc = train.train(args)
     assert policy.device == ACCEL and acc["final"] is not None
     assert fake_nccl and set(fake_nccl) == {ACCEL}
