@@ -404,7 +404,9 @@ def overhead(args, repeats=5):
         for algo in ("grpo", "rlsd"):
             targs.algo = algo
             t = time.perf_counter()
-            train.update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, targs, step=0)
+            credit = train.token_credit(policy, rollouts, adv, teacher_logp if algo == "rlsd" else None, targs.lam0,
+                                        targs)
+            train.update(policy, opt, sched, rollouts, credit, teacher, targs, step=0)
             times[f"update_{algo}"].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     grpo = med["rollout"] + med["reward"] + med["update_grpo"]
@@ -757,7 +759,9 @@ def bench_gpu(args):
         teacher_logp = teacher.logprobs(rollouts, targs)
         sync()
         times["teacher"], t = time.perf_counter() - t, time.perf_counter()
-        gaps.append(train.update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, targs, step).get(GAP))
+        lam = rlsd.rlsd_lambda(step, targs.lam0, targs.lam_decay_steps, targs.lam_warmup_steps)
+        credit = train.token_credit(policy, rollouts, adv, teacher_logp, lam, targs)
+        gaps.append(train.update(policy, opt, sched, rollouts, credit, teacher, targs, step).get(GAP))
         sync()
         times["update"] = time.perf_counter() - t
         tokens = int(rollouts["mask"].sum())
@@ -1323,23 +1327,23 @@ MUTANTS = [
      "num_sequences=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
     ("--mask-truncated-completions masks nothing", "train.py", 'mask = mask * ~rollouts["truncated"][:, None]',
      "mask = mask", ["test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_is_truncated"]),
-    ("--rlsd-thought-only never reaches a_hat", "train.py", "args.rlsd_negative_only, thought[s])",
+    ("--rlsd-thought-only never reaches a_hat", "train.py", "args.rlsd_negative_only, thought[s] & m.bool())",
      "args.rlsd_negative_only)",
      ["test_with_no_thinking_span_in_any_answer_a_thought_only_rlsd_step_equals_a_grpo_step_exactly",
       "test_thought_frac_is_the_share_of_response_tokens_in_spans_and_only_they_get_the_teachers_weight"]),
     ("the teacher pass ignores the lambda warm-up", "train.py",
-     "and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps):",
-     "and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps):",
+     "rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps) if",
+     "rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps) if",
      ["test_during_a_lambda_warm_up_the_teacher_is_skipped_at_lambda_0_and_runs_from_the_first_step_above_0"]),
     ("advantages of the inverted rewards", "train.py",
      "group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3.",
      "group_advantages(1 - rewards, args.num_generations, args.scale_rewards)  # 3.",
-     ["test_trainer_gives_update_the_group_advantage_of_each_completions_reward"]),
+     ["test_trainer_gives_token_credit_the_group_advantage_of_each_completions_reward"]),
     ("update's lambda does not ramp", "train.py",
      "lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)", "lam = args.lam0",
      ["test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_at_this_steps_lambda"]),
-    ("update swaps teacher and student", "train.py", "(adv[s], teacher_logp[s], logp.detach(), m,",
-     "(adv[s], logp.detach(), teacher_logp[s], m,",
+    ("update swaps teacher and student", "train.py", "(adv[s], teacher_logp[s], student_logp, m, lam,",
+     "(adv[s], student_logp, teacher_logp[s], m, lam,",
      ["test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_at_this_steps_lambda"]),
     ("update trains on padding tokens", "train.py", 'mask = rollouts["ids"], rollouts["mask"].float()',
      'mask = rollouts["ids"], torch.ones_like(rollouts["mask"]).float()',

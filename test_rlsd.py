@@ -1399,13 +1399,22 @@ def test_clipped_weight_share_counts_all_response_tokens_and_no_live_token_means
     teacher = train.Teacher(policy, 0)
     ro, adv = _synthetic_rollout(policy, args, [1.0, -1.0, 0.0, 0.0])
     far = torch.full(ro["ids"].shape, 50.0)  # the teacher is far from the student: every w_t with A != 0 is clipped
-    m = train.update(policy, opt, sched, ro, adv, far, teacher, args, 0)
+    m = run_update(policy, opt, sched, ro, adv, far, teacher, args, 0)
     live, total = 5 + 3, 5 + 3 + 5 + 5
     assert m["rlsd/weight_clipped_frac"] == pytest.approx(live / total)      # the paper's share: over all tokens
     assert m["rlsd/live_frac"] == pytest.approx(live / total)                # the tokens with A != 0
     assert m["rlsd/weight_mean"] == pytest.approx((5 * 1.2 + 3 * 0.8) / live)
-    m = train.update(policy, opt, sched, ro, torch.zeros(4), far, teacher, args, 0)
+    m = run_update(policy, opt, sched, ro, torch.zeros(4), far, teacher, args, 0)
     assert "rlsd/weight_mean" not in m and m["rlsd/weight_clipped_frac"] == 0.0 and m["rlsd/live_frac"] == 0.0
+
+
+def run_update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step=0, **kw):
+    """Steps 5 and 6 as train_step runs them: Â_t's function of log P_S (token_credit), then update(); with
+    teacher_logp None it is GRPO's step. The metrics carry rlsd/lambda as train_step logs it."""
+    lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
+    credit = train.token_credit(policy, rollouts, adv, teacher_logp, lam, args)
+    return {**train.update(policy, opt, sched, rollouts, credit, teacher, args, step, **kw),
+            "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
 
 
 def _update_parts(tiny_model, *extra):
@@ -1429,7 +1438,7 @@ def test_update_gives_the_same_gradient_whatever_the_micro_batch_size(loss_type,
         grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
     for mb in (4, 2, 1):  # micro-batches of 2 and 1 hold 8 and 10, then 5, 3, 5 and 5 of the 18 tokens
         args.micro_batch_size = mb
-        train.update(policy, opt, sched, ro, adv, teacher_logp, train.Teacher(policy, 0), args, step=0)
+        run_update(policy, opt, sched, ro, adv, teacher_logp, train.Teacher(policy, 0), args, step=0)
     assert grads[0].abs().max() > 1e-3
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7)
@@ -1444,17 +1453,17 @@ def test_update_feeds_the_loss_hand_computed_A_hat_from_the_teacher_student_gap_
     seen, loss = [], rlsd.policy_loss
     monkeypatch.setattr(rlsd, "policy_loss", lambda logp, old, a_hat, *a, **kw: (seen.append(a_hat),
                                                                                  loss(logp, old, a_hat, *a, **kw))[1])
-    train.update(policy, opt, sched, ro, adv, teacher, train.Teacher(policy, 0), args, step)
+    run_update(policy, opt, sched, ro, adv, teacher, train.Teacher(policy, 0), args, step)
     w = {1.0: [E1, E_1, 1.2, 0.8, E1], -1.0: [E_1, E1, 0.8, 1.2, E_1]}  # e^(sign(A) Delta), clipped to [0.8, 1.2]
     expected = torch.tensor([[A * (1 - lam + lam * x) for x in w[math.copysign(1.0, A)]] for A in adv.tolist()])
     torch.testing.assert_close(seen[0], expected * ro["mask"], rtol=1e-4, atol=1e-6)
 
 
-def test_trainer_gives_update_the_group_advantage_of_each_completions_reward(tiny_model, mixed_verify, one_thread,
+def test_trainer_gives_token_credit_the_group_advantage_of_each_completions_reward(tiny_model, mixed_verify, one_thread,
                                                                              tmp_path, monkeypatch):
-    seen, update = [], train.update
-    monkeypatch.setattr(train, "update", lambda policy, opt, sched, ro, adv, *a, **kw: (
-        seen.append(adv.clone()), update(policy, opt, sched, ro, adv, *a, **kw))[1])
+    seen, token_credit = [], train.token_credit  # step 5 gets A and hands the update its Â_t
+    monkeypatch.setattr(train, "token_credit", lambda policy, ro, adv, *a, **kw: (
+        seen.append(adv.clone()), token_credit(policy, ro, adv, *a, **kw))[1])
     train.train(tiny_args(tiny_model, tmp_path / "run", "--max-steps", "1"))
     a = 0.5 / math.sqrt(0.5)  # rewards 1, 0, 1, 0: each group of G = 2 is [1, 0], mean 0.5, std (ddof 1) sqrt(0.5)
     torch.testing.assert_close(seen[0], torch.tensor([a, -a, a, -a]), rtol=1e-5, atol=0)
@@ -1534,7 +1543,7 @@ def test_with_no_thinking_span_in_any_answer_a_thought_only_rlsd_step_equals_a_g
         opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         far = torch.full(ro["ids"].shape, 50.0) if algo == "rlsd" else None  # would reweight every token with A != 0
-        m = train.update(policy, opt, sched, ro, adv, far, train.Teacher(policy, 0), args, 0)
+        m = run_update(policy, opt, sched, ro, adv, far, train.Teacher(policy, 0), args, 0)
         weights.append([p.detach().clone() for p in policy.model.parameters()])
     assert m["rlsd/thought_frac"] == 0.0 and m["rlsd/clip_high_frac"] > 0  # the teacher did disagree
     assert all(torch.equal(a, b) for a, b in zip(*weights))
@@ -1550,7 +1559,7 @@ def test_thought_frac_is_the_share_of_response_tokens_in_spans_and_only_they_get
     seen, loss = [], rlsd.policy_loss
     monkeypatch.setattr(rlsd, "policy_loss", lambda logp, old, a_hat, *a, **kw: (seen.append(a_hat),
                                                                                  loss(logp, old, a_hat, *a, **kw))[1])
-    m = train.update(policy, opt, sched, ro, adv, torch.full(ro["ids"].shape, 50.0), train.Teacher(policy, 0), args, 0)
+    m = run_update(policy, opt, sched, ro, adv, torch.full(ro["ids"].shape, 50.0), train.Teacher(policy, 0), args, 0)
     assert m["rlsd/thought_frac"] == pytest.approx(2 / 18)
     expected = adv[:, None] * ro["mask"]
     expected[0, 2:4] = 1.0 * (0.5 + 0.5 * 1.2)  # A (1 - lam + lam clip(w)): w clipped at 1.2, lam 0.5
@@ -1594,7 +1603,7 @@ def test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     before = [p.detach().clone() for p in policy.model.parameters()]
     ro["truncated"] = torch.ones(4, dtype=torch.bool)
-    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    m = run_update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
     assert m["loss"] == 0.0 and all(torch.equal(a, p) for a, p in zip(before, policy.model.parameters()))
 
 
@@ -1609,10 +1618,10 @@ def test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
         grads.append(torch.cat([p.grad.flatten() for p in params])), clip(params, max_norm))[1])
     ro["truncated"] = torch.tensor([False, True, False, True])
-    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    m = run_update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
     kept = [0, 2]
     rest = {k: v[kept] if torch.is_tensor(v) else [v[i] for i in kept] for k, v in ro.items()}
-    m_rest = train.update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
+    m_rest = run_update(policy, opt, sched, rest, adv[kept], None, train.Teacher(policy, 0), args, 0)
     assert grads[0].abs().max() > 1e-3
     torch.testing.assert_close(grads[0], grads[1] * share, rtol=1e-5, atol=1e-8)
     assert m["loss"] == pytest.approx(m_rest["loss"] * share, rel=1e-5, abs=1e-8)
@@ -1623,7 +1632,7 @@ def test_clip_low_and_high_fracs_are_the_shares_of_live_tokens_whose_weight_hit_
     ro, adv = _synthetic_rollout(policy, args, [1.0, 1.0, 1.0, -1.0])  # row 1 has 3 tokens: 18 live tokens
     student = train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature, 4)
     teacher = student + torch.tensor([5.0, 5.0, -5.0, 0.1, 0.0])  # A > 0: 2 high, 1 low; A < 0: 2 low, 1 high
-    m = train.update(policy, opt, sched, ro, adv, teacher, train.Teacher(policy, 0), args, 0)
+    m = run_update(policy, opt, sched, ro, adv, teacher, train.Teacher(policy, 0), args, 0)
     assert m["rlsd/clip_high_frac"] == pytest.approx(7 / 18) and m["rlsd/clip_low_frac"] == pytest.approx(5 / 18)
 
 
@@ -2717,7 +2726,8 @@ opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 teacher = train.Teacher(policy, sync_steps=1)
 teacher.maybe_sync(0)  # the snapshot: this rank's shards of the weights before the update
-metrics = train.update(policy, opt, sched, ro, adv[mine], teacher_logp[mine], teacher, args, 0)
+credit = train.token_credit(policy, ro, adv[mine], teacher_logp[mine], args.lam0, args)  # step 0: lambda is lam0
+metrics = train.update(policy, opt, sched, ro, credit, teacher, args, 0)
 snapshot = train.all_gather(teacher.logprobs(ro, args).flatten()).view(4, 6)        # swapped in, then back
 live = train.all_gather(train.score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], 1.0, 1).flatten())
 weights = train.full_state_dict(policy, args.lora_rank)
@@ -3267,7 +3277,7 @@ def test_max_grad_norm_defaults_to_one_and_clips_the_step_to_that_norm(tiny_mode
     before = torch.cat([p.detach().flatten() for p in params])
     opt = torch.optim.SGD(params, lr=1.0)                             # the step is minus the clipped gradient
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    m = train.update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    m = run_update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
     step = torch.cat([p.detach().flatten() for p in params]) - before
     assert m["grad_norm"] > 0.1 and step.norm().item() == pytest.approx(0.01, rel=1e-3)
 
@@ -3978,7 +3988,7 @@ def test_thought_frac_counts_every_answers_tokens_also_those_of_an_all_equal_gro
     (o,), (c,), (x,) = (policy.tokenizer.encode(w, add_special_tokens=False) for w in ("is", "What", "1"))
     ro["ids"] = torch.full_like(ro["ids"], x)
     ro["ids"][0] = ro["ids"][2] = torch.tensor([x, o, x, x, c])  # rows 0 (A > 0) and 2 (A = 0) think at tokens 2, 3
-    m = train.update(policy, opt, sched, ro, adv, torch.full(ro["ids"].shape, 50.0), train.Teacher(policy, 0), args, 0)
+    m = run_update(policy, opt, sched, ro, adv, torch.full(ro["ids"].shape, 50.0), train.Teacher(policy, 0), args, 0)
     assert adv[2] == adv[3] == 0 and m["rlsd/live_frac"] == pytest.approx((5 + 3) / 18)
     assert m["rlsd/thought_frac"] == pytest.approx(4 / 18)  # 2 + 2 thinking tokens of the 5 + 3 + 5 + 5
 
@@ -4364,7 +4374,7 @@ def test_thought_only_credit_reweights_exactly_qwen3s_thought_and_with_thinking_
             opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-2)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
             far = torch.full(ro["ids"].shape, 50.0) if algo == "rlsd" else None  # reweights every token it may
-            m = train.update(policy, opt, sched, ro, torch.tensor([1.0, -1.0, -1.0, 1.0]), far,
+            m = run_update(policy, opt, sched, ro, torch.tensor([1.0, -1.0, -1.0, 1.0]), far,
                              train.Teacher(policy, 0), args, 0)
             weights[thinking, algo] = [p.detach().clone() for p in policy.model.parameters()]
             if algo == "rlsd":  # "Sum", the one token between <think> and </think>, in each of the 4 answers
@@ -4522,7 +4532,7 @@ def test_thought_only_credit_finds_the_thought_when_a_thinking_template_opens_it
     ro = dict(rows=[row, row], prompts=[prompt, prompt], ids=ids, mask=mask, sample_logp=torch.zeros(ids.shape))
     opt = torch.optim.SGD(policy.model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    m = train.update(policy, opt, sched, ro, torch.tensor([1.0, -1.0]), torch.full(ids.shape, 50.0),
+    m = run_update(policy, opt, sched, ro, torch.tensor([1.0, -1.0]), torch.full(ids.shape, 50.0),
                      train.Teacher(policy, 0), args, 0)
     thought = len(policy.tokenizer("Add 40 and 2.\n", add_special_tokens=False).input_ids)  # before </think>
     assert m["rlsd/thought_frac"] == pytest.approx(thought / mask.sum().item())

@@ -116,14 +116,17 @@ def train_step(policy, opt, sched, teacher, rows, args, step):
         rewards = all_gather(rewards.to(rollouts["ids"].device))                        # every rank's: [world * B]
         adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3. Eq. 1: [world * B]
         adv = adv.view(world, -1)[rank]                                                 # this rank's: [B]
+    lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps) if args.algo == "rlsd" else 0
     with timed(times, "teacher"):
         teacher.maybe_sync(step)
         teacher_logp = None  # while lambda is 0, RLSD is GRPO: no teacher pass
-        if args.algo == "rlsd" and rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps):
+        if lam:
             teacher_logp = teacher.logprobs(rollouts, args)                 # 4. log P_T(y_t | x, r, y<t): [B, C]
             check_finite(teacher_logp, "teacher", step)
-    with timed(times, "update"):                                            # 5. Â_t (Eq. 13-15), 6. Eq. 2
-        metrics = update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step, times=times)
+        credit = token_credit(policy, rollouts, adv, teacher_logp, lam, args)  # 5. Â_t (Eq. 13-15), given log P_S
+    with timed(times, "update"):
+        metrics = update(policy, opt, sched, rollouts, credit, teacher, args, step, times=times)  # 6. Eq. 2 with Â_t
+    metrics["rlsd/lambda"] = float(lam)
     return {**metrics, **times, **rollout_metrics(rollouts, rewards, unparseable, args)}, rollouts, rewards
 
 
@@ -398,31 +401,50 @@ class Teacher:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Steps 5 and 6, token credit and update: Â_t, then the clipped surrogate, micro-batched with a global normaliser
+# Step 5, token credit: the teacher's evidence weight rescales each token's share of A
 # ---------------------------------------------------------------------------------------------------------------------
-def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step, times=None):
-    """One optimizer step over the whole rollout batch: Â_t (Eq. 13-15), then the clipped surrogate (Eq. 2).
+def token_credit(policy, rollouts, adv, teacher_logp, lam, args):
+    """Returns credit(s, student_logp, mask) -> (Â_t [b, C], the rlsd/* metric sums) for the rows s (Eq. 13-15). With
+    no teacher pass (GRPO, or RLSD once lambda is 0), every token gets its completion's advantage: Â_t = A (Eq. 2).
+
+    Eq. 13 needs log P_S(y_t | x, y<t) of the same tokens under the current weights. The update's forward pass computes
+    exactly these (with grad, for Eq. 2), one micro-batch at a time, so step 5 hands the update a function of them
+    instead of paying a second forward pass for the same numbers."""
+    ids, adv = rollouts["ids"], adv.to(rollouts["ids"].device)                    # [B, C], [B]
+    thought = torch.ones_like(ids, dtype=torch.bool)  # [B, C] the tokens the teacher may reweight: all, or thoughts
+    if args.rlsd_thought_only:
+        markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
+        # A thinking template (Qwen3-*-Thinking) ends the prompt with the open marker: the answer starts inside a span
+        lead = torch.tensor([markers[0] if p.rstrip().endswith(args.thought_markers[0]) else [-1] * len(markers[0])
+                             for p in rollouts["prompts"]], device=ids.device)                        # [B, len(open)]
+        thought = rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]             # [B, C]
+
+    def credit(s, student_logp, m):
+        if teacher_logp is None:
+            return adv[s, None] * m, {}                                                                 # [b, C]
+        a_hat = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], student_logp, m, lam, args.eps_w,
+                                           args.rlsd_negative_only, thought[s] & m.bool())              # [b, C]
+        return a_hat, credit_sums(adv[s], teacher_logp[s], student_logp, m,
+                                  thought[s] & m.bool() if args.rlsd_thought_only else None, args.eps_w)
+    return credit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step 6, update: the clipped surrogate with Â_t, micro-batched with a global normaliser
+# ---------------------------------------------------------------------------------------------------------------------
+def update(policy, opt, sched, rollouts, credit, teacher, args, step, times=None):
+    """One optimizer step over the whole rollout batch: the clipped surrogate (Eq. 2) with Â_t from `credit` (step 5).
     Returns metrics.
 
     Micro-batch losses are normalised by global counts (tokens, sequences) so that their gradients add up to the
     full batch's gradient whatever the micro-batch size. OPSD's teacher pass is timed into `times`."""
     times = {} if times is None else times
     ids, mask = rollouts["ids"], rollouts["mask"].float()                          # [B, C], [B, C]
-    if args.mask_truncated_completions:  # a cut-off answer's reward says little about its tokens (DAPO)
+    if args.mask_truncated_completions:  # a cut-off completion's reward says little about its tokens (DAPO)
         mask = mask * ~rollouts["truncated"][:, None]
-    adv = adv.to(ids.device)                                                       # [B]
     B, micro, world = ids.shape[0], args.micro_batch_size, dist_world()
-    lam = rlsd.rlsd_lambda(step, args.lam0, args.lam_decay_steps, args.lam_warmup_steps)
     n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
-    n_seq = all_sum(torch.tensor(float(B), device=mask.device))  # all ranks' answers, masked ones too (TRL's count)
-    thought = mask.bool()  # [B, C] the tokens the teacher may reweight: all, or those inside thinking spans
-    if args.rlsd_thought_only:
-        markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
-        # A thinking template (Qwen3-*-Thinking) ends the prompt with the open marker: the answer starts inside a span
-        lead = torch.tensor([markers[0] if p.rstrip().endswith(args.thought_markers[0]) else [-1] * len(markers[0])
-                             for p in rollouts["prompts"]], device=ids.device)                        # [B, len(open)]
-        thought = thought & rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]  # [B, C]
-    student = torch.zeros_like(mask)                                               # [B, C] log P_S, for the metrics
+    n_seq = all_sum(torch.tensor(float(B), device=mask.device))  # all ranks' completions, masked too (TRL's count)
     sums, gap = {}, []  # the sums behind the metrics, on the device; --use-vllm's sampler/trainer gaps
     policy.model.train()
     for i in progress("update", range(0, B, micro)):
@@ -437,18 +459,15 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
         enc = policy.encode(rollouts["prompts"][s], rollouts["rows"][s])
         hidden = completion_hidden(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, H]
         logp, ent = head_logprobs(policy, hidden, ids[s], args.temperature, entropy=True)      # [b, C] each
-        student[s] = logp.detach()
+        check_finite(logp.detach(), "student", step)  # before the weights move
         is_weight = (VLLMEngine.importance_weights(logp.detach(), rollouts["sample_logp"][s], m, args, gap)
                      if args.use_vllm else 1)  # another sampler drew the tokens: pi_theta / pi_vLLM (TRL's fix)
         if args.algo == "opsd":
             loss, loss_metrics = rlsd.opsd_loss(head_logits(policy, hidden), teacher_logits, m, args.temperature,
                                                 args.opsd_divergence, num_tokens=n_tok)
         else:
-            if teacher_logp is not None:  # RLSD, Eq. 13-15: the teacher rescales, the sign stays A's
-                a_hat = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], logp.detach(), m, lam, args.eps_w,
-                                                   args.rlsd_negative_only, thought[s])  # [b, C]
-            else:                         # GRPO: every token gets its sequence's advantage (Eq. 2)
-                a_hat = adv[s, None] * m                                                 # [b, C]
+            a_hat, credit_metrics = credit(s, logp.detach(), m)  # [b, C], step 5: the teacher rescales, A signs
+            add_sums(sums, credit_metrics)
             # One optimizer step per rollout: old_logp is logp itself, so the PPO ratio is exactly 1 and --epsilon,
             # --epsilon-high and --dual-clip never bind here; they matter to trainers that reuse a batch.
             loss, loss_metrics = rlsd.policy_loss(logp, logp.detach(), a_hat * is_weight, m, args.epsilon,
@@ -461,10 +480,6 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
         add_sums(sums, {"loss": loss.detach(), "entropy": (ent.detach() * m).sum(),
                         "rollout/logp_mismatch": ((logp.detach() - rollouts["sample_logp"][s]).abs() * m).sum(),
                         **{k: v * m.sum() for k, v in loss_metrics.items()}})  # token-weighted: / n_tok below
-    check_finite(student, "student", step)  # before the weights move
-    if teacher_logp is not None:
-        add_sums(sums, credit_sums(adv, teacher_logp, student, mask, thought if args.rlsd_thought_only else None,
-                                   args.eps_w))
     params = [p for p in policy.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
@@ -472,7 +487,7 @@ def update(policy, opt, sched, rollouts, adv, teacher_logp, teacher, args, step,
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    out = {"grad_norm": grad_norm.item(), "learning_rate": lr, "rlsd/lambda": lam if args.algo == "rlsd" else 0.0}
+    out = {"grad_norm": grad_norm.item(), "learning_rate": lr}
     return {**out, **step_means(sums, n_tok), **(VLLMEngine.gap_metrics(gap) if gap else {})}
 
 
