@@ -3,24 +3,24 @@ RLSD: RL with verifiable rewards + self-distillation (arXiv 2604.03128), the obj
 
 One RLSD step, in the order it runs (train.py's train_step has the same six steps), and the function for each:
 
-  1. rollout        sample G answers per prompt from the current policy           (train.py)
-  2. reward         a verifier scores each answer, R in {0, 1}                     (train.py, verify.py)
-  3. group adv.     A = (R - mean_G R) / std_G R, one number per answer            group_advantages       Eq. 1
+  1. rollout        sample G completions per prompt from the current policy       (train.py)
+  2. reward         a verifier scores each completion, R in {0, 1}                 (train.py, verify.py)
+  3. group adv.     A = (R - mean_G R) / std_G R, one number per completion        group_advantages       Eq. 1
   4. teacher pass   the same model, with the reference answer r in its prompt,
-                    scores the *student's* answer token by token, no gradient      token_logprobs
+                    scores the *student's* completion token by token, no gradient  token_logprobs
   5. token credit   Delta_t = log P_T - log P_S, w_t = exp(sign(A) Delta_t),       evidence_weights       Eq. 13-14
                     Â_t = A ((1 - lam) + lam clip(w_t, 1 - eps_w, 1 + eps_w))      rlsd_token_advantages  Eq. 15
                     with lam falling from 0.5 to 0 over the first 50 steps         rlsd_lambda
   6. update         the PPO/GRPO clipped loss, with Â_t in place of A              policy_loss            Eq. 2
 
 Sign/magnitude decoupling, the idea in one line: clip(w_t) > 0, so sign(Â_t) == sign(A). The verifier alone picks
-the direction of every token's update; the teacher only moves the size of the credit between an answer's tokens.
+the direction of every token's update; the teacher only moves the size of the credit between a completion's tokens.
 In code Â_t is `a_hat`. opsd_loss is the OPSD baseline (Eq. 6): plain distillation towards the teacher, which
 ignores the reward; it is here for comparison, RLSD does not use it.
 
-Shapes: B answers (rows), T answer tokens (padded), V vocabulary size. Only depends on torch. Every function is
+Shapes: B completions (rows), C completion tokens (padded), V vocabulary size. Only depends on torch. Every function is
 pure: no globals, no in-place edits of inputs. The one optimisation, computing log-softmaxes in chunks of rows so
-that no float32 [B, T, V] is ever built, sits at the end of the file.
+that no float32 [B, C, V] is ever built, sits at the end of the file.
 """
 
 import math
@@ -42,7 +42,7 @@ def _check_same_shape(**tensors):
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
         got = ", ".join(f"{n}={s}" for n, s in shapes.items())
-        raise ValueError(f"shape mismatch: {got}; pass [B, T] tensors for the same responses")
+        raise ValueError(f"shape mismatch: {got}; pass [B, C] tensors for the same completions")
 
 
 def _check_choice(name, value, choices):
@@ -51,7 +51,7 @@ def _check_choice(name, value, choices):
 
 
 def _masked_mean(x, mask):
-    """Mean of x [B, T] over mask [B, T] (bool); 0.0 for an empty mask."""
+    """Mean of x [B, C] over mask [B, C] (bool); 0.0 for an empty mask."""
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -60,15 +60,15 @@ def _masked_mean(x, mask):
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-6):
-    """GRPO advantage of each response relative to its group (Eq. 1).
+    """GRPO advantage of each completion relative to its group (Eq. 1).
 
     rewards: [N] with N = num_prompts * group_size; rows i*G .. i*G+G-1 are the
-             G responses to prompt i.
+             G completions to prompt i.
     scale:   "group" (default, the paper): divide by the group's std (ddof=1);
              "batch": divide by the std of all N rewards (ddof=1);
              "none":  do not divide, just centre (Dr. GRPO).
     returns: A [N] float. A group whose rewards are all equal gets exactly 0: it
-             carries no signal about which response is better (and 0/0 must not
+             carries no signal about which completion is better (and 0/0 must not
              become NaN).
     """
     _check_choice("scale", scale, SCALES)
@@ -106,16 +106,16 @@ def _logp_entropy_rows(x, tokens, temperature, with_entropy):
 def token_logprobs(logits, tokens, temperature=1.0, chunk_size=1024, return_entropy=False):
     """log pi(tokens[b, t]) under softmax(logits[b, t] / temperature), in float32.
 
-    logits: [B, T, V], any dtype (bf16 is fine); already aligned so that
+    logits: [B, C, V], any dtype (bf16 is fine); already aligned so that
             logits[:, t] predicts tokens[:, t] (shift before calling).
-    tokens: [B, T] long.
+    tokens: [B, C] long.
     temperature: the sampling temperature (default 1.0); divide by it in *both*
             the student and the teacher pass, or Delta (Eq. 13) is skewed.
-    chunk_size: rows of the flattened B*T processed at once (default 1024).
-            A full float32 log-softmax would be [B, T, V]: 8 x 4096 x 151,936
+    chunk_size: rows of the flattened B*C processed at once (default 1024).
+            A full float32 log-softmax would be [B, C, V]: 8 x 4096 x 151,936
             x 4 bytes = 20 GB. Chunking caps the extra memory at a few
             [chunk_size, V] float32 buffers, in forward and in backward.
-    returns: logp [B, T] float32, or (logp, entropy) [B, T] each when
+    returns: logp [B, C] float32, or (logp, entropy) [B, C] each when
             return_entropy (entropy of the temperature-scaled distribution).
             Both are differentiable w.r.t. logits (the training forward needs it).
     Tip: pass contiguous logits; a sliced logits[:, :-1] is copied by reshape.
@@ -125,19 +125,19 @@ def token_logprobs(logits, tokens, temperature=1.0, chunk_size=1024, return_entr
 
 def token_logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_size=1024, return_entropy=False,
                                banned=()):
-    """token_logprobs(hidden @ weight.T, tokens, ...) without ever holding the [B, T, V] logits.
+    """token_logprobs(hidden @ weight.T, tokens, ...) without ever holding the [B, C, V] logits.
 
-    hidden: [B, T, H] last hidden states, aligned as token_logprobs' logits are; weight: [V, H], the LM head's
+    hidden: [B, C, H] last hidden states, aligned as token_logprobs' logits are; weight: [V, H], the LM head's
     (cast to hidden's dtype; None: hidden are the logits). banned: ids whose logits are -1e4, as for the sampler.
     The head runs on chunk_size rows at a time, and again in backward: a few [chunk_size, V] float32 buffers
-    whatever B x T, where bf16 logits at 8 x 4096 x 151,936 take 10 GB, and their gradient 10 GB more.
+    whatever B x C, where bf16 logits at 8 x 4096 x 151,936 take 10 GB, and their gradient 10 GB more.
     """
     if hidden.dim() != 3 or tuple(tokens.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"logits or hidden {tuple(hidden.shape)} / tokens {tuple(tokens.shape)}: expected logits "
-                         "[B, T, V] or hidden states [B, T, H] (with weight [V, H]), and tokens [B, T]")
+                         "[B, C, V] or hidden states [B, C, H] (with weight [V, H]), and tokens [B, C]")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
-    B, T, H = hidden.shape
+    B, C, H = hidden.shape
     ban = torch.tensor(list(banned), dtype=torch.long, device=hidden.device)
 
     def fn(h, w, tok):  # h [c, H] -> [c, K]
@@ -146,9 +146,9 @@ def token_logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_si
                                   return_entropy)
 
     weight = None if weight is None else weight.to(hidden.dtype)  # [V, H]
-    out = _chunked_rows(hidden.reshape(B * T, H), weight, fn, chunk_size, tokens.reshape(B * T))  # [B*T, K]
-    logp = out[:, 0].view(B, T)                                   # [B, T]
-    return (logp, out[:, 1].view(B, T)) if return_entropy else logp
+    out = _chunked_rows(hidden.reshape(B * C, H), weight, fn, chunk_size, tokens.reshape(B * C))  # [B*C, K]
+    logp = out[:, 0].view(B, C)                                   # [B, C]
+    return (logp, out[:, 1].view(B, C)) if return_entropy else logp
 
 
 # -----------------------------------------------------------------------------
@@ -158,11 +158,11 @@ def token_logprobs_from_hidden(hidden, weight, tokens, temperature=1.0, chunk_si
 def evidence_weights(advantages, teacher_logp, student_logp, eps_w=0.2):
     """How much the reference answer r changes each sampled token's probability (Eq. 13-14).
 
-    advantages:   A [B], one per response (broadcast over its T tokens).
-    teacher_logp: log P_T(y_t | x, r, y<t) [B, T], the teacher pass (prompt includes r).
-    student_logp: log P_S(y_t | x, y<t) [B, T], the same tokens without r.
+    advantages:   A [B], one per completion (broadcast over its C tokens).
+    teacher_logp: log P_T(y_t | x, r, y<t) [B, C], the teacher pass (prompt includes r).
+    student_logp: log P_S(y_t | x, y<t) [B, C], the same tokens without r.
     eps_w:        evidence clip (default 0.2, so clipped w lies in [0.8, 1.2]).
-    returns: (w, w_clipped), both [B, T] float32 and detached:
+    returns: (w, w_clipped), both [B, C] float32 and detached:
         Delta_t = teacher_logp - student_logp                        (Eq. 13)
         w_t     = exp(sign(A) * Delta_t)                             (Eq. 14)
     For A > 0, tokens that r makes more likely get w > 1 (more credit); for
@@ -175,12 +175,12 @@ def evidence_weights(advantages, teacher_logp, student_logp, eps_w=0.2):
     _check_same_shape(teacher_logp=teacher_logp, student_logp=student_logp)
     if advantages.dim() != 1 or advantages.shape[0] != teacher_logp.shape[0]:
         raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] for log-probs "
-                         f"{tuple(teacher_logp.shape)}; pass one advantage per response")
-    delta = (teacher_logp.detach().float() - student_logp.detach().float())    # [B, T], Eq. 13
+                         f"{tuple(teacher_logp.shape)}; pass one advantage per completion")
+    delta = (teacher_logp.detach().float() - student_logp.detach().float())    # [B, C], Eq. 13
     sign = torch.sign(advantages.detach().float()).to(delta.device)             # [B], where the log-probs are
-    s = sign[:, None] * delta                                                   # [B, T]
+    s = sign[:, None] * delta                                                   # [B, C]
     s = torch.nan_to_num(s, nan=0.0).clamp(-_MAX_LOG, _MAX_LOG)
-    w = s.exp()                                                                 # [B, T], Eq. 14
+    w = s.exp()                                                                 # [B, C], Eq. 14
     return w, w.clamp(1 - eps_w, 1 + eps_w)
 
 
@@ -188,19 +188,19 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
                           thought=None):
     """RLSD token advantage Â_t (`a_hat`), which simply replaces A in the GRPO loss (Eq. 15).
 
-    advantages: A [B]; teacher_logp, student_logp, mask: [B, T]; lam in [0, 1]
+    advantages: A [B]; teacher_logp, student_logp, mask: [B, C]; lam in [0, 1]
     (see rlsd_lambda); eps_w: evidence clip (default 0.2).
         Â_t = A * ((1 - lam) + lam * clip(w_t, 1 - eps_w, 1 + eps_w))   (Eq. 15)
     written as A * (1 + lam * (clip(w_t) - 1)), the same number, but exactly A
     when lam = 0 or w_t = 1 (teacher == student), with no float round-off.
     Sign/magnitude decoupling: clip(w_t) > 0, so sign(Â_t) == sign(A). The reward picks
     the direction, the teacher only rescales |A| within [1 - lam*eps_w, 1 + lam*eps_w].
-    negative_only: reweight only answers with A < 0 (those with A > 0 keep A). The
-    authors' released switch against length collapse: answers that grow ever longer,
+    negative_only: reweight only completions with A < 0 (those with A > 0 keep A). The
+    authors' released switch against length collapse: completions that grow ever longer,
     or shorter, when the teacher's credit keeps favouring one kind of token.
-    thought: optional [B, T] bool (see thought_mask): reweight only these tokens, the
-    others keep A (the authors' rlsd_thought_only); an answer with no span is plain GRPO.
-    returns: Â_t [B, T] float32, detached, exactly 0 outside the mask.
+    thought: optional [B, C] bool (see thought_mask): reweight only these tokens, the
+    others keep A (the authors' rlsd_thought_only); a completion with no span is plain GRPO.
+    returns: Â_t [B, C] float32, detached, exactly 0 outside the mask.
     (The paper also prints the loss as Eq. 16, a product of detached terms that has no
     gradient as written; use Â_t as the advantage in policy_loss, as its text and code do.)
 
@@ -216,13 +216,13 @@ def rlsd_token_advantages(advantages, teacher_logp, student_logp, mask, lam, eps
     if not 0 <= lam <= 1:
         raise ValueError(f"lam={lam} must be in [0, 1]; get it from rlsd_lambda(step)")
     _check_same_shape(teacher_logp=teacher_logp, student_logp=student_logp, mask=mask)
-    _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, T]
+    _, w_clipped = evidence_weights(advantages, teacher_logp, student_logp, eps_w)  # [B, C]
     a = advantages.detach().float().to(w_clipped.device)[:, None]                   # [B, 1]
-    scale = 1 + lam * (w_clipped - 1)                                               # [B, T]
-    reweighted = mask.bool() if thought is None else thought.bool()                # [B, T]
+    scale = 1 + lam * (w_clipped - 1)                                               # [B, C]
+    reweighted = mask.bool() if thought is None else thought.bool()                # [B, C]
     if negative_only:
         reweighted = reweighted & (a < 0)
-    a_hat = a * torch.where(reweighted, scale, 1.0)                                 # [B, T]
+    a_hat = a * torch.where(reweighted, scale, 1.0)                                 # [B, C]
     return torch.where(mask.bool(), a_hat, torch.zeros_like(a_hat))
 
 
@@ -241,9 +241,9 @@ def rlsd_lambda(step, lam0=0.5, decay_steps=50, warmup_steps=0):
 
 
 def thought_mask(ids, open_ids, close_ids):
-    """Which sampled tokens lie inside a thinking span, for --rlsd-thought-only: bool [B, T].
+    """Which sampled tokens lie inside a thinking span, for --rlsd-thought-only: bool [B, C].
 
-    ids: [B, T] sampled token ids; open_ids, close_ids: the span markers as token-id lists
+    ids: [B, C] sampled token ids; open_ids, close_ids: the span markers as token-id lists
     (Qwen3: the ids of <think> and </think>). A span runs from the end of an open marker to the
     start of the next close marker, both outside it. Spans do not nest: inside a span an open
     marker is just text, and the first close marker ends it. An unclosed span runs to the end
@@ -251,13 +251,13 @@ def thought_mask(ids, open_ids, close_ids):
     """
     if not open_ids or not close_ids:
         raise ValueError(f"thought markers {open_ids} / {close_ids} must each be at least one token")
-    pos = torch.arange(ids.shape[1], device=ids.device)                                   # [T]
-    last = []  # [B, T] each: the last position <= t where an open marker ended / a close marker began; -1: none
+    pos = torch.arange(ids.shape[1], device=ids.device)                                   # [C]
+    last = []  # [B, C] each: the last position <= t where an open marker ended / a close marker began; -1: none
     for seq, pad in ((open_ids, (len(open_ids) - 1, 0)), (close_ids, (0, len(close_ids) - 1))):
-        window = torch.nn.functional.pad(ids, pad, value=-1).unfold(1, len(seq), 1)     # [B, T, len(seq)]
-        hit = (window == torch.tensor(seq, device=ids.device)).all(-1)                   # [B, T]
+        window = torch.nn.functional.pad(ids, pad, value=-1).unfold(1, len(seq), 1)     # [B, C, len(seq)]
+        hit = (window == torch.tensor(seq, device=ids.device)).all(-1)                   # [B, C]
         last.append(torch.where(hit, pos, -1).cummax(1).values)
-    opened = torch.nn.functional.pad(last[0], (1, 0), value=-1)[:, :-1]                # [B, T]: ended before t
+    opened = torch.nn.functional.pad(last[0], (1, 0), value=-1)[:, :-1]                # [B, C]: ended before t
     return opened > last[1]
 
 
@@ -266,9 +266,9 @@ def thought_mask(ids, open_ids, close_ids):
 
 
 def _aggregate(per_token, mask, loss_type, num_tokens, max_completion_length, num_sequences):
-    """Reduce per-token losses [B, T] to a scalar. Denominators are *global* (all
+    """Reduce per-token losses [B, C] to a scalar. Denominators are *global* (all
     micro-batches), so that summing micro-batch losses gives the full-batch loss."""
-    B, T = per_token.shape
+    B, C = per_token.shape
     m = mask.to(per_token.dtype)
     if loss_type == "grpo":  # Eq. 2: mean over each sequence's own tokens, then over sequences
         per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)        # [B]
@@ -278,7 +278,7 @@ def _aggregate(per_token, mask, loss_type, num_tokens, max_completion_length, nu
         return (per_token * m).sum() / max(float(n), 1.0)
     # dr_grpo: a constant denominator, so no length bias
     n_seq = B if num_sequences is None else num_sequences
-    L = T if max_completion_length is None else max_completion_length
+    L = C if max_completion_length is None else max_completion_length
     return (per_token * m).sum() / (n_seq * L)
 
 
@@ -287,15 +287,15 @@ def policy_loss(logp, old_logp, token_advantages, mask, epsilon=0.2, epsilon_hig
                 num_sequences=None):
     """PPO/GRPO clipped surrogate (Eq. 2) with clip-higher and dual clip; RLSD passes Â_t.
 
-    logp:             [B, T] log-probs of the sampled tokens under the current policy (has grad).
-    old_logp:         [B, T] the same under the rollout policy (no grad).
-    token_advantages: [B, T] A broadcast over tokens (GRPO) or Â_t (RLSD).
-    mask:             [B, T] 1 for response tokens, 0 for padding.
+    logp:             [B, C] log-probs of the sampled tokens under the current policy (has grad).
+    old_logp:         [B, C] the same under the rollout policy (no grad).
+    token_advantages: [B, C] A broadcast over tokens (GRPO) or Â_t (RLSD).
+    mask:             [B, C] 1 for completion tokens, 0 for padding.
     epsilon, epsilon_high: ratio rho clipped to [1 - epsilon, 1 + epsilon_high] (0.2, 0.28).
-    dual_clip:        for A < 0 the per-token loss is capped at dual_clip * |A| (3.0; None = off).
+    dual_clip:        for Â_t < 0 the per-token loss is capped at dual_clip * |Â_t| (3.0; None = off).
     loss_type:        "grpo" (Eq. 2), "dapo" (default) or "dr_grpo"; with micro-batches pass
                       the global num_tokens (dapo) / num_sequences (grpo, dr_grpo) /
-                      max_completion_length (dr_grpo, default T).
+                      max_completion_length (dr_grpo, default C).
     returns: (loss scalar, metrics dict of floats over this micro-batch's mask).
     With one optimizer step per rollout batch (the paper, train.py) old_logp is logp itself: the
     ratio is exactly 1 and the gradient is the plain policy gradient -Â_t grad log pi. epsilon,
@@ -308,19 +308,19 @@ def policy_loss(logp, old_logp, token_advantages, mask, epsilon=0.2, epsilon_hig
     # Eq. 2 as a loss, for the G completions y_i of a prompt and rho_t = pi_theta(y_t | x, y<t) / pi_old(y_t | x, y<t):
     #   L = -(1/G) sum_i (1/|y_i|) sum_t min(rho_t Â_t, clip(rho_t, 1 - epsilon, 1 + epsilon_high) Â_t)
     # GRPO's Â_t is A_i and its clip symmetric. per_token is the summand; _aggregate takes the means (loss_type).
-    A = token_advantages.detach()                                            # [B, T]
-    ratio = (logp - old_logp.detach()).clamp(-_MAX_LOG, _MAX_LOG).exp()      # [B, T], rho_t
-    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)                     # [B, T]
-    per_token = -torch.minimum(ratio * A, clipped * A)                       # [B, T], pessimistic bound
+    a_hat = token_advantages.detach()                                        # [B, C], Â_t
+    ratio = (logp - old_logp.detach()).clamp(-_MAX_LOG, _MAX_LOG).exp()      # [B, C], rho_t
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)                     # [B, C]
+    per_token = -torch.minimum(ratio * a_hat, clipped * a_hat)               # [B, C], pessimistic bound
     if dual_clip is not None:  # a huge ratio on a bad token must not blow up the loss
-        capped = torch.minimum(per_token, dual_clip * A.abs())
-        per_token = torch.where(A < 0, capped, per_token)
+        capped = torch.minimum(per_token, dual_clip * a_hat.abs())
+        per_token = torch.where(a_hat < 0, capped, per_token)
     loss = _aggregate(per_token, mask, loss_type, num_tokens, max_completion_length, num_sequences)
     with torch.no_grad():
         mb, r = mask.bool(), ratio.detach()
-        low = (A < 0) & (r < 1 - epsilon)
-        high = (A > 0) & (r > 1 + epsilon_high)
-        dual = (A < 0) & (r > dual_clip) if dual_clip is not None else torch.zeros_like(mb)
+        low = (a_hat < 0) & (r < 1 - epsilon)
+        high = (a_hat > 0) & (r > 1 + epsilon_high)
+        dual = (a_hat < 0) & (r > dual_clip) if dual_clip is not None else torch.zeros_like(mb)
         names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                  "clip_ratio/dual_mean", "ratio_mean"]
         values = [_masked_mean(x.float(), mb) for x in (low, high, low | high, dual, r)]
@@ -355,15 +355,15 @@ def _divergence_rows(s, t, temperature, divergence):
 def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence="fkl",
               num_tokens=None, chunk_size=1024):
     """OPSD baseline (Eq. 6): match the teacher's full next-token distribution at every
-    response position of the student's own rollout. Ignores the reward.
+    completion position of the student's own rollout. Ignores the reward.
 
-    student_logits, teacher_logits: [B, T, V] (any dtype), aligned on the same response
+    student_logits, teacher_logits: [B, C, V] (any dtype), aligned on the same completion
                  tokens; teacher_logits is detached (gradient reaches the student only).
-    mask:        [B, T] response-token mask.
+    mask:        [B, C] completion-token mask.
     divergence:  "fkl" KL(P_T || P_S) (default, the paper's D(P_T || P_S) in Eq. 6),
                  "rkl" KL(P_S || P_T), or "jsd" Jensen-Shannon.
     num_tokens:  global unmasked-token count across micro-batches (default: mask.sum()).
-    chunk_size:  rows of the flattened B*T per chunk (default 1024), as in token_logprobs.
+    chunk_size:  rows of the flattened B*C per chunk (default 1024), as in token_logprobs.
     returns: (loss = sum of masked per-token divergences / num_tokens,
               {"opsd/divergence": mean per-token divergence over this mask}).
     """
@@ -371,13 +371,13 @@ def opsd_loss(student_logits, teacher_logits, mask, temperature=1.0, divergence=
     if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape \
             or tuple(mask.shape) != tuple(student_logits.shape[:2]):
         raise ValueError(f"student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}, "
-                         f"mask {tuple(mask.shape)}: expected [B, T, V], [B, T, V], [B, T]")
+                         f"mask {tuple(mask.shape)}: expected [B, C, V], [B, C, V], [B, C]")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; use the sampling temperature, e.g. 1.0")
-    B, T, V = student_logits.shape
+    B, C, V = student_logits.shape
     fn = lambda s, _, t: _divergence_rows(s, t, temperature, divergence)
-    d = _chunked_rows(student_logits.reshape(B * T, V), None, fn, chunk_size,
-                      teacher_logits.detach().reshape(B * T, V)).view(B, T)   # [B, T]
+    d = _chunked_rows(student_logits.reshape(B * C, V), None, fn, chunk_size,
+                      teacher_logits.detach().reshape(B * C, V)).view(B, C)   # [B, C]
     m = mask.to(d.dtype)
     n = m.sum() if num_tokens is None else num_tokens
     loss = (d * m).sum() / max(float(n), 1.0)

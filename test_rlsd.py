@@ -588,7 +588,7 @@ BAD_CALLS = [
     (lambda: rlsd.token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), 0.0), "temperature"),
     (lambda: rlsd.token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), chunk_size=0),
      "chunk_size"),
-    (lambda: rlsd.evidence_weights(torch.zeros(3), _x, _x), "one advantage per response"),
+    (lambda: rlsd.evidence_weights(torch.zeros(3), _x, _x), "one advantage per completion"),
     (lambda: rlsd.evidence_weights(torch.zeros(2), _x, torch.zeros(3, 2)), "shape mismatch"),
     (lambda: rlsd.evidence_weights(torch.zeros(2), _x, _x, eps_w=1.0), "eps_w"),
     (lambda: rlsd.rlsd_token_advantages(torch.zeros(2), _x, _x, _m, lam=1.5), "lam"),
@@ -3657,7 +3657,7 @@ def test_the_readme_snippet_for_your_own_trainer_runs_and_gives_the_student_a_gr
              "ids": torch.randint(V, (B, T)), "mask": torch.ones(B, T), "temperature": 1.0, "step": 0}
     exec(snippet, scope)
     assert torch.isfinite(scope["loss"]) and student_logits.grad.abs().sum() > 0
-    assert torch.equal(torch.sign(scope["A_hat"]), torch.sign(scope["A"])[:, None].expand(B, T))  # Eq. 15's sign
+    assert torch.equal(torch.sign(scope["a_hat"]), torch.sign(scope["A"])[:, None].expand(B, T))  # Eq. 15's sign
 
 
 def test_the_readme_options_table_gives_the_paper_and_demo_defaults_train_py_uses():

@@ -75,7 +75,7 @@ PAPER = dict(num_generations=8, prompts_per_step=256, max_prompt_length=4096, ma
              loss_type="dapo", scale_rewards="group", max_steps=200, micro_batch_size=8, generation_batch_size=64,
              eval_steps=50, save_steps=50, eval_size=500, log_samples_steps=10, eval_decoding="sampled",
              min_pixels=512 * 512, max_pixels=768 * 768, gradient_checkpointing=True)
-# The demo: 16 answers per prompt, so a weak base gets more groups with mixed rewards; 8 prompts for 130 steps, a
+# The demo: 16 completions per prompt, so a weak base gets more groups with mixed rewards; 8 prompts for 130 steps, a
 # steadier gradient for longer (7 of 8 seeds gain +0.15, results/demo.md)
 DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128, max_completion_length=40, lr=2e-4,
             lr_scheduler_type="cosine", max_steps=130, micro_batch_size=128, generation_batch_size=128, eval_steps=25,
@@ -160,7 +160,7 @@ def train(args):
         if (step == first + 1 and world == 1 and policy.device.type != "cpu" and args.model != "builtin"
                 and not args.use_vllm):  # a hub model on one GPU, sampled by generate()
             print(f"note: generate() sampled for {metrics['time/rollout']:.0f} s of this step; --use-vllm samples with "
-                  f"vLLM (paged KV cache, continuous batching), made for long answers: docs/vllm.md")
+                  f"vLLM (paged KV cache, continuous batching), made for long completions: docs/vllm.md")
         if args.log_samples_steps and step % args.log_samples_steps == 0:
             show_samples(rollouts, rewards.view(world, -1)[rank])
         stop = preemption.requested()  # SIGTERM / Ctrl-C: save after this step and exit
@@ -240,7 +240,7 @@ class SampledLogprobs:
         if self.prev is not None:  # the token sampled at the previous call is input_ids' last one
             self.out.append(self.prev.gather(1, input_ids[:, -1:]))                     # [b, 1]
         scores[:, self.banned] = float("-inf")
-        if self.penalty and input_ids.shape[1] > self.P:  # minus penalty for every token the answer already holds
+        if self.penalty and input_ids.shape[1] > self.P:  # minus penalty for every token the completion holds
             seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids[:, self.P:], True)
             scores = scores - self.penalty * seen
         self.prev = torch.log_softmax(scores.float() / self.T, dim=-1)                 # [b, V]
@@ -321,8 +321,8 @@ def rollout(policy, rows, args):
 # ---------------------------------------------------------------------------------------------------------------------
 def reward(args, texts, rows):
     """R [B] from --reward-fn (verify.verify by default), each function's scores times its --reward-weights, summed
-    (TRL's reward_funcs), and the share of answers with no final answer found. Any finite number is a reward: Eq. 1
-    centres it in its group, so an answer above its group's mean is reinforced and one below it penalised."""
+    (TRL's reward_funcs), and the share of completions with no final answer found. Any finite number is a reward: Eq. 1
+    centres it in its group, so a completion above its group's mean is reinforced and one below it penalised."""
     specs = args.reward_fn or [None]
     total = torch.zeros(len(texts))                                                                  # [B]
     for spec, weight in zip(specs, args.reward_weights or [1.0] * len(specs)):
@@ -414,7 +414,7 @@ def token_credit(policy, rollouts, adv, teacher_logp, lam, args):
     thought = torch.ones_like(ids, dtype=torch.bool)  # [B, C] the tokens the teacher may reweight: all, or thoughts
     if args.rlsd_thought_only:
         markers = [policy.tokenizer.encode(m, add_special_tokens=False) for m in args.thought_markers]
-        # A thinking template (Qwen3-*-Thinking) ends the prompt with the open marker: the answer starts inside a span
+        # A thinking template (Qwen3-*-Thinking) ends the prompt with the open marker: a completion starts inside one
         lead = torch.tensor([markers[0] if p.rstrip().endswith(args.thought_markers[0]) else [-1] * len(markers[0])
                              for p in rollouts["prompts"]], device=ids.device)                        # [B, len(open)]
         thought = rlsd.thought_mask(torch.cat([lead, ids], 1), *markers)[:, lead.shape[1]:]             # [B, C]
@@ -627,7 +627,7 @@ examples:
   python train.py --model DIR --dataset data.jsonl --reward-fn my_rewards:check   your model, data and check
   python train.py --model DIR --dataset data.jsonl --dry-run                      what the model will be asked
 
-[paper: X; demo: Y] marks a default that is X with --model (the paper's 32 GPUs: 256 prompts x 8 answers x 4,096
+[paper: X; demo: Y] marks a default that is X with --model (the paper's 32 GPUs: 256 prompts x 8 completions x 4,096
 tokens a step) and Y for the built-in demo: with your own model and data, size --prompts-per-step and the lengths.
 
 Each question is followed by the instruction --format-prompt, by default:
@@ -680,10 +680,10 @@ Each question is followed by the instruction --format-prompt, by default:
     preset_option("--teacher-sync-steps", int, "re-sync the teacher's weights every N steps (0: the live policy)")
     preset_option("--loss-type", str, "loss aggregation (Eq. 2 is grpo)", choices=rlsd.LOSS_TYPES)
     preset_option("--scale-rewards", str, "divide advantages by the std of", choices=rlsd.SCALES)
-    g.add_argument("--rlsd-negative-only", action="store_true", help="reweight only answers with A < 0")
+    g.add_argument("--rlsd-negative-only", action="store_true", help="reweight only completions with A < 0")
     g.add_argument("--rlsd-thought-only", action="store_true", help="reweight only tokens inside thinking spans")
     g.add_argument("--thought-markers", nargs=2, default=["<think>", "</think>"], help="a thinking span's markers")
-    g.add_argument("--mask-truncated-completions", action="store_true", help="no gradient from truncated answers")
+    g.add_argument("--mask-truncated-completions", action="store_true", help="no gradient from truncated completions")
     g.add_argument("--teacher-template", default=TEACHER, help="the teacher's prompt: {question}, {answer}, {format}")
     g.add_argument("--chat-template-kwargs", type=json_object, default="{}", help="JSON options of the chat template")
     g.add_argument("--teacher-chat-template-kwargs", type=json_object, default="{}", help="the teacher's, over those")
@@ -834,7 +834,7 @@ def setup(args):
     torch.manual_seed(args.seed)
     args.lora_rank = prepare_for_training(policy, args)
     distribute(policy, args.lora_rank)
-    torch.manual_seed(args.seed + rank)  # each rank samples its own answers
+    torch.manual_seed(args.seed + rank)  # each rank samples its own completions
     eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % world]  # as many rows per rank: in lockstep
     train_rows = prompts_that_fit(policy, train_rows, args)
     if rank == 0:
@@ -887,7 +887,7 @@ def dry_run(args):
               f"{args.max_prompt_length}) ----\n{student}\n---- the teacher's, {count(teacher)} tokens ----\n{teacher}"
               f"\n---- the gold answer, as the verifier reads it: {verify.explain(row['answer'])}")
     print(f"rows: {len(rows)} to train on, {len(eval_rows)} held out; a step: {args.prompts_per_step} prompts x "
-          f"{args.num_generations} answers x up to {args.max_completion_length} tokens")
+          f"{args.num_generations} completions x up to {args.max_completion_length} tokens")
     print(f"dry run: {time.time() - t0:.1f} s, no weights loaded, nothing written")
 
 
@@ -1161,7 +1161,7 @@ class Policy:
 
     @property
     def banned(self):
-        """Token ids a completion must never hold: the vision markers a sampled answer could otherwise contain, which
+        """Token ids a completion must never hold: the vision markers a sampled one could otherwise contain, which
         make the next forward pass look for images that are not there. Sampler and scorer both leave them out."""
         return [i for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
                 if (i := getattr(self.model.config, k, None)) is not None]
@@ -1192,7 +1192,7 @@ class Policy:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def decode(self, ids, mask):
-        """Each answer's text: its ids where mask [B, C] is 1, never the padding after its end (Qwen's id 0 is "!")."""
+        """Each completion's text: its ids where mask [B, C] is 1, never the padding after it (Qwen's id 0 is "!")."""
         return self.tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(ids, mask)],
                                            skip_special_tokens=True)
 
@@ -1601,14 +1601,14 @@ def credit_sums(adv, teacher_logp, student, mask, thought, eps_w):
     sums = {"rlsd/mean_abs_delta": (teacher_logp - student).abs()[live].sum(), "rlsd/weight_mean": w_clip[live].sum(),
             "rlsd/live_frac": live.sum(), "rlsd/clip_low_frac": (w < w_clip)[live].sum(),  # the authors' clip_low_ratio
             "rlsd/clip_high_frac": (w > w_clip)[live].sum(),
-            # the paper's "3-6% clipped": over all response tokens (where A = 0, w = 1 is never clipped)
+            # the paper's "3-6% clipped": over all completion tokens (where A = 0, w = 1 is never clipped)
             "rlsd/weight_clipped_frac": (w != w_clip)[mask.bool()].sum()}
     return sums if thought is None else {**sums, "rlsd/thought_frac": thought.sum()}
 
 
 def step_means(sums, n_tok):
     """Every rank's sums in one all-reduce (one device sync), then each a mean: the loss as it is, the per-live
-    metrics over the live tokens (none: no mean), the rest over all response tokens."""
+    metrics over the live tokens (none: no mean), the rest over all completion tokens."""
     totals = all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=n_tok.device) for v in sums.values()]))
     sums = dict(zip(sums, totals.tolist()))
     ntok, live = max(n_tok.item(), 1.0), sums.get("rlsd/live_frac", 0.0)
@@ -2056,7 +2056,7 @@ class VLLMEngine:
     @staticmethod
     def importance_weights(logp, sample_logp, mask, args, gap):
         """TRL's correction of the sampler/trainer gap: w = pi_theta / pi_vLLM per token (token_*) or its product
-        over the answer (sequence_*), clipped into [min, max] (*_truncate) or zeroed outside it (*_mask). Returns
+        over the completion (sequence_*), clipped into [min, max] (*_truncate) or zeroed outside it (*_mask). Returns
         each token's weight, [b, C] or [b, 1] (1 when off); appends the |log-prob gaps| and weights to `gap`."""
         m, seq = mask.bool(), args.vllm_importance_sampling_mode.startswith("sequence")
         diff = (logp - sample_logp) * mask                                                           # [b, C]

@@ -598,7 +598,7 @@ if __name__ == "__main__":                          # by hand: argparse takes a 
                      f"or .parquet file or a save_to_disk folder")
         rows = rows[split] if isinstance(rows, datasets.DatasetDict) else rows
         golds = [row[field] if field in row else functools.reduce(lambda r, k: r.get(k) if isinstance(r, dict) else
-                 None, field.split("."), row) for row in rows]  # a dotted name reaches into nested columns (train.field)
+                 None, field.split("."), row) for row in rows]  # a dotted name reaches a nested column, as in train.py
         bad = [(i, g) for i, g in enumerate(golds) if g is None or "unparseable" in explain(reference(str(g)))]
         for i, gold in bad:
             print(f"row {i}: {field} " + ("is null" if gold is None else f"{gold!r} does not parse: only a completion "
