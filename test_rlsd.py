@@ -4739,7 +4739,7 @@ def test_dry_run_prints_the_exact_prompts_the_gold_token_counts_and_step_size_wi
         assert f"tokens ----\n{teacher}\n" in text and f"read as ('expr', ('num', {row['answer']}), False)" in text
     assert "row 2" not in text.split("rows:")[0]  # the first N only
     assert "skipped 1 bad rows of train (--skip-bad-rows), the first: [3]" in text
-    assert "a step: 4 prompts x 8 answers x up to 4096 tokens" in text and "nothing written" in text
+    assert "a step: 4 prompts x 8 completions x up to 4096 tokens" in text and "nothing written" in text
     assert not out.exists()
 
 
