@@ -1640,7 +1640,9 @@ def bench_rollout(args):
         teacher_logp = teacher.logprobs(rollouts, vargs)
         sync()
         times["teacher"], t = time.perf_counter() - t, time.perf_counter()
-        train.update(policy, opt, sched, rollouts, rlsd.group_advantages(rewards, vargs.num_generations), teacher_logp,
+        lam = rlsd.rlsd_lambda(step, vargs.lam0, vargs.lam_decay_steps, vargs.lam_warmup_steps)
+        adv = rlsd.group_advantages(rewards, vargs.num_generations)
+        train.update(policy, opt, sched, rollouts, train.token_credit(policy, rollouts, adv, teacher_logp, lam, vargs),
                      teacher, vargs, step)
         sync()
         times["update"] = time.perf_counter() - t
