@@ -101,6 +101,8 @@ DEMO = dict(PAPER, num_generations=16, prompts_per_step=8, max_prompt_length=128
 #                      model is sharded, and the vision tower's output times 0, so that every rank's gradients match
 #   VLLMEngine         the optional vLLM sampler (--use-vllm), and its importance weights pi_theta / pi_vLLM
 #   add_sums, credit_sums, step_means   metrics: running sums on the device, the teacher's (rlsd/*), means at the end
+#   timed, check_finite   a block's seconds into times['time/...']; NaN/inf log-probs stop the run in one line
+#   lm_head_skipped, head_logits   the model returns last hidden states for logits; OPSD's full logits [b, C, V]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,16 +187,6 @@ def train(args):
         if files and rank == 0:
             print(f"{what}: {', '.join(files)}")
     return policy, {"base": base_acc, "final": acc}
-
-
-@contextlib.contextmanager
-def timed(times, phase):
-    """times['time/' + phase] += the block's wall seconds. A timed block inside another counts in its own phase only
-    (OPSD's teacher pass runs inside the update)."""
-    before, t0 = sum(v for k, v in times.items() if k.startswith("time/")), time.perf_counter()
-    yield
-    nested = sum(v for k, v in times.items() if k.startswith("time/")) - before
-    times["time/" + phase] = times.get("time/" + phase, 0.0) + time.perf_counter() - t0 - nested
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -329,19 +321,6 @@ def reward(args, texts, rows):
         total += weight * reward_scores(spec, texts, rows, args).nan_to_num(0.0)  # None: no score
     unparseable = sum(verify.extract_answer(t) is None for t in texts) / max(len(texts), 1)
     return total, unparseable
-
-
-def reward_fn(spec):
-    """'module:function' -> the function (Python imports a module once; check_args tries it at start-up)."""
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except Exception as e:  # a module can raise anything at import, not only ImportError
-        raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
-                          f"module:function with the module on the Python path") from None
-    if not callable(fn):
-        raise ConfigError(f"--reward-fn {spec!r} is not a function")
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -491,14 +470,6 @@ def update(policy, opt, sched, rollouts, credit, teacher, args, step, times=None
     return {**out, **step_means(sums, n_tok), **(VLLMEngine.gap_metrics(gap) if gap else {})}
 
 
-def check_finite(x, what, step):
-    """Student log-probs of sampled tokens must be finite; a teacher may say -inf (evidence_weights clips it)."""
-    bad = torch.isnan(x) | (x == float("inf")) | ((x == float("-inf")) if what == "student" else False)
-    if bad.any():
-        raise FloatingPointError(f"NaN/inf {what} log-probs at step {step}: the model diverged or the dtype "
-                                 f"overflowed; lower --lr, or use --dtype bfloat16/float32 instead of float16")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward passes (steps 4 and 6): log-probs of completion tokens given a prompt
 # ---------------------------------------------------------------------------------------------------------------------
@@ -523,32 +494,12 @@ def completion_hidden(policy, enc, completion_ids, completion_mask, model=None):
     return out.logits                             # position P-1+t predicts completion token t: [b, C, H]
 
 
-@contextlib.contextmanager
-def lm_head_skipped(policy):
-    """Within this block the model returns its last hidden states [b, C, H] where it would return logits [b, C, V].
-    (load_policy refused a head that is more than the matmul.)"""
-    head = policy.model.get_output_embeddings()
-    head.forward = lambda h: h
-    try:
-        yield
-    finally:
-        del head.forward
-
-
 def head_logprobs(policy, hidden, completion_ids, temperature, entropy=False):
     """log pi(completion_ids) [b, C] float32 (and the entropy [b, C]) from hidden [b, C, H], the LM head in chunks of
     1024 tokens, at the compute dtype as autocast would run it. (FSDP2's forward left the head's weight gathered.)"""
     weight = policy.model.get_output_embeddings().weight  # [V, H]
     return rlsd.token_logprobs_from_hidden(hidden.to(policy.compute_dtype), weight, completion_ids, temperature,
                                            return_entropy=entropy, banned=policy.banned)
-
-
-def head_logits(policy, hidden):
-    """The full logits [b, C, V] from hidden [b, C, H]: OPSD compares whole distributions."""
-    with policy.autocast():
-        logits = policy.model.get_output_embeddings()(hidden)                         # [b, C, V]
-    logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
-    return logits
 
 
 def score(policy, texts, rows, completion_ids, completion_mask, temperature, micro_batch):
@@ -594,6 +545,60 @@ def score_grouped(policy, texts, rows, completion_ids, completion_mask, temperat
 # evaluation and logging, checkpoints and output folders, the vLLM sampler, and torchrun. None of it changes what a
 # step computes.
 # =====================================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers of the reading path: phase timing, the user's reward function, finite log-probs, the LM head
+# ---------------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def timed(times, phase):
+    """times['time/' + phase] += the block's wall seconds. A timed block inside another counts in its own phase only
+    (OPSD's teacher pass runs inside the update)."""
+    before, t0 = sum(v for k, v in times.items() if k.startswith("time/")), time.perf_counter()
+    yield
+    nested = sum(v for k, v in times.items() if k.startswith("time/")) - before
+    times["time/" + phase] = times.get("time/" + phase, 0.0) + time.perf_counter() - t0 - nested
+
+
+def reward_fn(spec):
+    """'module:function' -> the function (Python imports a module once; check_args tries it at start-up)."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as e:  # a module can raise anything at import, not only ImportError
+        raise ConfigError(f"--reward-fn {spec!r}: cannot import it ({type(e).__name__}: {e}); give "
+                          f"module:function with the module on the Python path") from None
+    if not callable(fn):
+        raise ConfigError(f"--reward-fn {spec!r} is not a function")
+    return fn
+
+
+def check_finite(x, what, step):
+    """Student log-probs of sampled tokens must be finite; a teacher may say -inf (evidence_weights clips it)."""
+    bad = torch.isnan(x) | (x == float("inf")) | ((x == float("-inf")) if what == "student" else False)
+    if bad.any():
+        raise FloatingPointError(f"NaN/inf {what} log-probs at step {step}: the model diverged or the dtype "
+                                 f"overflowed; lower --lr, or use --dtype bfloat16/float32 instead of float16")
+
+
+@contextlib.contextmanager
+def lm_head_skipped(policy):
+    """Within this block the model returns its last hidden states [b, C, H] where it would return logits [b, C, V].
+    (load_policy refused a head that is more than the matmul.)"""
+    head = policy.model.get_output_embeddings()
+    head.forward = lambda h: h
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def head_logits(policy, hidden):
+    """The full logits [b, C, V] from hidden [b, C, H]: OPSD compares whole distributions."""
+    with policy.autocast():
+        logits = policy.model.get_output_embeddings()(hidden)                         # [b, C, V]
+    logits[..., policy.banned] = -1e4             # as the sampler did (in place: no copy of [b, C, V])
+    return logits
 
 
 # ---------------------------------------------------------------------------------------------------------------------
