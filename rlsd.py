@@ -6,7 +6,7 @@ One RLSD step, in the order it runs (train.py's train_step has the same six step
   1. rollout        sample G completions per prompt from the current policy       (train.py)
   2. reward         a verifier scores each completion, R in {0, 1}                 (train.py, verify.py)
   3. group adv.     A = (R - mean_G R) / std_G R, one number per completion        group_advantages       Eq. 1
-  4. teacher pass   the same model, with the reference answer r in its prompt,
+  4. teacher pass   the same model (a snapshot, re-synced), with the reference answer r in its prompt,
                     scores the *student's* completion token by token, no gradient  token_logprobs
   5. token credit   Delta_t = log P_T - log P_S, w_t = exp(sign(A) Delta_t),       evidence_weights       Eq. 13-14
                     Â_t = A ((1 - lam) + lam clip(w_t, 1 - eps_w, 1 + eps_w))      rlsd_token_advantages  Eq. 15

@@ -6,13 +6,13 @@ train.py: RLSD end to end, in one file that reads top to bottom.
     python train.py --model Qwen/Qwen3-VL-8B           # the paper's model and data, on a GPU
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen3-VL-8B --lora-rank 0      # full fine-tuning, FSDP2
 
-Read `train_step` first: it is the paper's Algorithm 1, one line per step, and the functions after it follow
+Read `train_step` first: it is the paper's Algorithm 1, one call per step, and the functions after it follow
 in the order they run (rlsd.py numbers its sections the same way):
     1. rollout        sample G completions per prompt from the policy
     2. reward         verify.verify() (or --reward-fn): 1.0 if the final answer is right, else 0.0
     3. group adv.     A = (R - mean_G R) / std_G R, one number per completion                      (Eq. 1)
-    4. teacher pass   the same model, with the reference answer in its prompt, scores the very same
-                      completion tokens, without gradient
+    4. teacher pass   the same model (its weights as of the last sync, every 10 steps), with the reference
+                      answer in its prompt, scores the very same completion tokens, without gradient
     5. token credit   Â_t = A * ((1-lam) + lam * clip(exp(sign(A) * (log P_T - log P_S))))       (Eq. 13-15)
     6. update         the PPO/GRPO clipped surrogate with Â_t in place of A                       (Eq. 2)
 Sign/magnitude decoupling: the reward sets the sign of every token's update, the teacher only its size. In code
@@ -114,7 +114,7 @@ def train_step(policy, opt, sched, teacher, rows, args, step):
     with timed(times, "rollout"):
         rollouts = rollout(policy, rows, args)                              # 1. G completions per prompt: [B, C]
     with timed(times, "reward"):
-        rewards, unparseable = reward(args, rollouts["texts"], rollouts["rows"])        # 2. R (0 or 1): [B]
+        rewards, unparseable = reward(args, rollouts["texts"], rollouts["rows"])        # 2. R, 1 if right: [B]
         rewards = all_gather(rewards.to(rollouts["ids"].device))                        # every rank's: [world * B]
         adv = rlsd.group_advantages(rewards, args.num_generations, args.scale_rewards)  # 3. Eq. 1: [world * B]
         adv = adv.view(world, -1)[rank]                                                 # this rank's: [B]
