@@ -1327,7 +1327,7 @@ MUTANTS = [
      "num_sequences=None,", ["test_update_gives_the_same_gradient_whatever_the_micro_batch_size"]),
     ("--mask-truncated-completions masks nothing", "train.py", 'mask = mask * ~rollouts["truncated"][:, None]',
      "mask = mask", ["test_masked_truncated_answers_leave_the_weights_unchanged_when_every_answer_is_truncated"]),
-    ("--rlsd-thought-only never reaches a_hat", "train.py", "args.rlsd_negative_only, thought[s] & m.bool())",
+    ("--rlsd-thought-only never reaches a_hat", "train.py", "args.rlsd_negative_only, reweighted)",
      "args.rlsd_negative_only)",
      ["test_with_no_thinking_span_in_any_answer_a_thought_only_rlsd_step_equals_a_grpo_step_exactly",
       "test_thought_frac_is_the_share_of_response_tokens_in_spans_and_only_they_get_the_teachers_weight"]),
@@ -1465,7 +1465,7 @@ MUTANTS = [
      "weight = None if weight is None else weight.to(hidden.dtype)", "weight = weight",
      ["test_bf16_hidden_states_with_an_fp32_head_give_the_logits_of_autocast_and_an_fp32_weight_gradient"]),
     ("--mask-truncated-completions drops truncated answers from the sequence count (not TRL's)", "train.py",
-     "n_seq = all_sum(torch.tensor(float(B), device=mask.device))", "n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)",
+     "n_seq = B * world  #", "n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)  #",
      ["test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence_count_as_in_trl"]),
     # issue 37: your own data
     ("own data: a blank question trains", "train.py",

@@ -401,10 +401,11 @@ def token_credit(policy, rollouts, adv, teacher_logp, lam, args):
     def credit(s, student_logp, m):
         if teacher_logp is None:
             return adv[s, None] * m, {}                                                                 # [b, C]
+        reweighted = thought[s] & m.bool()                                                              # [b, C]
         a_hat = rlsd.rlsd_token_advantages(adv[s], teacher_logp[s], student_logp, m, lam, args.eps_w,
-                                           args.rlsd_negative_only, thought[s] & m.bool())              # [b, C]
+                                           args.rlsd_negative_only, reweighted)                         # [b, C]
         return a_hat, credit_sums(adv[s], teacher_logp[s], student_logp, m,
-                                  thought[s] & m.bool() if args.rlsd_thought_only else None, args.eps_w)
+                                  reweighted if args.rlsd_thought_only else None, args.eps_w)
     return credit
 
 
@@ -423,7 +424,7 @@ def update(policy, opt, sched, rollouts, credit, teacher, args, step, times=None
         mask = mask * ~rollouts["truncated"][:, None]
     B, micro, world = ids.shape[0], args.micro_batch_size, dist_world()
     n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
-    n_seq = all_sum(torch.tensor(float(B), device=mask.device))  # all ranks' completions, masked too (TRL's count)
+    n_seq = B * world  # all ranks' completions, masked ones too (TRL's count); every rank holds B
     sums, gap = {}, []  # the sums behind the metrics, on the device; --use-vllm's sampler/trainer gaps
     policy.model.train()
     for i in progress("update", range(0, B, micro)):
@@ -1653,13 +1654,12 @@ def show_credit(policy, rows, args, n, path):
     """--show-credit: an HTML page of n completions (a right and a wrong one per prompt), each token shaded by Â_t / A
     at lambda = lam0 (Eq. 15): where the teacher moved credit. Green: reinforced (A > 0); red: penalised (A < 0)."""
     import html
-    policy.model.eval()
     ro = rollout(policy, rows, args)
     rewards, _ = reward(args, ro["texts"], ro["rows"])
     adv = rlsd.group_advantages(rewards.to(ro["ids"].device), args.num_generations, args.scale_rewards)      # [B]
     student = score(policy, ro["prompts"], ro["rows"], ro["ids"], ro["mask"], args.temperature, args.micro_batch_size)
-    a_hat = rlsd.rlsd_token_advantages(adv, Teacher(policy, 0).logprobs(ro, args), student, ro["mask"], args.lam0,
-                                       args.eps_w)                                                           # [B, C]
+    credit = token_credit(policy, ro, adv, Teacher(policy, 0).logprobs(ro, args), args.lam0, args)  # step 5, as trained
+    a_hat, _ = credit(slice(None), student, ro["mask"].float())                                              # [B, C]
     ratio = a_hat / adv.masked_fill(adv == 0, 1)[:, None]                                                    # [B, C]
     G, picks = args.num_generations, []
     for g in range(0, len(adv), G):  # a right and a wrong completion of the same prompt, then the next prompt
